@@ -1,0 +1,1 @@
+"""The study: experiment grids, sweep runner and figure maker (``python -m experiments``)."""
