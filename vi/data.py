@@ -1,0 +1,591 @@
+"""The data sets of the study, their splits, and index minibatches (SPEC §4–5).
+
+==============  ======  ==========================================================================
+name            D       what it is
+==============  ======  ==========================================================================
+``digits``      64      8x8 handwritten digits (UCI; ``sklearn.datasets.load_digits``), 1797
+                        points, dequantized to [0, 1)
+``ppca``        D       synthetic, from the linear-Gaussian model x = W z + b + ε with isotropic ε
+                        (probabilistic PCA; Tipping & Bishop, 1999): the exact log p(x) is known
+``nonlinear``   D       synthetic, from a fixed random one-hidden-layer tanh "teacher" decoder
+``mnist``       784     MNIST images from the user's IDX files (Kingma & Welling, 2014)
+``frey``        560     Frey Face video frames from ``frey_rawface.mat`` (Kingma & Welling, 2014)
+==============  ======  ==========================================================================
+
+Every loader returns a :class:`Dataset` of float32 tensors ``[N, D]``: ``train``, ``validation``
+(possibly empty) and ``test``. Integer-valued pixels v ∈ {0, …, K−1} are dequantized to
+(v + u) / K with u ~ U[0, 1), so that a continuous (Gaussian) density on them is meaningful.
+
+All randomness — dequantization noise, synthetic draws, split permutations — comes from one
+``torch.Generator`` seeded with ``seed``: the same seed gives bit-identical tensors. The
+validation split is carved out of the training part, never the test part, so the test split does
+not depend on ``validation_fraction``. Nothing is ever downloaded: MNIST and Frey Face are read
+from files the user already has; a missing or malformed file raises :class:`DataError`.
+
+Training code consumes data as (x, index) pairs (:func:`indexed_batches`): per-datapoint
+variational EM needs the index n of each point to address its row λ_n of the local table
+(STYLE §4).
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import math
+import os
+import tempfile
+import zlib
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+__all__ = [
+    "DATASETS",
+    "SPLITS",
+    "DataError",
+    "Dataset",
+    "indexed_batches",
+    "load_dataset",
+    "load_npz",
+    "minibatches",
+    "read_idx_images",
+    "save_dataset",
+]
+
+DATASETS = ("digits", "ppca", "nonlinear", "mnist", "frey")
+SPLITS = ("train", "validation", "test")
+
+# Options of each data set and their defaults; anything else is rejected by name.
+_OPTIONS: dict[str, dict[str, Any]] = {
+    "digits": {},
+    "ppca": {"data_dim": 20, "latent_dim": 4, "n": 2000, "noise_std": 0.5},
+    "nonlinear": {"data_dim": 20, "latent_dim": 2, "hidden": 64, "n": 2000, "noise_std": 0.1},
+    "mnist": {"limit": None},
+    "frey": {},
+}
+
+_SOURCES = {
+    "digits": "UCI optical recognition of handwritten digits (Alpaydin & Kaynak, 1998), "
+    "via sklearn.datasets.load_digits",
+    "ppca": "synthetic probabilistic PCA (Tipping & Bishop, 1999)",
+    "nonlinear": "synthetic, random one-hidden-layer tanh teacher decoder",
+    "mnist": "MNIST (LeCun et al., 1998), as used by Kingma & Welling (2014)",
+    "frey": "Frey Face (Roweis; frey_rawface.mat), as used by Kingma & Welling (2014)",
+}
+
+MNIST_FILES = {
+    "train": ("train-images-idx3-ubyte", "train-images.idx3-ubyte"),
+    "test": ("t10k-images-idx3-ubyte", "t10k-images.idx3-ubyte"),
+}
+FREY_FILE = "frey_rawface.mat"
+FREY_PIXELS = 20 * 28
+_IDX_IMAGES_MAGIC = 0x00000803  # unsigned byte, 3 dimensions
+_BELOW_ONE = float(np.nextafter(np.float32(1.0), np.float32(0.0)))
+
+
+class DataError(ValueError):
+    """A data file is missing or not in the expected format (the message says which and where)."""
+
+
+@dataclass(frozen=True, eq=False, repr=False)
+class Dataset:
+    """A data set split three ways; every split is a float32 tensor ``[rows, D]``.
+
+    Attributes:
+        name: one of ``DATASETS`` (or the name stored in an ``.npz``).
+        train, validation, test: the splits; ``validation`` may have 0 rows.
+        ground_truth: the generating parameters of a synthetic set (empty for real data).
+        info: a JSON-able description (shapes, options, seed, source).
+    """
+
+    name: str
+    train: Tensor
+    validation: Tensor
+    test: Tensor
+    ground_truth: dict[str, Tensor] = field(default_factory=dict)
+    info: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        shapes = {s: tuple(getattr(self, s).shape) for s in SPLITS}
+        if any(len(v) != 2 for v in shapes.values()) or len({v[1] for v in shapes.values()}) != 1:
+            raise ValueError(f"every split must be [rows, D] with one common D; got {shapes}")
+        dtypes = {s: getattr(self, s).dtype for s in SPLITS}
+        if any(d != torch.float32 for d in dtypes.values()):
+            raise ValueError(f"every split must be float32; got {dtypes}")
+
+    @property
+    def data_dim(self) -> int:
+        """D."""
+        return int(self.train.shape[1])
+
+    def split(self, name: str) -> Tensor:
+        """The split called ``name`` (``"train"``, ``"validation"`` or ``"test"``)."""
+        if name not in SPLITS:
+            raise ValueError(f"unknown split {name!r}; valid: {', '.join(SPLITS)}")
+        return getattr(self, name)
+
+    def __repr__(self) -> str:
+        rows = ", ".join(f"{s}={list(getattr(self, s).shape)}" for s in SPLITS)
+        truth = f", ground_truth={sorted(self.ground_truth)}" if self.ground_truth else ""
+        return f"Dataset({self.name!r}, {rows}{truth})"
+
+
+# ------------------------------------------------------------------------------------ loading
+
+
+def load_dataset(
+    name: str,
+    *,
+    seed: int = 0,
+    test_fraction: float = 0.2,
+    validation_fraction: float = 0.0,
+    path: str | os.PathLike[str] | None = None,
+    **options: Any,
+) -> Dataset:
+    """Load (or generate) data set ``name`` and split it reproducibly from ``seed``.
+
+    Args:
+        name: one of ``DATASETS``.
+        seed: seeds the one ``torch.Generator`` behind every random draw.
+        test_fraction: share of all points held out for testing (rounded to the nearest count).
+            Ignored for ``mnist``, which keeps its official 60000/10000 train/test split.
+        validation_fraction: share of all points moved from the training part into a validation
+            split (for ``mnist``: share of the, possibly limited, official training set).
+        path: ``mnist``: the directory holding ``train-images-idx3-ubyte`` and
+            ``t10k-images-idx3-ubyte`` (each optionally ``.gz``); ``frey``: ``frey_rawface.mat``
+            or its directory. Not used by the other data sets.
+        **options: per data set (defaults in brackets) —
+            ``ppca``: data_dim [20], latent_dim [4], n [2000], noise_std [0.5];
+            ``nonlinear``: data_dim [20], latent_dim [2], hidden [64], n [2000], noise_std [0.1];
+            ``mnist``: limit [None] (keep only the first ``limit`` official training images).
+
+    Raises:
+        ValueError: unknown name or option, or fractions out of range.
+        DataError: a required file is missing or malformed.
+    """
+    if name not in DATASETS:
+        raise ValueError(f"unknown dataset {name!r}; valid: {', '.join(DATASETS)}")
+    valid = _OPTIONS[name]
+    unknown = sorted(set(options) - set(valid))
+    if unknown:
+        listed = ", ".join(valid) if valid else "none"
+        raise ValueError(
+            f"unknown option(s) {unknown} for dataset {name!r}; valid options: {listed}"
+        )
+    # numpy scalars become Python numbers so that ``info`` stays JSON-able
+    opts = {
+        k: v.item() if isinstance(v, np.generic) else v for k, v in {**valid, **options}.items()
+    }
+    # mnist ignores test_fraction (official split), so it must not constrain the validation share
+    _check_fractions(0.0 if name == "mnist" else test_fraction, validation_fraction)
+    if path is not None and name not in ("mnist", "frey"):
+        raise ValueError(f"dataset {name!r} is not read from a file; do not pass path={path!r}")
+    seed = int(seed)
+    gen = torch.Generator().manual_seed(seed)
+
+    truth: dict[str, Tensor] = {}
+    if name == "mnist":
+        train, validation, test = _mnist(path, gen, test_fraction, validation_fraction, **opts)
+        test_fraction_used: float | None = None
+    else:
+        if name == "digits":
+            x = _digits(gen)
+        elif name == "ppca":
+            x, truth = _ppca(gen, **opts)
+        elif name == "nonlinear":
+            x, truth = _nonlinear(gen, **opts)
+        else:
+            x = _frey(path, gen)
+        train, validation, test = _split(x, gen, test_fraction, validation_fraction, name)
+        test_fraction_used = float(test_fraction)
+
+    info = {
+        "name": name,
+        "source": _SOURCES[name],
+        "seed": seed,
+        "options": opts,
+        "test_fraction": test_fraction_used,
+        "validation_fraction": float(validation_fraction),
+        "path": None if path is None else str(path),
+        "data_dim": int(train.shape[1]),
+        "n_train": int(train.shape[0]),
+        "n_validation": int(validation.shape[0]),
+        "n_test": int(test.shape[0]),
+        "ground_truth_shapes": {k: list(v.shape) for k, v in truth.items()},
+    }
+    return Dataset(name, train, validation, test, truth, info)
+
+
+def _check_fractions(test_fraction: float, validation_fraction: float) -> None:
+    for label, f in (
+        ("test_fraction", test_fraction),
+        ("validation_fraction", validation_fraction),
+    ):
+        if not (math.isfinite(f) and 0.0 <= f < 1.0):
+            raise ValueError(f"{label} must lie in [0, 1); got {f}")
+    if test_fraction + validation_fraction >= 1.0:
+        raise ValueError(
+            f"test_fraction + validation_fraction must be < 1 (something must be left to train "
+            f"on); got {test_fraction} + {validation_fraction}"
+        )
+
+
+def _count(fraction: float, n: int) -> int:
+    return math.floor(fraction * n + 0.5)
+
+
+def _split(
+    x: Tensor, gen: torch.Generator, test_fraction: float, validation_fraction: float, name: str
+) -> tuple[Tensor, Tensor, Tensor]:
+    """One seeded permutation: its head is the test set, then validation, then train.
+
+    The test rows depend only on (seed, test_fraction); with a validation split the training
+    rows of the split without one are (validation, train) in that order.
+    """
+    n = x.shape[0]
+    n_test, n_val = _count(test_fraction, n), _count(validation_fraction, n)
+    if n - n_test - n_val < 1:
+        raise ValueError(
+            f"dataset {name!r} has {n} points: test {n_test} + validation {n_val} leave none to "
+            f"train on"
+        )
+    perm = torch.randperm(n, generator=gen)
+    return x[perm[n_test + n_val :]], x[perm[n_test : n_test + n_val]], x[perm[:n_test]]
+
+
+def _dequantize(v: Tensor, levels: int, gen: torch.Generator) -> Tensor:
+    """(v + u) / levels with u ~ U[0, 1), for integer v in {0, …, levels − 1}: values in [0, 1).
+
+    In float32, (levels − 1) + u rounds up to ``levels`` when u is within an ulp of 1; the
+    result is clamped to the largest float32 below 1 so the range stays half-open.
+    """
+    u = torch.rand(v.shape, generator=gen, dtype=torch.float32)
+    x = (v.to(torch.float32) + u) / levels
+    return torch.clamp_(x, max=_BELOW_ONE)
+
+
+def _positive_int(name: str, key: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < 1:
+        raise ValueError(
+            f"option {key} of dataset {name!r} must be a positive integer; got {value!r}"
+        )
+    return int(value)
+
+
+def _positive_float(name: str, key: str, value: Any) -> float:
+    try:
+        out = float(value)
+    except (TypeError, ValueError):
+        out = float("nan")
+    if not (math.isfinite(out) and out > 0):
+        raise ValueError(
+            f"option {key} of dataset {name!r} must be a finite number > 0; got {value!r}"
+        )
+    return out
+
+
+def _digits(gen: torch.Generator) -> Tensor:
+    """load_digits (1797 x 64, integers 0..16) dequantized to (v + u) / 17."""
+    from sklearn.datasets import load_digits  # bundled with scikit-learn: no download
+
+    v = torch.from_numpy(np.asarray(load_digits().data, dtype=np.float32))
+    return _dequantize(v, 17, gen)
+
+
+def _ppca(
+    gen: torch.Generator, *, data_dim: int, latent_dim: int, n: int, noise_std: float
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """x = W z + b + ε, z ~ N(0, I_H), ε ~ N(0, s² I_D) (Tipping & Bishop, 1999).
+
+    W [D, H] and b [D] have N(0, 1) entries; ψ = s² 1_D. Marginally x ~ N(b, W Wᵀ + diag ψ).
+    """
+    D = _positive_int("ppca", "data_dim", data_dim)
+    H = _positive_int("ppca", "latent_dim", latent_dim)
+    n = _positive_int("ppca", "n", n)
+    s = _positive_float("ppca", "noise_std", noise_std)
+    W = torch.randn(D, H, generator=gen)
+    b = torch.randn(D, generator=gen)
+    z = torch.randn(n, H, generator=gen)
+    eps = torch.randn(n, D, generator=gen)
+    x = z @ W.T + b + s * eps
+    return x, {"W": W, "b": b, "psi": torch.full((D,), s * s)}
+
+
+def _nonlinear(
+    gen: torch.Generator,
+    *,
+    data_dim: int,
+    latent_dim: int,
+    hidden: int,
+    n: int,
+    noise_std: float,
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """x = w2 tanh(w1 z + b1) + b2 + ε, z ~ N(0, I_H), ε ~ N(0, s² I_D).
+
+    Weights in ``torch.nn.Linear`` layout (w1 [hidden, H], w2 [D, hidden]), so the teacher loads
+    straight into ``GaussianDecoder(D, H, hidden=(hidden,), activation="tanh")``. w1 has entries
+    N(0, 4/H) — pre-activations of standard deviation about 2, so tanh saturates and the map is
+    clearly nonlinear — b1 and b2 N(0, 1), w2 N(0, 1/hidden). ``noise_var`` is s² 1_D.
+    """
+    D = _positive_int("nonlinear", "data_dim", data_dim)
+    H = _positive_int("nonlinear", "latent_dim", latent_dim)
+    K = _positive_int("nonlinear", "hidden", hidden)
+    n = _positive_int("nonlinear", "n", n)
+    s = _positive_float("nonlinear", "noise_std", noise_std)
+    w1 = torch.randn(K, H, generator=gen) * (2.0 / math.sqrt(H))
+    b1 = torch.randn(K, generator=gen)
+    w2 = torch.randn(D, K, generator=gen) / math.sqrt(K)
+    b2 = torch.randn(D, generator=gen)
+    z = torch.randn(n, H, generator=gen)
+    eps = torch.randn(n, D, generator=gen)
+    x = torch.tanh(z @ w1.T + b1) @ w2.T + b2 + s * eps
+    truth = {"w1": w1, "b1": b1, "w2": w2, "b2": b2, "noise_var": torch.full((D,), s * s)}
+    return x, truth
+
+
+# --------------------------------------------------------------------------------- MNIST (IDX)
+
+
+def _find_file(directory: Path, names: tuple[str, ...], what: str) -> Path:
+    candidates = [directory / f for name in names for f in (name, name + ".gz")]
+    for c in candidates:
+        if c.is_file():
+            return c
+    raise DataError(
+        f"{what}: no file found; looked for {', '.join(c.name for c in candidates)} in "
+        f"{directory.resolve()}"
+    )
+
+
+def read_idx_images(file: str | os.PathLike[str]) -> np.ndarray:
+    """The uint8 array [N, rows, cols] of an IDX image file (raw or ``.gz``).
+
+    Format (LeCun et al.): magic number 0x00000803 (unsigned byte, 3 dimensions), three
+    big-endian uint32 sizes, then N·rows·cols bytes.
+    """
+    file = Path(file)
+    expected = (
+        "an IDX image file: magic number 0x00000803, three big-endian uint32 sizes "
+        "(N, rows, cols), then N*rows*cols bytes"
+    )
+    try:
+        if file.name.endswith(".gz"):
+            with gzip.open(file, "rb") as f:
+                raw = f.read()
+        else:
+            raw = file.read_bytes()
+    except (OSError, EOFError, zlib.error) as err:
+        raise DataError(f"could not read {file}: {err}; expected {expected}") from err
+    if len(raw) < 16:
+        raise DataError(
+            f"{file} is truncated ({len(raw)} bytes, header alone needs 16); expected {expected}"
+        )
+    magic, *dims = np.frombuffer(raw, dtype=">u4", count=4).tolist()
+    if magic != _IDX_IMAGES_MAGIC:
+        raise DataError(f"{file} has magic number {magic:#010x}; expected {expected}")
+    size = math.prod(dims)
+    if size == 0 or len(raw) - 16 != size:
+        raise DataError(
+            f"{file} header says {dims[0]} x {dims[1]} x {dims[2]} = {size} bytes of pixels but "
+            f"{len(raw) - 16} follow (truncated or corrupt); expected {expected}"
+        )
+    return np.frombuffer(raw, dtype=np.uint8, offset=16).reshape(dims)
+
+
+def _mnist(
+    path: str | os.PathLike[str] | None,
+    gen: torch.Generator,
+    test_fraction: float,
+    validation_fraction: float,
+    *,
+    limit: int | None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Official train/test images, flattened to 784 and dequantized to (v + u) / 256.
+
+    Draw order: test noise, then train noise, then the validation permutation — so the test
+    split depends on the seed alone (not on ``limit`` or ``validation_fraction``).
+    """
+    del test_fraction  # the official split is kept
+    names = " and ".join(f"{n[0]}[.gz]" for n in MNIST_FILES.values())
+    if path is None:
+        raise DataError(f"dataset 'mnist' needs path=<directory holding {names}>; got None")
+    directory = Path(path)
+    if not directory.is_dir():
+        raise DataError(
+            f"dataset 'mnist' needs path to be a directory holding {names}; "
+            f"{directory.resolve()} is not a directory"
+        )
+    if limit is not None:
+        limit = _positive_int("mnist", "limit", limit)
+    train_file = _find_file(directory, MNIST_FILES["train"], "MNIST training images (IDX format)")
+    test_file = _find_file(directory, MNIST_FILES["test"], "MNIST test images (IDX format)")
+    train_v, test_v = read_idx_images(train_file), read_idx_images(test_file)
+    if train_v.shape[1:] != test_v.shape[1:]:
+        raise DataError(
+            f"MNIST image sizes differ: {train_file} has {train_v.shape[1:]}, {test_file} has "
+            f"{test_v.shape[1:]}"
+        )
+    if limit is not None:
+        train_v = train_v[:limit]
+    test = _dequantize(torch.from_numpy(test_v.reshape(len(test_v), -1).copy()), 256, gen)
+    train = _dequantize(torch.from_numpy(train_v.reshape(len(train_v), -1).copy()), 256, gen)
+    n = train.shape[0]
+    n_val = _count(validation_fraction, n)
+    if n - n_val < 1:
+        raise ValueError(
+            f"MNIST training set of {n} points: validation {n_val} leaves none to train on"
+        )
+    perm = torch.randperm(n, generator=gen)
+    return train[perm[n_val:]], train[perm[:n_val]], test
+
+
+# ------------------------------------------------------------------------------ Frey Face (.mat)
+
+
+def _frey(path: str | os.PathLike[str] | None, gen: torch.Generator) -> Tensor:
+    """``ff`` [560, N] uint8 of ``frey_rawface.mat`` → [N, 560], dequantized to (v + u) / 256."""
+    expected = (
+        f"a MATLAB .mat file ({FREY_FILE}) holding variable 'ff' of shape "
+        f"[{FREY_PIXELS}, N] (20x28 pixels per column) with integer values 0..255"
+    )
+    if path is None:
+        raise DataError(f"dataset 'frey' needs path=<{FREY_FILE} or its directory>; got None")
+    file = Path(path)
+    if file.is_dir():
+        file = file / FREY_FILE
+    if not file.is_file():
+        raise DataError(f"dataset 'frey': no file {file.resolve()}; expected {expected}")
+    from scipy.io import loadmat
+
+    try:
+        mat = loadmat(file)
+    except Exception as err:  # scipy raises several types for malformed files
+        raise DataError(
+            f"could not read {file} as a .mat file ({err}); expected {expected}"
+        ) from err
+    if "ff" not in mat:
+        found = sorted(k for k in mat if not k.startswith("__"))
+        raise DataError(f"{file} has no variable 'ff' (found {found}); expected {expected}")
+    ff = np.asarray(mat["ff"])
+    if ff.ndim != 2 or ff.shape[0] != FREY_PIXELS or ff.shape[1] < 1:
+        raise DataError(f"{file}: 'ff' has shape {list(ff.shape)}; expected {expected}")
+    if not np.issubdtype(ff.dtype, np.number) or np.iscomplexobj(ff):
+        raise DataError(f"{file}: 'ff' has dtype {ff.dtype}; expected {expected}")
+    if ff.dtype != np.uint8:
+        vals = ff.astype(np.float64)
+        if not (
+            np.all(np.isfinite(vals))
+            and np.all(vals == np.round(vals))
+            and vals.min() >= 0
+            and vals.max() <= 255
+        ):
+            raise DataError(f"{file}: 'ff' values are not integers in 0..255; expected {expected}")
+        ff = vals.astype(np.uint8)
+    return _dequantize(torch.from_numpy(np.ascontiguousarray(ff.T)), 256, gen)
+
+
+# ---------------------------------------------------------------------------- saving (.npz)
+
+
+def save_dataset(dataset: Dataset, path: str | os.PathLike[str]) -> Path:
+    """Write ``dataset`` to an ``.npz`` atomically (temporary file in the same folder, then rename).
+
+    Keys: ``train``, ``validation``, ``test``, ``truth_<name>`` for each ground-truth tensor,
+    ``name`` and ``info`` (a JSON string). Returns the path written.
+    """
+    path = Path(path)
+    arrays: dict[str, np.ndarray] = {s: dataset.split(s).detach().cpu().numpy() for s in SPLITS}
+    for key, value in dataset.ground_truth.items():
+        arrays[f"truth_{key}"] = value.detach().cpu().numpy()
+    arrays["name"] = np.array(dataset.name)
+    arrays["info"] = np.array(json.dumps(dataset.info, sort_keys=True))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            np.savez(f, **arrays)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def load_npz(path: str | os.PathLike[str]) -> Dataset:
+    """The :class:`Dataset` written by :func:`save_dataset`."""
+    path = Path(path)
+    expected = "an .npz written by save_dataset (keys train, validation, test, name, info)"
+    if not path.is_file():
+        raise DataError(f"no file {path.resolve()}; expected {expected}")
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            arrays = {k: npz[k] for k in npz.files}
+    except Exception as err:  # zipfile / numpy raise several types for malformed files
+        raise DataError(f"could not read {path} ({err}); expected {expected}") from err
+    missing = [k for k in (*SPLITS, "name", "info") if k not in arrays]
+    if missing:
+        raise DataError(f"{path} lacks {missing}; expected {expected}")
+    try:
+        info = json.loads(str(arrays["info"]))
+    except json.JSONDecodeError as err:
+        raise DataError(f"{path}: 'info' is not valid JSON ({err}); expected {expected}") from err
+    truth = {
+        k.removeprefix("truth_"): torch.from_numpy(v)
+        for k, v in arrays.items()
+        if k.startswith("truth_")
+    }
+    splits = {s: torch.from_numpy(arrays[s]) for s in SPLITS}
+    return Dataset(str(arrays["name"]), **splits, ground_truth=truth, info=info)
+
+
+# --------------------------------------------------------------------------------- minibatches
+
+
+def minibatches(
+    n: int,
+    batch_size: int,
+    generator: torch.Generator | None,
+    *,
+    shuffle: bool = True,
+    drop_last: bool = False,
+) -> Iterator[Tensor]:
+    """One epoch of LongTensor index batches over {0, …, n − 1}.
+
+    With ``shuffle`` the order is ``torch.randperm(n, generator=generator)``, so every index
+    appears exactly once per epoch (once at most with ``drop_last``, which skips a final short
+    batch). Without ``shuffle`` the order is 0, 1, …, n − 1 and ``generator`` may be None.
+    """
+    if isinstance(n, bool) or int(n) != n or n < 0:
+        raise ValueError(f"n must be a non-negative integer; got {n!r}")
+    if isinstance(batch_size, bool) or int(batch_size) != batch_size or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive integer; got {batch_size!r}")
+    n, batch_size = int(n), int(batch_size)
+    if shuffle:
+        if generator is None:
+            raise ValueError("shuffle=True needs an explicit torch.Generator (no global RNG)")
+        order = torch.randperm(n, generator=generator)
+    else:
+        order = torch.arange(n)
+    stop = n - n % batch_size if drop_last else n
+    for start in range(0, stop, batch_size):
+        yield order[start : start + batch_size]
+
+
+def indexed_batches(
+    x: Tensor,
+    batch_size: int,
+    generator: torch.Generator | None,
+    shuffle: bool = True,
+    *,
+    drop_last: bool = False,
+) -> Iterator[tuple[Tensor, Tensor]]:
+    """(x[idx], idx) for the index batches of :func:`minibatches` over the rows of ``x``."""
+    for idx in minibatches(x.shape[0], batch_size, generator, shuffle=shuffle, drop_last=drop_last):
+        yield x[idx.to(x.device)], idx
