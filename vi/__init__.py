@@ -3,10 +3,12 @@
 The core library (SPEC §1–3): the decoder family (``vi.decoders``), the diagonal-Gaussian
 variational family (``vi.families``), gradient estimators as surrogates (``vi.estimators``),
 the ELBO and IWAE bound (``vi.objectives``), and the closed forms of the linear-Gaussian model
-(``vi.linear_gaussian``).
+(``vi.linear_gaussian``). On top: data sets (``vi.data``), the inference methods
+``vem``/``amortized``/``semi_amortized`` (``vi.inference``) and the trainer (``vi.training``).
 """
 
 from vi import families, linear_gaussian
+from vi.data import DATASETS, DataError, Dataset, load_dataset, load_npz, save_dataset
 from vi.decoders import GaussianDecoder, log_joint
 from vi.estimators import (
     BASELINES,
@@ -21,6 +23,19 @@ from vi.estimators import (
     stl,
     validate_estimator,
 )
+from vi.inference import (
+    METHODS,
+    Amortized,
+    Divergence,
+    Encoder,
+    InferenceMethod,
+    MethodSettings,
+    SemiAmortized,
+    StoppingRule,
+    VariationalEM,
+    build_method,
+    fit_local,
+)
 from vi.linear_gaussian import (
     approximation_gap,
     elbo_closed_form,
@@ -30,17 +45,33 @@ from vi.linear_gaussian import (
     ppca_mle,
 )
 from vi.objectives import KL_MODES, elbo, iwae_bound, log_weights
+from vi.training import TrainConfig, Trainer, load_checkpoint, save_checkpoint, train
 
 __version__ = "0.1.0"
 
 __all__ = [
     "BASELINES",
+    "DATASETS",
     "ESTIMATORS",
     "KL_MODES",
+    "METHODS",
+    "Amortized",
+    "DataError",
+    "Dataset",
+    "Divergence",
+    "Encoder",
     "Estimate",
     "GaussianDecoder",
+    "InferenceMethod",
+    "MethodSettings",
     "RunningMean",
+    "SemiAmortized",
+    "StoppingRule",
+    "TrainConfig",
+    "Trainer",
+    "VariationalEM",
     "approximation_gap",
+    "build_method",
     "draw_noise",
     "elbo",
     "elbo_closed_form",
@@ -48,15 +79,22 @@ __all__ = [
     "exact_log_marginal",
     "exact_posterior",
     "families",
+    "fit_local",
     "get_estimator",
     "iwae_bound",
     "linear_gaussian",
+    "load_checkpoint",
+    "load_dataset",
+    "load_npz",
     "log_joint",
     "log_weights",
     "optimal_diagonal_posterior",
     "ppca_mle",
     "reparam",
+    "save_checkpoint",
+    "save_dataset",
     "score",
     "stl",
+    "train",
     "validate_estimator",
 ]

@@ -24,9 +24,9 @@ from collections.abc import Sequence
 
 import torch
 from torch import Tensor, nn
-from torch.distributions import Independent, Normal
+from torch.distributions import Independent
 
-from vi.families import standard_normal
+from vi.families import diag_normal, standard_normal
 
 __all__ = ["ACTIVATIONS", "MEANS", "VARIANCES", "GaussianDecoder", "log_joint"]
 
@@ -132,7 +132,7 @@ class GaussianDecoder(nn.Module):
     def distribution(self, z: Tensor) -> Independent:
         """p_θ(x | z) as ``Independent(Normal(μ, σ), 1)`` with batch shape z.shape[:-1]."""
         mean, var = self.mean_and_variance(z)
-        return Independent(Normal(mean, var.sqrt().expand_as(mean)), 1)
+        return diag_normal(mean, var.sqrt().expand_as(mean))
 
     def log_likelihood(self, x: Tensor, z: Tensor) -> Tensor:
         """log p_θ(x | z): x [B, D], z [M, B, H] → [M, B] (any leading shape broadcasts)."""

@@ -86,6 +86,14 @@ def _check_noise(lam: Tensor, eps: Tensor) -> None:
         )
 
 
+def _check_no_baseline(name: str, baseline: str) -> None:
+    # A pathwise estimator called straight from the registry must not silently ignore a baseline.
+    if baseline != "none":
+        raise ValueError(
+            f"baselines apply to the score estimator only; {name!r} needs baseline 'none'"
+        )
+
+
 def _values(f: Integrand, z: Tensor, lam_f: Tensor) -> Tensor:
     values = f(z, lam_f)
     if values.shape != z.shape[:-1]:
@@ -100,6 +108,7 @@ def reparam(
     f: Integrand, lam: Tensor, eps: Tensor, baseline: str = "none", baseline_value=None
 ) -> Estimate:
     """Pathwise estimator: ∇_λ (1/M) Σ_m f(μ + σ ⊙ ε_m; λ). Drops nothing."""
+    _check_no_baseline("reparam", baseline)
     _check_noise(lam, eps)
     values = _values(f, families.sample(lam, eps), lam)
     return Estimate(values.mean(0), values.detach())
@@ -109,6 +118,7 @@ def stl(
     f: Integrand, lam: Tensor, eps: Tensor, baseline: str = "none", baseline_value=None
 ) -> Estimate:
     """Sticking-the-landing: pathwise through z, f sees stop(λ) (Roeder et al., 2017)."""
+    _check_no_baseline("stl", baseline)
     _check_noise(lam, eps)
     values = _values(f, families.sample(lam, eps), lam.detach())
     return Estimate(values.mean(0), values.detach())

@@ -17,6 +17,7 @@ from torch.distributions import Independent, Normal, kl_divergence
 
 __all__ = [
     "diag_gaussian",
+    "diag_normal",
     "entropy",
     "join_params",
     "kl_to_standard_normal",
@@ -52,16 +53,26 @@ def join_params(mu: Tensor, logvar: Tensor) -> Tensor:
     return torch.cat([mu, logvar], dim=-1)
 
 
+def diag_normal(loc: Tensor, scale: Tensor) -> Independent:
+    """N(loc, diag scale²) with event shape [loc.shape[-1]].
+
+    Argument validation is off: a non-finite parameter must flow on to the trainer's
+    divergence check (a recorded outcome) instead of raising inside ``torch.distributions``,
+    and validation would cost time in the hot path.
+    """
+    return Independent(Normal(loc, scale, validate_args=False), 1, validate_args=False)
+
+
 def diag_gaussian(lam: Tensor) -> Independent:
     """q(z; λ) = N(μ, diag exp(log σ²)) as a ``torch.distributions`` object, event shape [H]."""
     mu, logvar = split_params(lam)
-    return Independent(Normal(mu, torch.exp(0.5 * logvar)), 1)
+    return diag_normal(mu, torch.exp(0.5 * logvar))
 
 
 def standard_normal(latent_dim: int, like: Tensor) -> Independent:
     """The prior p(z) = N(0, I_H) on ``like``'s device and dtype."""
     zeros = like.new_zeros(latent_dim)
-    return Independent(Normal(zeros, torch.ones_like(zeros)), 1)
+    return diag_normal(zeros, torch.ones_like(zeros))
 
 
 def sample(lam: Tensor, eps: Tensor) -> Tensor:
