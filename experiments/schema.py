@@ -1,0 +1,153 @@
+"""The results contract (SPEC §7): column names, metric names and their validation.
+
+Imports only numpy and pandas, so the figure maker and ``check`` run without torch.
+
+``metrics.csv`` is tidy: one measurement a row, columns ``METRIC_COLUMNS``. Columns that do not
+apply are empty (NaN in pandas), never a sentinel number. Wall-clock time lives only in
+``wall_s`` so that two runs of one configuration agree on every other column bit for bit.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+__all__ = [
+    "IDENTITY_COLUMNS",
+    "METRICS",
+    "METRIC_COLUMNS",
+    "PARAM_GROUPS",
+    "RUN_COLUMNS",
+    "SPLITS",
+    "STATUSES",
+    "SchemaError",
+    "read_metrics",
+    "read_runs",
+    "validate_metrics",
+    "validate_runs",
+]
+
+IDENTITY_COLUMNS = (
+    "run_id", "experiment", "dataset", "method", "estimator", "baseline", "kl",
+    "latent_dim", "n_mc", "seed",
+)
+METRIC_COLUMNS = (*IDENTITY_COLUMNS, "epoch", "step", "wall_s", "split", "param_group",
+                  "metric", "value")
+
+#: metric name → what it measures (units); the only names a metrics.csv may contain.
+METRICS: dict[str, str] = {
+    "elbo": "ELBO per data point of the method's own posterior, full split (nats)",
+    "elbo_running": "running mean of the minibatch ELBO estimates over a training epoch (nats)",
+    "e_steps": "E-steps the held-out fit took before the stopping rule fired (count)",
+    "iwae": "IWAE bound with k importance samples from q*, k in config.json (nats)",
+    "log_px_exact": "exact log p(x) of a linear decoder (nats)",
+    "elbo_qstar": "ELBO of the per-datapoint optimum q* on the trained decoder (nats)",
+    "elbo_qphi": "ELBO of the method's own posterior, evaluated with the gap estimator (nats)",
+    "approximation_gap": "log p(x) − L[q*] (nats)",
+    "amortization_gap": "L[q*] − L[q_φ] (nats)",
+    "qstar_steps": "optimisation steps taken to fit q* (count)",
+    "test_curve_elbo": "held-out ELBO after `step` E-steps of test-time inference (nats)",
+    "grad_var_total": "total variance tr Σ of a single gradient estimate",
+    "grad_var_relative": "tr Σ / ||mean gradient||²",
+    "grad_snr_mean": "mean over coordinates of |ĝ_i| / sqrt(v_i)",
+    "grad_snr_median": "median over coordinates of |ĝ_i| / sqrt(v_i)",
+    "grad_mean_norm": "||mean gradient||",
+    "lr_selected": "learning rate chosen on the validation split",
+}
+STATUSES = ("ok", "diverged", "failed")
+SPLITS = ("train", "validation", "test")
+PARAM_GROUPS = ("variational", "local", "encoder", "decoder")
+#: columns every runs.csv row has (configuration columns may follow)
+RUN_COLUMNS = (*IDENTITY_COLUMNS, "status", "message", "git_commit", "git_dirty",
+               "torch_version", "python_version", "device", "started", "finished")
+_REQUIRED_NONEMPTY = ("run_id", "experiment", "dataset", "method", "estimator", "metric",
+                      "value", "split")
+
+
+class SchemaError(ValueError):
+    """A results CSV that breaks the contract; the message lists every problem found."""
+
+
+def _problems_metrics(df: pd.DataFrame, where: str) -> list[str]:
+    problems = []
+    missing = [c for c in METRIC_COLUMNS if c not in df.columns]
+    if missing:
+        return [f"{where}: missing column(s) {', '.join(missing)}"]
+    extra = [c for c in df.columns if c not in METRIC_COLUMNS]
+    if extra:
+        problems.append(f"{where}: unexpected column(s) {', '.join(extra)}")
+    for col in _REQUIRED_NONEMPTY:
+        empty = df[col].isna() | (df[col].astype(str).str.strip() == "")
+        if empty.any():
+            rows = (df.index[empty][:5] + 2).tolist()  # +2: header line, 1-based lines
+            problems.append(f"{where}: empty {col!r} on line(s) {rows}")
+    values = pd.to_numeric(df["value"], errors="coerce").to_numpy(dtype=float)
+    bad = ~np.isfinite(values)  # NaN (empty or non-numeric) or ±inf
+    if bad.any():
+        problems.append(f"{where}: non-finite or non-numeric value on line(s) "
+                        f"{(df.index[bad][:5] + 2).tolist()}")
+    unknown = sorted(set(df["metric"].dropna()) - set(METRICS))
+    if unknown:
+        problems.append(f"{where}: unknown metric name(s) {unknown}; valid: {', '.join(METRICS)}")
+    unknown = sorted(set(df["split"].dropna()) - set(SPLITS))
+    if unknown:
+        problems.append(f"{where}: unknown split(s) {unknown}; valid: {', '.join(SPLITS)}")
+    unknown = sorted(set(df["param_group"].dropna()) - set(PARAM_GROUPS))
+    if unknown:
+        problems.append(f"{where}: unknown param_group(s) {unknown}")
+    return problems
+
+
+def validate_metrics(df: pd.DataFrame, where: str = "metrics.csv") -> None:
+    """Raise ``SchemaError`` listing every way ``df`` breaks the metrics contract."""
+    problems = _problems_metrics(df, where)
+    if problems:
+        raise SchemaError("\n".join(problems))
+
+
+def validate_runs(df: pd.DataFrame, where: str = "runs.csv") -> None:
+    """Raise ``SchemaError`` if a runs table lacks columns, has unknown statuses or repeats."""
+    problems = []
+    missing = [c for c in RUN_COLUMNS if c not in df.columns]
+    if missing:
+        problems.append(f"{where}: missing column(s) {', '.join(missing)}")
+    else:
+        bad = sorted(set(df["status"].dropna()) - set(STATUSES)) + (
+            ["<empty>"] if df["status"].isna().any() else [])
+        if bad:
+            problems.append(f"{where}: unknown status(es) {bad}; valid: {', '.join(STATUSES)}")
+        dup = df["run_id"][df["run_id"].duplicated()].tolist()
+        if dup:
+            problems.append(f"{where}: repeated run_id(s) {dup[:5]}")
+    if problems:
+        raise SchemaError("\n".join(problems))
+
+
+def read_metrics(path: str | Path, *, validate: bool = True) -> pd.DataFrame:
+    """Read a metrics.csv with the contract's dtypes (strings stay strings; empty → NaN)."""
+    path = Path(path)
+    if not path.is_file():
+        raise SchemaError(f"{path}: no such file")
+    try:
+        df = pd.read_csv(path, dtype={"run_id": str, "param_group": str, "baseline": str})
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as err:
+        raise SchemaError(f"{path}: not a readable CSV ({err})") from err
+    if validate:
+        validate_metrics(df, str(path))
+    return df
+
+
+def read_runs(path: str | Path, *, validate: bool = True) -> pd.DataFrame:
+    """Read a runs.csv (one row per run)."""
+    path = Path(path)
+    if not path.is_file():
+        raise SchemaError(f"{path}: no such file")
+    try:
+        df = pd.read_csv(path, dtype={"run_id": str})
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as err:
+        raise SchemaError(f"{path}: not a readable CSV ({err})") from err
+    if validate:
+        validate_runs(df, str(path))
+    return df
