@@ -75,7 +75,9 @@ def test_digits_shapes_and_range() -> None:
     assert n == 1797
     assert d.test.shape == (359, 64) and d.train.shape == (1438, 64)
     assert d.validation.shape == (0, 64)
-    assert d.ground_truth == {}
+    assert {k: v.shape for k, v in d.ground_truth.items()} == {
+        "train_labels": (1438,), "validation_labels": (0,), "test_labels": (359,)}
+    assert set(d.ground_truth["train_labels"].tolist()) == set(range(10))
     for x in (d.train, d.test):
         assert x.dtype == torch.float32
         assert float(x.min()) >= 0.0 and float(x.max()) < 1.0
@@ -108,7 +110,11 @@ def test_validation_is_carved_from_train_and_test_is_unchanged(name: str) -> Non
     assert torch.equal(plain.train[:n_val], with_val.validation)
     assert torch.equal(plain.train[n_val:], with_val.train)
     for key, value in plain.ground_truth.items():
-        assert torch.equal(value, with_val.ground_truth[key])
+        if key == "train_labels":  # labels follow their points
+            assert torch.equal(value[:n_val], with_val.ground_truth["validation_labels"])
+            assert torch.equal(value[n_val:], with_val.ground_truth[key])
+        elif key != "validation_labels":
+            assert torch.equal(value, with_val.ground_truth[key])
 
 
 @pytest.mark.parametrize("name", ["digits", "ppca", "nonlinear"])
@@ -347,7 +353,8 @@ def test_save_and_load_npz_round_trip(tmp_path: Path) -> None:
         assert torch.equal(back.ground_truth[key], value)
 
     empty_val = load_npz(save_dataset(load_dataset("digits"), tmp_path / "digits.npz"))
-    assert empty_val.validation.shape == (0, 64) and empty_val.ground_truth == {}
+    assert empty_val.validation.shape == (0, 64)
+    assert set(empty_val.ground_truth) == {"train_labels", "validation_labels", "test_labels"}
 
 
 def test_load_npz_errors(tmp_path: Path) -> None:

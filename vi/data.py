@@ -99,7 +99,8 @@ class Dataset:
     Attributes:
         name: one of ``DATASETS`` (or the name stored in an ``.npz``).
         train, validation, test: the splits; ``validation`` may have 0 rows.
-        ground_truth: the generating parameters of a synthetic set (empty for real data).
+        ground_truth: the generating parameters of a synthetic set; for ``digits`` the labels
+            ``train_labels``/``validation_labels``/``test_labels`` (int64); else empty.
         info: a JSON-able description (shapes, options, seed, source).
     """
 
@@ -194,14 +195,20 @@ def load_dataset(
         test_fraction_used: float | None = None
     else:
         if name == "digits":
-            x = _digits(gen)
+            x, labels = _digits(gen)
         elif name == "ppca":
             x, truth = _ppca(gen, **opts)
         elif name == "nonlinear":
             x, truth = _nonlinear(gen, **opts)
         else:
             x = _frey(path, gen)
+        if name == "digits":  # the labels ride along as a last column through the one split
+            x = torch.cat([x, labels.to(torch.float32)[:, None]], 1)
         train, validation, test = _split(x, gen, test_fraction, validation_fraction, name)
+        if name == "digits":
+            for split, part in (("train", train), ("validation", validation), ("test", test)):
+                truth[f"{split}_labels"] = part[:, -1].to(torch.int64)
+            train, validation, test = train[:, :-1], validation[:, :-1], test[:, :-1]
         test_fraction_used = float(test_fraction)
 
     info = {
@@ -289,12 +296,14 @@ def _positive_float(name: str, key: str, value: Any) -> float:
     return out
 
 
-def _digits(gen: torch.Generator) -> Tensor:
-    """load_digits (1797 x 64, integers 0..16) dequantized to (v + u) / 17."""
+def _digits(gen: torch.Generator) -> tuple[Tensor, Tensor]:
+    """load_digits (1797 x 64, integers 0..16) dequantized to (v + u) / 17, and the digit
+    labels 0..9 (kept as ground_truth ``{split}_labels``, for pictures of the latent space)."""
     from sklearn.datasets import load_digits  # bundled with scikit-learn: no download
 
-    v = torch.from_numpy(np.asarray(load_digits().data, dtype=np.float32))
-    return _dequantize(v, 17, gen)
+    bunch = load_digits()
+    v = torch.from_numpy(np.asarray(bunch.data, dtype=np.float32))
+    return _dequantize(v, 17, gen), torch.from_numpy(np.asarray(bunch.target, dtype=np.int64))
 
 
 def _ppca(
