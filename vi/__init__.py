@@ -23,6 +23,7 @@ from vi.estimators import (
     stl,
     validate_estimator,
 )
+from vi.gradstats import gradient_statistics, per_sample_grads, variance_sweep
 from vi.inference import (
     METHODS,
     Amortized,
@@ -81,6 +82,7 @@ __all__ = [
     "families",
     "fit_local",
     "get_estimator",
+    "gradient_statistics",
     "iwae_bound",
     "linear_gaussian",
     "load_checkpoint",
@@ -89,6 +91,7 @@ __all__ = [
     "log_joint",
     "log_weights",
     "optimal_diagonal_posterior",
+    "per_sample_grads",
     "ppca_mle",
     "reparam",
     "save_checkpoint",
@@ -97,4 +100,5 @@ __all__ = [
     "stl",
     "train",
     "validate_estimator",
+    "variance_sweep",
 ]

@@ -396,6 +396,7 @@ class Trainer:
         if self.epoch == 0 and not self.rows:
             try:
                 self.rows += self.evaluate()  # epoch 0: the initial model
+                self.rows += self.measurements(final=False)  # e.g. gradient variance at init
             except Divergence as err:
                 self.status, self.message = "diverged", str(err)
         bar = tqdm(total=c.epochs, initial=self.epoch, disable=not progress, unit="epoch",
