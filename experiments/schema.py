@@ -43,6 +43,10 @@ METRICS: dict[str, str] = {
     "e_steps": "E-steps the held-out fit took before the stopping rule fired (count)",
     "iwae": "IWAE bound with k importance samples from q*, k in config.json (nats)",
     "log_px_exact": "exact log p(x) of a linear decoder (nats)",
+    "log_px_mle": "exact log p(x) under the closed-form PPCA maximum-likelihood fit of the "
+                  "training split, the target of ppca_exact (nats)",
+    "approximation_gap_mle": "closed-form approximation gap of the best diagonal q at the PPCA "
+                             "maximum-likelihood decoder (nats)",
     "elbo_qstar": "ELBO of the per-datapoint optimum q* on the trained decoder (nats)",
     "elbo_qphi": "ELBO of the method's own posterior, evaluated with the gap estimator (nats)",
     "approximation_gap": "log p(x) − L[q*] (nats)",
@@ -58,7 +62,8 @@ METRICS: dict[str, str] = {
 }
 STATUSES = ("ok", "diverged", "failed")
 SPLITS = ("train", "validation", "test")
-PARAM_GROUPS = ("variational", "local", "encoder", "decoder")
+PARAM_GROUPS = ("variational", "local", "encoder", "decoder", "prior")  # prior/encoder:
+# also the initialisation of a test-time curve (vi.evaluation.test_time_curve)
 #: columns every runs.csv row has (configuration columns may follow)
 RUN_COLUMNS = (*IDENTITY_COLUMNS, "status", "message", "git_commit", "git_dirty",
                "torch_version", "python_version", "device", "started", "finished")
