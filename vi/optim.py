@@ -73,8 +73,9 @@ class RowOptimizer:
         self.steps[idx] = t
         rows = self.table[idx]
         if self.kind == "sgd":
-            rate = self.lr * robbins_monro(t - 1, self.rm_delay, self.rm_power)
-            rows = rows - rate.to(rows.dtype).unsqueeze(-1) * grad
+            # the count in the table's dtype: a long count would give a float32 schedule
+            rate = self.lr * robbins_monro((t - 1).to(rows.dtype), self.rm_delay, self.rm_power)
+            rows = rows - rate.unsqueeze(-1) * grad
         else:
             b1, b2 = self.betas
             m = b1 * self.exp_avg[idx] + (1 - b1) * grad

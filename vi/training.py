@@ -212,6 +212,10 @@ def _check_type(key: str, value: Any, default: Any, annotation: Any) -> None:
         ok = False
     else:
         ok = isinstance(value, expected)
+    if ok and expected == (list, tuple) and ("[int]" in text or "[str]" in text):
+        # list entries too: hidden=[2.5] would otherwise be truncated to 2 without a word
+        item = int if "[int]" in text else str
+        ok = all(isinstance(v, item) and not isinstance(v, bool) for v in value)
     if not ok:
         raise ValueError(
             f"configuration key {key!r} must be {annotation}; got {value!r} "
@@ -433,7 +437,7 @@ class Trainer:
         self.method.load_state_dict(state["model"])
         self.method.load_optimizer_state(state["optim"])
         for k, g in self.generators.items():
-            g.set_state(state["generators"][k])
+            g.set_state(state["generators"][k].cpu())  # map_location may have moved it
         self.epoch, self.step, self.elapsed = state["epoch"], state["step"], state["elapsed"]
         self.rows = list(state["rows"])
         self.status, self.message = state["status"], state["message"]
