@@ -185,7 +185,8 @@ def _execute(grid, cells, results: Path, args, launcher="local", slurm=None, poo
     actions = {a: sum(o.action == a for o in outcomes) for a in ("ran", "resumed", "skipped")}
     exp_dir = results / grid.name
     print(f"{grid.name}: {len(cells)} runs ({', '.join(f'{v} {k}' for k, v in actions.items())})"
-          f" in {seconds:.0f} s: " + ", ".join(f"{v} {k}" for k, v in sorted(counts.items())))
+          f" in {seconds:.0f} s: " + ", ".join(f"{v} {k}" for k, v in sorted(counts.items())),
+          flush=True)
     for o in outcomes:
         if o.status != "ok":
             print(f"  {o.status}: {o.run_id}: {o.message}")
@@ -198,7 +199,7 @@ def _execute(grid, cells, results: Path, args, launcher="local", slurm=None, poo
     if out["stale"]:
         print(f"  note: {len(out['stale'])} run folder(s) in {exp_dir / 'runs'} are not cells "
               f"of this grid and were left out")
-    print(f"  → {', '.join(str(p) for p in out['written'])}")
+    print(f"  → {', '.join(str(p) for p in out['written'])}", flush=True)
     return counts.get("failed", 0)
 
 
