@@ -42,8 +42,8 @@ def latent_dim_of(lam: Tensor) -> int:
 
 def split_params(lam: Tensor) -> tuple[Tensor, Tensor]:
     """λ = (μ, log σ²) → (μ, log σ²), each [..., H]."""
-    h = latent_dim_of(lam)
-    return lam[..., :h], lam[..., h:]
+    latent_dim_of(lam)
+    return lam.chunk(2, dim=-1)  # one split node: its backward is one cat, not two scatters
 
 
 def join_params(mu: Tensor, logvar: Tensor) -> Tensor:
