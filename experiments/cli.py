@@ -281,12 +281,16 @@ def _figures(results: Path, experiments: list[str] | None) -> int:
         _err(f"the results under {results} fail validation; no figures drawn:\n  "
              + "\n  ".join(problems))
         return 1
-    paths = figures.make_figures(results, experiments or None)
-    for p in paths:
-        print(p)
-    if not experiments:
-        table = summary.write_summary(results)
-        print(table if isinstance(table, str) else f"summary → {table}")
+    try:
+        paths = figures.make_figures(results, experiments or None)
+        for p in paths:
+            print(p)
+        if not experiments:
+            table = summary.write_summary(results)
+            print(f"summary → {table}")
+    except Exception as err:  # report, do not hide: the CSVs are intact either way
+        _err(f"drawing from {results} failed: {type(err).__name__}: {err}")
+        return 1
     return 0
 
 

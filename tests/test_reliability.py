@@ -12,6 +12,7 @@ import csv
 import json
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -157,12 +158,19 @@ def test_divergence_is_recorded_and_the_sweep_goes_on(tmp_path: Path, capsys) ->
 # ----------------------------------------------------------------------- trustworthy files
 
 
-@pytest.fixture
-def finished(tmp_path: Path) -> Path:
-    grid = write_grid(tmp_path, axes={"method": ["amortized", "vem"], "seed": [0]})
-    results = tmp_path / "r"
+@pytest.fixture(scope="module")
+def _finished_once(tmp_path_factory) -> Path:
+    tmp = tmp_path_factory.mktemp("finished")
+    grid = write_grid(tmp, axes={"method": ["amortized", "vem"], "seed": [0]})
+    results = tmp / "r"
     assert main(["run", str(grid), "--results", str(results)]) == 0
     return results
+
+
+@pytest.fixture
+def finished(_finished_once: Path, tmp_path: Path) -> Path:
+    """A finished two-run sweep, copied afresh for each test (tests damage it)."""
+    return Path(shutil.copytree(_finished_once, tmp_path / "r"))
 
 
 def test_truncated_run_metrics_detected_by_aggregation_and_check(finished: Path,
@@ -217,9 +225,15 @@ def test_inconsistent_run_folders_are_refused(finished: Path, damage: str) -> No
 
 def test_check_never_imports_torch(finished: Path) -> None:
     """``check`` runs with torch made unimportable (a sys.modules guard), in a fresh process."""
-    code = ("import sys; sys.modules['torch'] = None; from experiments.cli import main; "
-            f"rc = main(['check', '--results', {str(finished)!r}]); "
-            "assert not any(m.startswith('vi') for m in sys.modules), 'vi imported'; "
+    code = ("import sys\n"
+            "class _NoTorch:\n"
+            "    def find_spec(self, name, path=None, target=None):\n"
+            "        if name.split('.')[0] in ('torch', 'vi'):\n"
+            "            raise ImportError('imported ' + name)\n"
+            "sys.meta_path.insert(0, _NoTorch())\n"
+            "from experiments.cli import main\n"
+            f"rc = main(['check', '--results', {str(finished)!r}])"
+            "\nassert 'torch' not in sys.modules and 'vi' not in sys.modules\n"
             "sys.exit(rc)")
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=_env(),
                          capture_output=True, text=True, timeout=120)
@@ -230,9 +244,15 @@ def test_check_never_imports_torch(finished: Path) -> None:
 def test_figures_never_imports_torch(finished: Path) -> None:
     """``figures`` validates first and never imports torch or the training code."""
     pytest.importorskip("experiments.figures")
-    code = ("import sys; sys.modules['torch'] = None; from experiments.cli import main; "
-            f"rc = main(['figures', '--results', {str(finished)!r}, 'elbo_curves']); "
-            "assert not any(m.startswith('vi') for m in sys.modules), 'vi imported'; "
+    code = ("import sys\n"
+            "class _NoTorch:\n"
+            "    def find_spec(self, name, path=None, target=None):\n"
+            "        if name.split('.')[0] in ('torch', 'vi'):\n"
+            "            raise ImportError('imported ' + name)\n"
+            "sys.meta_path.insert(0, _NoTorch())\n"
+            "from experiments.cli import main\n"
+            f"rc = main(['figures', '--results', {str(finished)!r}, 'elbo_curves'])"
+            "\nassert 'torch' not in sys.modules and 'vi' not in sys.modules\n"
             "sys.exit(rc)")
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=_env(),
                          capture_output=True, text=True, timeout=120)

@@ -8,6 +8,9 @@ every one of them in the slow suite.
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pandas as pd
@@ -112,7 +115,8 @@ def test_rerun_skips_completed_cells_and_force_reruns_identically(tmp_path: Path
 
 
 def test_jobs_2_gives_the_same_csvs_as_jobs_1(tmp_path: Path) -> None:
-    grid = tiny_grid(tmp_path)
+    grid = tiny_grid(tmp_path, axes={"method": ["vem", "amortized", "semi_amortized"],
+                                     "seed": [0]})
     for jobs, out in (("1", "a"), ("2", "b")):
         assert main(["run", str(grid), "--results", str(tmp_path / out), "--jobs", jobs]) == 0
     a, b = tmp_path / "a" / "tiny", tmp_path / "b" / "tiny"
@@ -180,6 +184,29 @@ def test_quick_ppca_exact_end_to_end(tmp_path: Path) -> None:
     exact = metrics[(metrics["metric"] == "log_px_exact") & (metrics["split"] == "train")]
     assert exact["value"].max() <= final[final["split"] == "train"]["value"].min() + 1e-6
     assert agg.check_results(results)[1] == []
+    _figures_without_torch(results, "ppca_exact")
+
+
+def _figures_without_torch(results: Path, experiment: str) -> None:
+    """``figures`` draws from the CSVs in a fresh process where torch cannot be imported."""
+    pytest.importorskip("experiments.figures")
+    root = Path(__file__).resolve().parents[1]
+    code = ("import sys\n"
+            "class _NoTorch:\n"
+            "    def find_spec(self, name, path=None, target=None):\n"
+            "        if name.split('.')[0] in ('torch', 'vi'):\n"
+            "            raise ImportError('imported ' + name)\n"
+            "sys.meta_path.insert(0, _NoTorch())\n"
+            "from experiments.cli import main\n"
+            f"rc = main(['figures', '--results', {str(results)!r}, {experiment!r}])"
+            "\nassert 'torch' not in sys.modules and 'vi' not in sys.modules\n"
+            "sys.exit(rc)")
+    env = {**os.environ, "PYTHONPATH": str(root) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+           "MPLBACKEND": "Agg"}
+    out = subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True,
+                         text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert list((results / experiment / "figures").glob("*.png"))
 
 
 QUICK = ["lr_selection", "elbo_curves", "gradient_variance", "amortization_gap",
