@@ -177,6 +177,12 @@ class InferenceMethod(nn.Module):
             self.running_mean.update(samples)
         return samples.mean(0)
 
+    @staticmethod
+    def _stepped(opt: torch.optim.Optimizer) -> list[Tensor]:
+        """The tensors ``opt`` updates: its parameter list, built from ``parameters()`` at
+        construction (walking the module tree every step cost ~150 Python calls a step)."""
+        return [p for group in opt.param_groups for p in group["params"]]
+
     def _step(self, opt, sched, params: list[Tensor]) -> None:
         grads = [p.grad for p in params]
         _finite("gradient", *grads)
@@ -282,7 +288,7 @@ class VariationalEM(InferenceMethod):
             self.local_opt.step(idx, g)
             _finite("local parameter", self.local[idx])
         lam = self.local[idx]
-        params = list(self.decoder.parameters())
+        params = self._stepped(self.decoder_opt)
         recorded = None
         for _ in range(s.m_steps):  # M-step: θ only, rows fixed
             est = self.estimate(x, lam, generator)
@@ -350,7 +356,7 @@ class Amortized(InferenceMethod):
         self.opt.zero_grad(set_to_none=True)
         (-est.surrogate.mean()).backward()
         recorded = self._record(est.samples)
-        self._step(self.opt, self.sched, list(self.parameters()))
+        self._step(self.opt, self.sched, self._stepped(self.opt))
         return recorded
 
     def infer(self, x: Tensor, idx: Tensor | None = None, *, generator=None) -> Tensor:
