@@ -23,6 +23,13 @@ from vi.estimators import (
     stl,
     validate_estimator,
 )
+from vi.evaluation import (
+    evaluate_checkpoint,
+    fit_optimal_posterior,
+    gap_decomposition,
+    log_marginal,
+    test_time_curve,
+)
 from vi.gradstats import gradient_statistics, per_sample_grads, variance_sweep
 from vi.inference import (
     METHODS,
@@ -77,10 +84,13 @@ __all__ = [
     "elbo",
     "elbo_closed_form",
     "estimate",
+    "evaluate_checkpoint",
     "exact_log_marginal",
     "exact_posterior",
     "families",
     "fit_local",
+    "fit_optimal_posterior",
+    "gap_decomposition",
     "get_estimator",
     "gradient_statistics",
     "iwae_bound",
@@ -89,6 +99,7 @@ __all__ = [
     "load_dataset",
     "load_npz",
     "log_joint",
+    "log_marginal",
     "log_weights",
     "optimal_diagonal_posterior",
     "per_sample_grads",
@@ -98,6 +109,7 @@ __all__ = [
     "save_dataset",
     "score",
     "stl",
+    "test_time_curve",
     "train",
     "validate_estimator",
     "variance_sweep",

@@ -123,6 +123,19 @@ class TrainConfig:
     gaps: bool = False
     test_curve: bool = False
     iwae_k: int = 1000
+    iwae_chunk: int = 256
+    gap_points: int | None = None
+    gap_n_mc: int = 1000
+    qstar_init: str = "posterior"
+    qstar_n_mc: int = 10
+    qstar_lr: float = 1e-2
+    qstar_window: int = 100
+    qstar_patience: int = 10
+    qstar_max_steps: int = 5000
+    test_curve_steps: list[int] = field(
+        default_factory=lambda: [0, 1, 2, 4, 8, 16, 32, 64, 128, 256]
+    )
+    test_curve_n_mc: int = 100
     # execution
     seed: int = 0
     device: str = "cpu"
@@ -170,9 +183,19 @@ class TrainConfig:
         if self.method not in METHODS:
             raise ValueError(f"unknown method {self.method!r}; valid: {', '.join(METHODS)}")
         for name in ("latent_dim", "n_mc", "epochs", "batch_size", "eval_every", "eval_n_mc",
-                     "gradvar_draws", "gradvar_batch", "iwae_k"):
+                     "gradvar_draws", "gradvar_batch", "iwae_k", "iwae_chunk", "gap_n_mc",
+                     "qstar_n_mc", "qstar_window", "qstar_patience", "qstar_max_steps",
+                     "test_curve_n_mc"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be a positive integer; got {getattr(self, name)}")
+        if self.gap_points is not None and self.gap_points < 1:
+            raise ValueError(f"gap_points must be positive or null; got {self.gap_points}")
+        if self.qstar_init not in ("posterior", "prior"):
+            raise ValueError(f"unknown qstar_init {self.qstar_init!r}; valid: posterior, prior")
+        if not self.qstar_lr > 0:
+            raise ValueError(f"qstar_lr must be positive; got {self.qstar_lr}")
+        if not self.test_curve_steps or any(s < 0 for s in self.test_curve_steps):
+            raise ValueError(f"test_curve_steps must be counts >= 0; got {self.test_curve_steps}")
         if self.dtype not in DTYPES:
             raise ValueError(f"unknown dtype {self.dtype!r}; valid: {', '.join(DTYPES)}")
         bad = sorted(set(self.eval_splits) - {"train", "validation", "test"})
@@ -307,6 +330,7 @@ class Trainer:
         self.rows: list[dict] = []
         self.status, self.message = "running", ""
         self.last_heldout_steps: dict[str, int] = {}
+        self.tables: dict[str, Any] = {}  # per-point frames of the final evaluation, to save
 
     @property
     def decoder(self) -> GaussianDecoder:
