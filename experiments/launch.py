@@ -99,12 +99,18 @@ def worker_pool(jobs: int) -> ProcessPoolExecutor:
 
 def _in_pool(pool: ProcessPoolExecutor, cells: list[Cell], force: bool, bar) -> list[Outcome]:
     done = []
-    futures = {pool.submit(_entry, cell_payload(c), force) for c in cells}
+    owner = {pool.submit(_entry, cell_payload(c), force): c for c in cells}
+    futures = set(owner)
     try:
         while futures:
             finished, futures = wait(futures, return_when=FIRST_COMPLETED)
             for f in finished:
-                done.append(f.result())
+                try:
+                    done.append(f.result())
+                except Exception as err:  # the worker died (killed, out of memory): rerun later
+                    done.append(Outcome(owner[f].run_id, "failed",
+                                        f"worker process: {type(err).__name__}: {err}", "ran",
+                                        0.0))
                 bar.update(1)
     except BaseException:
         for f in futures:
