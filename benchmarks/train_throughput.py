@@ -1,0 +1,482 @@
+"""Training throughput on ``digits``: our trainer, a hand-written loop and Pyro SVI (issue 8).
+
+Setting (one model for every contender): digits (D = 64), latent dimension H = 8, MLP decoder
+μ_θ(z) = W₂ tanh(W₁ z + b₁) + b₂ of width 256 with a learned per-dimension variance
+σ² = 10⁻⁴ + exp(ρ), prior N(0, I), batch 128, Adam (lr 10⁻³ for θ and φ, 10⁻² for vem's rows).
+Cells: method ∈ {amortized, vem} x estimator ∈ {reparam (M = 1), score + loo (M = 4)}, with
+the analytic KL (SPEC §3).
+
+Contenders of a cell, all started from the same weights:
+
+``ours``  ``vi.training.Trainer.run_epoch`` (evaluation outside the timing).
+``hand``  a minimal hand-written PyTorch loop of the same model, estimator and algorithm
+          (plain ``nn.Sequential``, ``torch.distributions``, per-row Adam for vem's table), fed
+          the same data order and noise stream as ``ours``.
+``pyro``  ``pyro.infer.SVI`` with ``Trace_ELBO`` (if ``pyro-ppl`` is installed): an amortized
+          guide, or a local ``pyro.param`` table under ``pyro.plate`` subsampling for vem.
+
+Epochs alternate between all contenders of all cells (the order rotates every epoch), so
+machine drift cancels in the paired ratios. After the same number of epochs each contender's
+own q (encoder output or table rows) is scored the same way: the train-set ELBO per point,
+analytic KL, 10 samples, common random numbers.
+
+Usage::
+
+    python benchmarks/train_throughput.py            # full run (~1-2 min on 2 cores)
+    python benchmarks/train_throughput.py --quick    # smoke run (a few seconds)
+
+Prints a human table, then one JSON line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+from torch.distributions import Normal, kl_divergence
+
+from vi.data import load_dataset
+from vi.training import TrainConfig, Trainer
+
+try:  # optional contender: the `bench` extra
+    import pyro
+    import pyro.distributions as pdist
+    from pyro import poutine
+    from pyro.infer import SVI, Trace_ELBO
+    from pyro.optim import Adam as PyroAdam
+
+    class ScoreNormal(pdist.Normal):
+        """A Normal that Pyro treats as not reparameterizable: score-function gradients.
+
+        (``has_rsample_(False)`` on an instance is lost when a plate broadcasts an
+        ``Independent`` wrapper around it; a class attribute survives ``expand``.)
+        """
+
+        has_rsample = False
+
+except ImportError:  # pragma: no cover - depends on the environment
+    pyro = None
+
+LATENT, HIDDEN, BATCH = 8, 256, 128
+LR, LOCAL_LR = 1e-3, 1e-2
+VAR_FLOOR = 1e-4  # TrainConfig's default variance floor
+EVAL_MC = 10
+CELLS = (  # (method, estimator, baseline, n_mc)
+    ("amortized", "reparam", "none", 1),
+    ("amortized", "score", "loo", 4),
+    ("vem", "reparam", "none", 1),
+    ("vem", "score", "loo", 4),
+)
+GOALS = {"ours_over_hand_amortized": 1.1, "vem_over_amortized_ours": 1.0, "pyro_over_ours": 1.9}
+
+
+# -- environment ----------------------------------------------------------------------------------
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def environment() -> dict:
+    return {
+        "cpu": cpu_model(), "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__, "pyro": None if pyro is None else pyro.__version__,
+        "python": platform.python_version(), "loadavg_start": [round(v, 2) for v in
+                                                                  os.getloadavg()],
+    }
+
+
+# -- one evaluation for every contender ------------------------------------------------------------
+@torch.no_grad()
+def train_elbo(decode: Callable[[Tensor], tuple[Tensor, Tensor]], lam: Tensor, x: Tensor,
+               seed: int) -> float:
+    """Mean over points of E_q[log p(x|z)] − KL(q ‖ N(0, I)), 10 samples, fixed noise."""
+    g = torch.Generator().manual_seed(seed)
+    mu, logvar = lam.chunk(2, dim=-1)
+    std = torch.exp(0.5 * logvar)
+    eps = torch.randn((EVAL_MC, *mu.shape), generator=g, dtype=lam.dtype)
+    mean, var = decode(mu + std * eps)
+    rec = Normal(mean, var.sqrt(), validate_args=False).log_prob(x).sum(-1).mean(0)
+    kl = kl_divergence(Normal(mu, std, validate_args=False),
+                       Normal(torch.zeros(()), torch.ones(()), validate_args=False)).sum(-1)
+    return float((rec - kl).mean())
+
+
+# -- contenders ------------------------------------------------------------------------------------
+@dataclass
+class Contender:
+    name: str
+    method: str
+    estimator: str
+    run_epoch: Callable[[], None]
+    elbo: Callable[[int], float]
+    wall: list[float] = field(default_factory=list)  # perf_counter seconds per timed epoch
+    cpu: list[float] = field(default_factory=list)  # process_time seconds per timed epoch
+
+    @property
+    def cell(self) -> str:
+        return f"{self.method}/{self.estimator}"
+
+
+def ours(x: Tensor, method: str, estimator: str, baseline: str, n_mc: int, seed: int,
+         dataset) -> tuple[Contender, Trainer]:
+    config = TrainConfig(
+        dataset="digits", latent_dim=LATENT, hidden=[HIDDEN], encoder_hidden=[HIDDEN],
+        method=method, estimator=estimator, baseline=baseline, n_mc=n_mc, optimizer="adam",
+        lr=LR, local_optimizer="adam", local_lr=LOCAL_LR, batch_size=BATCH, seed=seed,
+        epochs=10**9, eval_every=10**9,  # evaluation never runs inside run_epoch
+    )
+    trainer = Trainer(config, dataset)
+    m = trainer.method
+
+    def elbo(eval_seed: int) -> float:
+        idx = torch.arange(x.shape[0])
+        lam = m.infer(x, idx) if method == "vem" else m.infer(x)
+        return train_elbo(trainer.decoder.mean_and_variance, lam, x, eval_seed)
+
+    return Contender("ours", method, estimator, trainer.run_epoch, elbo), trainer
+
+
+class HandModel(nn.Module):
+    """The same decoder (and encoder) as plain modules, loaded with ``ours``' initial weights."""
+
+    def __init__(self, trainer: Trainer, amortized: bool) -> None:
+        super().__init__()
+        d = trainer.decoder.data_dim
+        self.dec = nn.Sequential(nn.Linear(LATENT, HIDDEN), nn.Tanh(), nn.Linear(HIDDEN, d))
+        self.raw_var = nn.Parameter(torch.zeros(d))
+        self.dec.load_state_dict(trainer.decoder.net.state_dict())
+        with torch.no_grad():
+            self.raw_var.copy_(trainer.decoder.raw_var)
+        if amortized:
+            self.enc = nn.Sequential(nn.Linear(d, HIDDEN), nn.Tanh(),
+                                     nn.Linear(HIDDEN, 2 * LATENT))
+            self.enc.load_state_dict(trainer.method.encoder.net.state_dict())
+
+    def decode(self, z: Tensor) -> tuple[Tensor, Tensor]:
+        return self.dec(z), VAR_FLOOR + torch.exp(self.raw_var)
+
+    def log_lik(self, x: Tensor, z: Tensor) -> Tensor:
+        mean, var = self.decode(z)
+        return Normal(mean, var.sqrt(), validate_args=False).log_prob(x).sum(-1)
+
+
+STD_NORMAL = Normal(torch.zeros(()), torch.ones(()), validate_args=False)
+
+
+def hand_elbo(model: HandModel, x: Tensor, lam: Tensor, eps: Tensor, score: bool) -> Tensor:
+    """Per-point surrogate [B]: reparam, or score + leave-one-out baseline; analytic KL."""
+    mu, logvar = lam.chunk(2, dim=-1)
+    std = torch.exp(0.5 * logvar)
+    q = Normal(mu, std, validate_args=False)
+    if score:
+        z = (mu + std * eps).detach()
+        f = model.log_lik(x, z)  # [M, B]; carries ∇θ
+        fd = f.detach()
+        b = (fd.sum(0, keepdim=True) - fd) / (fd.shape[0] - 1)
+        log_q = q.log_prob(z).sum(-1)
+        rec = (f + (log_q - log_q.detach()) * (fd - b)).mean(0)
+    else:
+        rec = model.log_lik(x, mu + std * eps).mean(0)
+    return rec - kl_divergence(q, STD_NORMAL).sum(-1)
+
+
+def hand(x: Tensor, trainer: Trainer, method: str, estimator: str, n_mc: int) -> Contender:
+    """A minimal hand-written loop, same data order and noise stream as ``trainer``."""
+    amortized = method == "amortized"
+    model = HandModel(trainer, amortized)
+    g_data, g_noise = torch.Generator(), torch.Generator()
+    g_data.set_state(trainer.generators["data"].get_state())
+    g_noise.set_state(trainer.generators["noise"].get_state())
+    score = estimator == "score"
+    n = x.shape[0]
+    if amortized:
+        opt = torch.optim.Adam(model.parameters(), lr=LR)
+    else:
+        opt = torch.optim.Adam([*model.dec.parameters(), model.raw_var], lr=LR)
+        table = torch.zeros(n, 2 * LATENT)
+        m1, m2 = torch.zeros_like(table), torch.zeros_like(table)
+        steps = torch.zeros(n, dtype=torch.long)
+    b1, b2 = 0.9, 0.999
+
+    def epoch() -> None:
+        perm = torch.randperm(n, generator=g_data)
+        total = 0.0
+        for start in range(0, n, BATCH):
+            idx = perm[start:start + BATCH]
+            xb = x[idx]
+            if amortized:
+                eps = torch.randn((n_mc, idx.shape[0], LATENT), generator=g_noise)
+                est = hand_elbo(model, xb, model.enc(xb), eps, score)
+            else:  # E-step on the rows (per-row Adam), then M-step on θ
+                lam = table[idx].clone().requires_grad_()
+                eps = torch.randn((n_mc, idx.shape[0], LATENT), generator=g_noise)
+                (g,) = torch.autograd.grad(-hand_elbo(model, xb, lam, eps, score).sum(), lam)
+                with torch.no_grad():
+                    t = steps[idx] + 1
+                    steps[idx] = t
+                    mm = b1 * m1[idx] + (1 - b1) * g
+                    vv = b2 * m2[idx] + (1 - b2) * g * g
+                    m1[idx], m2[idx] = mm, vv
+                    tf = t.float().unsqueeze(-1)
+                    table[idx] = table[idx] - LOCAL_LR * (mm / (1 - b1**tf)) / (
+                        (vv / (1 - b2**tf)).sqrt() + 1e-8)
+                eps = torch.randn((n_mc, idx.shape[0], LATENT), generator=g_noise)
+                est = hand_elbo(model, xb, table[idx], eps, score)
+            opt.zero_grad(set_to_none=True)
+            (-est.mean()).backward()
+            opt.step()
+            total += float(est.detach().sum())  # the running ELBO, as the trainer records
+
+    def elbo(eval_seed: int) -> float:
+        with torch.no_grad():
+            lam = model.enc(x) if amortized else table
+        return train_elbo(model.decode, lam, x, eval_seed)
+
+    return Contender("hand", method, estimator, epoch, elbo)
+
+
+def pyro_contender(x: Tensor, trainer: Trainer, method: str, estimator: str, n_mc: int,
+                   validate: bool) -> Contender:
+    """Pyro SVI + Trace_ELBO on the same model, initial weights and data order.
+
+    ``validate``: Pyro's argument validation (on by default in Pyro; ``pyro-nv`` turns it off).
+    Trace_ELBO estimates the KL by Monte Carlo and has no leave-one-out baseline: the score
+    cell uses M = 4 vectorized particles with the plain score function (``has_rsample=False``).
+    vem runs the same algorithm as ours: per minibatch an E-step SVI step on the local
+    ``pyro.param`` table (decoder sites blocked), then an M-step SVI step on θ (table blocked).
+    Pyro's Adam is torch's dense Adam, so an E-step also moves the moments of unvisited rows.
+    """
+    amortized, score = method == "amortized", estimator == "score"
+    model_nn = HandModel(trainer, amortized)
+    tag = f"{method}_{estimator}_{'v' if validate else 'nv'}"
+    dec_name, local_name = f"dec_{tag}", f"local_{tag}"
+    n = x.shape[0]
+    g_data = torch.Generator()
+    g_data.set_state(trainer.generators["data"].get_state())
+    dec_mod = nn.ModuleDict({"dec": model_nn.dec})
+    dec_mod.raw_var = model_nn.raw_var
+
+    def model(xb: Tensor, idx: Tensor) -> None:
+        pyro.module(dec_name, dec_mod)
+        with pyro.plate("data", n, subsample=idx):
+            z = pyro.sample("z", pdist.Normal(xb.new_zeros(()), 1.0).expand([LATENT])
+                            .to_event(1))
+            mean, var = model_nn.decode(z)
+            pyro.sample("x", pdist.Normal(mean, var.sqrt()).to_event(1), obs=xb)
+
+    def guide(xb: Tensor, idx: Tensor) -> None:
+        if amortized:
+            pyro.module(f"enc_{tag}", model_nn.enc)
+        else:
+            table = pyro.param(local_name, lambda: torch.zeros(n, 2 * LATENT))
+        with pyro.plate("data", n, subsample=idx):
+            lam = model_nn.enc(xb) if amortized else table[idx]
+            mu, logvar = lam.chunk(2, dim=-1)
+            family = ScoreNormal if score else pdist.Normal
+            pyro.sample("z", family(mu, torch.exp(0.5 * logvar)).to_event(1))
+
+    loss = Trace_ELBO(num_particles=n_mc, vectorize_particles=n_mc > 1, max_plate_nesting=1)
+
+    def hiding(fn, prefix):
+        return poutine.block(fn, hide_fn=lambda msg: msg["type"] == "param"
+                             and msg["name"].startswith(prefix))
+
+    if amortized:
+        steps = [(SVI(model, guide, PyroAdam({"lr": LR}), loss), [])]
+    else:  # (E-step, θ's stray gradients to clear), (M-step, the table's)
+        steps = [(SVI(hiding(model, dec_name), hiding(guide, dec_name),
+                      PyroAdam({"lr": LOCAL_LR}), loss), list(dec_mod.parameters())),
+                 (SVI(hiding(model, local_name), hiding(guide, local_name),
+                      PyroAdam({"lr": LR}), loss), None)]
+
+    def epoch() -> None:
+        pyro.enable_validation(validate)
+        perm = torch.randperm(n, generator=g_data)
+        for start in range(0, n, BATCH):
+            idx = perm[start:start + BATCH]
+            for svi, stray in steps:
+                svi.step(x[idx], idx)
+                for p in stray if stray is not None else [
+                        pyro.param(local_name).unconstrained()]:
+                    p.grad = None  # blocked sites still accumulate .grad in backward
+        pyro.enable_validation(True)  # back to Pyro's default
+
+    def elbo(eval_seed: int) -> float:
+        with torch.no_grad():
+            lam = model_nn.enc(x) if amortized else pyro.param(local_name).detach()
+        return train_elbo(model_nn.decode, lam, x, eval_seed)
+
+    return Contender("pyro" if validate else "pyro-nv", method, estimator, epoch, elbo)
+
+
+# -- measurement -----------------------------------------------------------------------------------
+CLOCKS = ("cpu", "wall")
+
+
+def quantiles(values: list[float]) -> tuple[float, float, float]:
+    """(25 %, 50 %, 75 %) quantiles."""
+    if len(values) == 1:
+        return values[0], values[0], values[0]
+    q = statistics.quantiles(values, n=4, method="inclusive")
+    return q[0], q[1], q[2]
+
+
+def paired_ratio(a: Contender, b: Contender, clock: str) -> dict:
+    """Median (and IQR) over rounds of t_a / t_b, the two epochs timed in the same round."""
+    r = [ta / tb for ta, tb in zip(getattr(a, clock), getattr(b, clock), strict=True)]
+    lo, med, hi = quantiles(r)
+    return {"median": med, "q25": lo, "q75": hi}
+
+
+def run(epochs: int, warmup: int, seed: int, use_pyro: bool) -> dict:
+    torch.manual_seed(seed)  # Pyro's noise comes from the global generator
+    if pyro is not None:
+        pyro.set_rng_seed(seed)
+        pyro.clear_param_store()
+    env = environment()
+    dataset = load_dataset("digits", seed=0)
+    x = dataset.train
+    contenders: list[Contender] = []
+    for method, estimator, baseline, n_mc in CELLS:
+        mine, trainer = ours(x, method, estimator, baseline, n_mc, seed, dataset)
+        contenders += [mine, hand(x, trainer, method, estimator, n_mc)]
+        if use_pyro:
+            contenders += [pyro_contender(x, trainer, method, estimator, n_mc, validate)
+                           for validate in (True, False)]
+    k = len(contenders)
+    start = time.perf_counter()
+    for e in range(warmup + epochs):
+        for j in range(k):  # every contender once per round; the order rotates every round
+            c = contenders[(j + e) % k]
+            w0, c0 = time.perf_counter(), time.process_time()
+            c.run_epoch()
+            c1, w1 = time.process_time(), time.perf_counter()
+            if e >= warmup:
+                c.wall.append(w1 - w0)
+                c.cpu.append(c1 - c0)
+    wall = time.perf_counter() - start
+    eval_seed = seed + 12345
+    results = []
+    for c in contenders:
+        row = {"method": c.method, "estimator": c.estimator, "contender": c.name,
+               "epochs": warmup + epochs}
+        for clock in CLOCKS:
+            lo, med, hi = quantiles(getattr(c, clock))
+            row |= {f"{clock}_s": med, f"{clock}_q25_s": lo, f"{clock}_q75_s": hi}
+        row["train_elbo"] = c.elbo(eval_seed)
+        results.append(row)
+    by = {(c.method, c.estimator, c.name): c for c in contenders}
+    pairs = []
+    for method, estimator, _, _ in CELLS:
+        mine = by[(method, estimator, "ours")]
+        pairs.append(("ours/hand", mine.cell, mine, by[(method, estimator, "hand")]))
+        if use_pyro:
+            for name in ("pyro", "pyro-nv"):
+                pairs.append((f"{name}/ours", mine.cell, by[(method, estimator, name)], mine))
+    for estimator in ("reparam", "score"):
+        for name in ("ours", "hand"):
+            pairs.append((f"vem/amortized ({name})", estimator, by[("vem", estimator, name)],
+                          by[("amortized", estimator, name)]))
+    ratios = [{"what": what, "cell": cell,
+               **{clock: paired_ratio(a, b, clock) for clock in CLOCKS}}
+              for what, cell, a, b in pairs]
+    env["loadavg_end"] = [round(v, 2) for v in os.getloadavg()]
+    return {"benchmark": "train_throughput", "env": env, "wall_s": wall,
+            "settings": {"dataset": "digits", "n_train": x.shape[0], "latent_dim": LATENT,
+                         "hidden": HIDDEN, "batch_size": BATCH, "lr": LR, "local_lr": LOCAL_LR,
+                         "epochs_timed": epochs, "warmup": warmup, "seed": seed,
+                         "pyro": use_pyro, "goal_clock": "cpu"},
+            "results": results, "ratios": ratios, "goals": goals(ratios)}
+
+
+def goals(ratios: list[dict]) -> list[dict]:
+    """The issue's goals, judged on the CPU-time paired ratios (wall-time ratio beside)."""
+    out = []
+    for r in ratios:
+        if r["what"] == "ours/hand" and r["cell"].startswith("amortized"):
+            goal, limit, upper = f"ours/hand {r['cell']} <= 1.1", 1.1, True
+        elif r["what"] == "vem/amortized (ours)":
+            goal, limit, upper = f"ours vem/amortized {r['cell']} <= 1.0", 1.0, True
+        elif r["what"] in ("pyro/ours", "pyro-nv/ours"):
+            goal, limit, upper = f"{r['what']} {r['cell']} >= 1.9", 1.9, False
+        else:
+            continue
+        v = r["cpu"]["median"]
+        out.append({"goal": goal, "value": v, "wall_value": r["wall"]["median"],
+                    "met": v <= limit if upper else v >= limit})
+    return out
+
+
+PYRO_NOTE = 'pyro-ppl is not installed; `pip install -e ".[bench]"` adds it'
+
+
+def report(out: dict) -> str:
+    env, st = out["env"], out["settings"]
+    lines = [
+        f"train_throughput: digits N={st['n_train']}, H={LATENT}, width {HIDDEN}, batch {BATCH},"
+        f" Adam; {st['epochs_timed']} timed epochs per contender after {st['warmup']} warm-up,"
+        " contenders alternated",
+        f"env: {env['cpu']}, {env['cores']} cores, torch {env['torch']} "
+        f"({env['torch_threads']} threads), pyro {env['pyro']}, load avg "
+        f"{env['loadavg_start'][0]} -> {env['loadavg_end'][0]}",
+        "",
+        f"{'cell':<18} {'contender':<9} {'cpu s/epoch':>11} {'IQR':>17} {'wall s/epoch':>12}"
+        f" {'train ELBO':>11}",
+    ]
+    for r in out["results"]:
+        lines.append(f"{r['method'] + '/' + r['estimator']:<18} {r['contender']:<9} "
+                     f"{r['cpu_s']:11.4f} [{r['cpu_q25_s']:7.4f}, {r['cpu_q75_s']:7.4f}] "
+                     f"{r['wall_s']:12.4f} {r['train_elbo']:11.3f}")
+    lines += ["", f"{'paired ratio (median over rounds)':<40} {'cpu':>6} {'IQR':>16} {'wall':>7}"]
+    for r in out["ratios"]:
+        c, w = r["cpu"], r["wall"]
+        lines.append(f"{r['what'] + '  ' + r['cell']:<40} {c['median']:6.3f} "
+                     f"[{c['q25']:6.3f}, {c['q75']:6.3f}] {w['median']:7.3f}")
+    lines += ["", "goals (cpu-time ratio; wall in brackets):"]
+    for g in out["goals"]:
+        lines.append(f"  {g['goal']:<38} {g['value']:6.3f} ({g['wall_value']:5.3f})  "
+                     f"{'met' if g['met'] else 'NOT met'}")
+    if not st["pyro"]:
+        lines.append(f"  Pyro contender skipped: {PYRO_NOTE}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--epochs", type=int, default=30, help="timed epochs per contender")
+    p.add_argument("--warmup", type=int, default=2, help="untimed epochs first")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch intra-op threads (default 1; see benchmarks/README.md)")
+    p.add_argument("--no-pyro", action="store_true", help="skip the Pyro contender")
+    p.add_argument("--quick", action="store_true", help="smoke run: 1 timed epoch, 1 warm-up")
+    a = p.parse_args(argv)
+    torch.set_num_threads(a.threads)
+    if a.quick:
+        a.epochs, a.warmup = 1, 1
+    use_pyro = pyro is not None and not a.no_pyro
+    if pyro is None and not a.no_pyro:
+        print(f"note: Pyro contender skipped: {PYRO_NOTE}", file=sys.stderr)
+    out = run(a.epochs, a.warmup, a.seed, use_pyro)
+    print(report(out))
+    print(json.dumps(out))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
