@@ -220,7 +220,7 @@ def cmd_run(args) -> int:
                   "--gpus-per-node": args.gpus_per_node}
     given = [k for k, v in slurm_only.items() if v is not None]
     if args.launcher != "slurm" and given:
-        raise UsageError(f"{', '.join(given)} only apply with --launcher slurm")
+        raise UsageError(f"{', '.join(given)} apply only with --launcher slurm")
     if args.launcher == "slurm":
         from experiments.launch import SUBMITIT_MISSING, submitit_available
 

@@ -301,7 +301,7 @@ BAD_COMMANDS = {
     "negative_seed": (["run", "elbo_curves", "--seeds", "-1"], "integer >= 0"),
     "bad_launcher": (["run", "elbo_curves", "--launcher", "pbs"], "invalid choice: 'pbs'"),
     "slurm_option_without_slurm": (["run", "elbo_curves", "--partition", "gpu"],
-                                   "only apply with --launcher slurm"),
+                                   "apply only with --launcher slurm"),
     "no_cuda": (["run", "elbo_curves", "--quick", "--device", "cuda:7"], "cuda"),
     "results_is_a_file": (["run", "elbo_curves", "--results", "afile"], "not a folder"),
     "figures_unknown": (["figures", "--results", ".", "pictures"], "unknown experiment"),
