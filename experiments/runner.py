@@ -412,10 +412,10 @@ def _images_table(trainer, options: dict) -> pd.DataFrame:
         cols["z1"], cols["z2"] = zs[:, 0].tolist(), zs[:, 1].tolist()
         cols["height"] = [side if side * side == dec.data_dim else 1] * n
         cols["width"] = [dec.data_dim // cols["height"][0]] * n
-        pixels = images.double().cpu().numpy()
+        pixels = images.float().cpu().numpy()  # float32: the CSV keeps its short repr
         width = len(str(dec.data_dim - 1))
         for j in range(dec.data_dim):
-            cols[f"p{j:0{width}d}"] = pixels[:, j].tolist()
+            cols[f"p{j:0{width}d}"] = pixels[:, j]
         frames.append(pd.DataFrame(cols))
     out = pd.concat(frames, ignore_index=True)
     out["label"] = out["label"].astype("Int64")
@@ -426,16 +426,16 @@ def _latents_table(trainer, options: dict) -> pd.DataFrame:
     """The encoded test set: mean and log-variance of the method's own q per test point."""
     gen = _product_generator(trainer, "latents")
     x = trainer.x["test"]
-    lam = trainer.method.infer(x, None, generator=gen).detach().double().cpu().numpy()
+    lam = trainer.method.infer(x, None, generator=gen).detach().float().cpu().numpy()
     h = trainer.decoder.latent_dim
     n = x.shape[0]
     cols: dict[str, Any] = _identity_frame(trainer, n)
     cols.update({"epoch": [trainer.epoch] * n, "point": list(range(n)),
                  "label": trainer.dataset.ground_truth["test_labels"].tolist()})
     for j in range(h):
-        cols[f"mu{j + 1}"] = lam[:, j].tolist()
+        cols[f"mu{j + 1}"] = lam[:, j]
     for j in range(h):
-        cols[f"logvar{j + 1}"] = lam[:, h + j].tolist()
+        cols[f"logvar{j + 1}"] = lam[:, h + j]
     return pd.DataFrame(cols)
 
 
