@@ -609,9 +609,3 @@ def cell_payload(cell: Cell) -> dict:
     """The plain-dict form of a cell (what crosses process and cluster boundaries)."""
     return asdict(cell)
 
-
-def cell_summary(cells: list[Cell]) -> dict[str, int]:
-    """How many cells are already complete, for the progress line."""
-    done = sum(1 for c in cells if _complete(Path(c.run_dir)) is not None)
-    return {"cells": len(cells), "complete": done}
-
