@@ -44,7 +44,6 @@ import time
 
 import numpy as np
 import torch
-from _env import cpu_model  # sibling module: the scripts run as files
 
 from vi.data import load_dataset
 from vi.training import TrainConfig, Trainer
@@ -82,6 +81,15 @@ def peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
 
 
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def nbytes(tensors) -> int:

@@ -41,7 +41,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
-from _env import cpu_model  # sibling module: the scripts run as files
 from torch import Tensor, nn
 from torch.distributions import Normal, kl_divergence
 
@@ -81,6 +80,15 @@ GOALS = {"ours_over_hand_amortized": 1.1, "vem_over_amortized_ours": 1.0, "pyro_
 
 
 # -- environment ----------------------------------------------------------------------------------
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def environment() -> dict:
