@@ -163,18 +163,15 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
     def method_settings(self) -> MethodSettings:
-        return MethodSettings(
-            estimator=self.estimator, baseline=self.baseline, kl=self.kl, n_mc=self.n_mc,
-            optimizer=self.optimizer, lr=self.lr, local_optimizer=self.local_optimizer,
-            local_lr=self.local_lr, rm_delay=self.rm_delay, rm_power=self.rm_power,
-            e_steps=self.e_steps, m_steps=self.m_steps, refine_steps=self.refine_steps,
-            refine_lr=self.refine_lr, refine_through=self.refine_through,
-            baseline_decay=self.baseline_decay, grad_clip=self.grad_clip,
-            heldout=StoppingRule(self.heldout_window, self.heldout_patience,
-                                 self.heldout_max_steps),
-            encoder_hidden=tuple(self.encoder_hidden),
-            encoder_activation=self.encoder_activation,
-        )
+        """The method's settings: every field the two dataclasses share by name, plus the
+        held-out stopping rule built from ``heldout_*`` and the encoder widths as a tuple."""
+        shared = {f.name: getattr(self, f.name) for f in dataclasses.fields(MethodSettings)
+                  if f.name in self.__dataclass_fields__}
+        return MethodSettings(**shared | {
+            "heldout": StoppingRule(self.heldout_window, self.heldout_patience,
+                                    self.heldout_max_steps),
+            "encoder_hidden": tuple(self.encoder_hidden),
+        })
 
     def validate(self) -> None:
         """Raise ``ValueError`` naming the first impossible value (before anything runs)."""
