@@ -338,3 +338,13 @@ def test_checkpoint_of_another_configuration_is_refused(tmp_path):
         other.load_state_dict(state)
     with pytest.raises(FileNotFoundError):
         load_checkpoint(tmp_path / "missing.pt")
+
+
+def test_trainer_rows_use_the_results_contract_columns() -> None:
+    """vi.training writes rows; experiments.schema (torch-free, so it cannot import vi) defines
+    the contract. The two column lists are kept apart on purpose; this keeps them equal."""
+    from experiments import schema
+    from vi import training
+
+    assert training.ROW_COLUMNS == schema.METRIC_COLUMNS
+    assert training.IDENTITY_COLUMNS == schema.IDENTITY_COLUMNS
