@@ -24,7 +24,7 @@ import numpy as np
 import pandas as pd
 
 from experiments import schema
-from experiments.figures import LABEL_ORDER, METHOD_ORDER, estimator_label
+from experiments.figures.style import LABEL_ORDER, METHOD_ORDER, estimator_label
 
 __all__ = ["QUANTITIES", "summary_markdown", "summary_table", "write_summary"]
 

@@ -14,11 +14,13 @@ import sys
 import textwrap
 from pathlib import Path
 
+import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 import pytest
 
 from experiments import figures, schema, summary
+from experiments.figures import registry
 
 ROOT = Path(__file__).resolve().parents[1]
 METHODS = ("vem", "amortized")  # semi_amortized joins in test_time_inference only: fewer panels
@@ -354,6 +356,21 @@ def test_invalid_metrics_raise_schema_error_naming_the_file(study: Path) -> None
     assert not list(root.rglob("figures")), "figures drawn before validation finished"
 
 
+def test_an_experiment_with_a_grid_but_no_figure_module_is_an_error(
+        study: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every experiment with a grid registers a figure module; one that does not is named, and
+    nothing is drawn."""
+    figures.check_registry()
+    assert set(figures.EXPERIMENTS) == set(registry.grid_names())
+    monkeypatch.setattr(registry, "REGISTRY",
+                        {k: v for k, v in registry.REGISTRY.items() if k != "ppca_exact"})
+    with pytest.raises(figures.RegistryError, match=r"experiment\(s\) ppca_exact:"):
+        figures.make_figures(study, ["elbo_curves"])
+    assert not list(study.rglob("figures")), "figures drawn before the registry was checked"
+    with pytest.raises(figures.RegistryError, match=r"experiment\(s\) a_new_experiment:"):
+        figures.check_registry(["elbo_curves", "a_new_experiment"])
+
+
 def test_missing_column_or_table_is_skipped_with_a_note(study: Path,
                                                         caplog: pytest.LogCaptureFixture) -> None:
     root = study
@@ -380,7 +397,7 @@ def test_diverged_runs_are_marked_and_counted(study: Path) -> None:
     assert any("score+none: 1/2 runs diverged" in t for t in titles), titles
     crosses = [ln for ax in fig.axes for ln in ax.get_lines() if ln.get_marker() == "x"]
     assert len(crosses) == 1 and float(crosses[0].get_xdata()[0]) == 2.0  # last finite epoch
-    figures.plt.close(fig)
+    plt.close(fig)
 
 
 def test_summary_mean_sd_and_diverged_counts(drawn: dict) -> None:
