@@ -1,116 +1,63 @@
 """Amortized inference versus per-datapoint variational EM on one Gaussian-decoder model.
 
-The core library (SPEC §1–3): the decoder family (``vi.decoders``), the diagonal-Gaussian
-variational family (``vi.families``), gradient estimators as surrogates (``vi.estimators``),
-the ELBO and IWAE bound (``vi.objectives``), and the closed forms of the linear-Gaussian model
-(``vi.linear_gaussian``). On top: data sets (``vi.data``), the inference methods
-``vem``/``amortized``/``semi_amortized`` (``vi.inference``) and the trainer (``vi.training``).
+The library, bottom up (docs/): the diagonal-Gaussian variational family (``vi.families``),
+gradient estimators as surrogates (``vi.estimators``), stacked networks (``vi.nets``), the
+decoder (``vi.decoders``), the ELBO and the IWAE bound (``vi.objectives``), the closed forms of
+the linear-Gaussian model (``vi.linear_gaussian``), data sets (``vi.data``), reference models
+(``vi.references``), optimisers (``vi.optim``), the inference methods
+``vem``/``amortized``/``semi_amortized`` (``vi.inference``), evaluation and gradient statistics
+(``vi.evaluation``, ``vi.gradstats``), the run configuration and the trainer (``vi.config``,
+``vi.training``) and the measurements taken during training (``vi.probes``).
+
+Names are imported lazily: ``import vi`` is cheap, and ``vi.files`` and ``vi.streams`` can be
+used without the rest.
 """
 
-from vi import families, linear_gaussian
-from vi.data import DATASETS, DataError, Dataset, load_dataset, load_npz, save_dataset
-from vi.decoders import GaussianDecoder, log_joint
-from vi.estimators import (
-    BASELINES,
-    ESTIMATORS,
-    Estimate,
-    RunningMean,
-    draw_noise,
-    estimate,
-    get_estimator,
-    reparam,
-    score,
-    stl,
-    validate_estimator,
-)
-from vi.evaluation import (
-    evaluate_checkpoint,
-    fit_optimal_posterior,
-    gap_decomposition,
-    log_marginal,
-    test_time_curve,
-)
-from vi.gradstats import gradient_statistics, per_sample_grads, variance_sweep
-from vi.inference import (
-    METHODS,
-    Amortized,
-    Divergence,
-    Encoder,
-    InferenceMethod,
-    MethodSettings,
-    SemiAmortized,
-    StoppingRule,
-    VariationalEM,
-    build_method,
-    fit_local,
-)
-from vi.linear_gaussian import (
-    approximation_gap,
-    elbo_closed_form,
-    exact_log_marginal,
-    exact_posterior,
-    optimal_diagonal_posterior,
-    ppca_mle,
-)
-from vi.objectives import KL_MODES, elbo, iwae_bound, log_weights
-from vi.training import TrainConfig, Trainer, load_checkpoint, save_checkpoint, train
+from __future__ import annotations
 
-__version__ = "0.1.0"
+import importlib
 
-__all__ = [
-    "BASELINES",
-    "DATASETS",
-    "ESTIMATORS",
-    "KL_MODES",
-    "METHODS",
-    "Amortized",
-    "DataError",
-    "Dataset",
-    "Divergence",
-    "Encoder",
-    "Estimate",
-    "GaussianDecoder",
-    "InferenceMethod",
-    "MethodSettings",
-    "RunningMean",
-    "SemiAmortized",
-    "StoppingRule",
-    "TrainConfig",
-    "Trainer",
-    "VariationalEM",
-    "approximation_gap",
-    "build_method",
-    "draw_noise",
-    "elbo",
-    "elbo_closed_form",
-    "estimate",
-    "evaluate_checkpoint",
-    "exact_log_marginal",
-    "exact_posterior",
-    "families",
-    "fit_local",
-    "fit_optimal_posterior",
-    "gap_decomposition",
-    "get_estimator",
-    "gradient_statistics",
-    "iwae_bound",
-    "linear_gaussian",
-    "load_checkpoint",
-    "load_dataset",
-    "load_npz",
-    "log_joint",
-    "log_marginal",
-    "log_weights",
-    "optimal_diagonal_posterior",
-    "per_sample_grads",
-    "ppca_mle",
-    "reparam",
-    "save_checkpoint",
-    "save_dataset",
-    "score",
-    "stl",
-    "test_time_curve",
-    "train",
-    "validate_estimator",
-    "variance_sweep",
-]
+__version__ = "0.2.0"
+
+_EXPORTS = {
+    "families": None, "linear_gaussian": None,
+    "DATASETS": "data", "DataError": "data", "Dataset": "data", "load_dataset": "data",
+    "load_npz": "data", "save_dataset": "data", "variance_floor": "data",
+    "bits_per_dim": "data",
+    "GaussianDecoder": "decoders", "log_joint": "decoders",
+    "BASELINES": "estimators", "ESTIMATORS": "estimators", "Estimate": "estimators",
+    "RunningMean": "estimators", "draw_noise": "estimators", "estimate": "estimators",
+    "get_estimator": "estimators", "reparam": "estimators", "score": "estimators",
+    "stl": "estimators", "validate_estimator": "estimators",
+    "KL_MODES": "objectives", "elbo": "objectives", "iwae_bound": "objectives",
+    "log_weights": "objectives",
+    "METHODS": "inference", "Amortized": "inference", "Encoder": "inference",
+    "InferenceMethod": "inference", "MethodSettings": "inference",
+    "SemiAmortized": "inference", "StoppingRule": "inference", "VariationalEM": "inference",
+    "build_method": "inference", "fit_local": "inference",
+    "approximation_gap": "linear_gaussian", "elbo_closed_form": "linear_gaussian",
+    "exact_log_marginal": "linear_gaussian", "exact_posterior": "linear_gaussian",
+    "optimal_diagonal_posterior": "linear_gaussian", "ppca_mle": "linear_gaussian",
+    "fit_optimal_posterior": "evaluation", "gap_decomposition": "evaluation",
+    "test_time_curve": "evaluation", "latent_activity": "evaluation",
+    "gradient_statistics": "gradstats", "per_sample_grads": "gradstats",
+    "variance_sweep": "gradstats",
+    "RunConfig": "config", "DataConfig": "config", "ModelConfig": "config",
+    "TrainingConfig": "config", "StoppingConfig": "config",
+    "Trainer": "training", "MemberResult": "training", "load_checkpoint": "training",
+    "train": "training",
+    "PROBES": "probes", "build_probes": "probes",
+    "MemberRandom": "streams", "generator": "streams",
+    "atomic_write": "files",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'vi' has no attribute {name!r}")
+    module = importlib.import_module(f"vi.{_EXPORTS[name] or name}")
+    value = module if _EXPORTS[name] is None else getattr(module, name)
+    globals()[name] = value
+    return value

@@ -59,6 +59,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "DATASETS",
+    "LABELLED",
     "SPLITS",
     "DataError",
     "Dataset",
@@ -109,7 +110,7 @@ _LEVELS: dict[str, int | None] = {
 }
 _CONTINUOUS_VARIANCE_FLOOR = 1e-4
 # Data sets whose labels ride along through the split into ground_truth ``{split}_labels``.
-_LABELLED = ("digits", "mnist5k")
+LABELLED = ("digits", "mnist5k")
 
 MNIST_FILES = {
     "train": ("train-images-idx3-ubyte", "train-images.idx3-ubyte"),
@@ -249,10 +250,10 @@ def load_dataset(
             x, truth = _nonlinear(gen, **opts)
         else:
             x = _frey(path, gen)
-        if name in _LABELLED:  # the labels ride along as a last column through the one split
+        if name in LABELLED:  # the labels ride along as a last column through the one split
             x = torch.cat([x, labels.to(torch.float32)[:, None]], 1)
         train, validation, test = _split(x, gen, test_fraction, validation_fraction, name)
-        if name in _LABELLED:
+        if name in LABELLED:
             for split, part in (("train", train), ("validation", validation), ("test", test)):
                 truth[f"{split}_labels"] = part[:, -1].to(torch.int64)
             train, validation, test = train[:, :-1], validation[:, :-1], test[:, :-1]

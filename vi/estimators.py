@@ -132,7 +132,8 @@ def _baseline(
         return torch.zeros_like(values)
     if kind == "mean":
         b = 0.0 if baseline_value is None else baseline_value
-        return torch.zeros_like(values) + torch.as_tensor(b, dtype=values.dtype)
+        return torch.zeros_like(values) + torch.as_tensor(b, dtype=values.dtype,
+                                                          device=values.device)
     if kind == "loo":
         return (values.sum(0, keepdim=True) - values) / (m - 1)
     # cv: a_m = Σ_{j≠m} f_j ‖h_j‖² / Σ_{j≠m} ‖h_j‖²
@@ -218,27 +219,39 @@ def draw_noise(
 
 
 class RunningMean:
-    """Bias-corrected exponential running average of f, the ``mean`` baseline's state.
+    """Bias-corrected exponential running average of f per ensemble member, the ``mean``
+    baseline's state: ``avg`` and ``steps`` are [K] tensors.
 
-    ``value`` is 0 before the first update (so the first step is the plain score function).
+    ``value`` [K, 1] is 0 before a member's first update (its first step is the plain score
+    function), and broadcasts against per-point values [..., K, B].
     """
 
-    def __init__(self, decay: float = 0.9) -> None:
+    def __init__(self, members: int = 1, decay: float = 0.9,
+                 device: torch.device | str = "cpu") -> None:
         if not 0.0 <= decay < 1.0:
             raise ValueError(f"running-mean decay must lie in [0, 1); got {decay}")
-        self.decay, self.avg, self.steps = float(decay), 0.0, 0
+        self.decay = float(decay)
+        self.avg = torch.zeros(int(members), dtype=torch.float64, device=device)
+        self.steps = torch.zeros(int(members), dtype=torch.float64, device=device)
 
     @property
-    def value(self) -> float:
-        return 0.0 if self.steps == 0 else self.avg / (1.0 - self.decay**self.steps)
+    def value(self) -> Tensor:
+        started = self.steps > 0
+        corrected = self.avg / torch.where(started, 1.0 - self.decay**self.steps, 1.0)
+        return torch.where(started, corrected, 0.0).unsqueeze(-1)
 
-    def update(self, samples: Tensor) -> None:
-        """Fold in the mean of a batch of integrand values."""
-        self.steps += 1
-        self.avg = self.decay * self.avg + (1.0 - self.decay) * float(samples.mean())
+    def update(self, samples: Tensor, active: Tensor | None = None) -> None:
+        """Fold in each member's mean of a batch of integrand values [M, K, B]."""
+        means = samples.detach().double().mean(dim=(0, 2)).to(self.avg.device)
+        keep = (torch.ones_like(means, dtype=torch.bool) if active is None
+                else active.to(self.avg.device))
+        self.steps += keep.double()
+        self.avg = torch.where(keep, self.decay * self.avg + (1.0 - self.decay) * means,
+                               self.avg)
 
-    def state_dict(self) -> dict:
-        return {"decay": self.decay, "avg": self.avg, "steps": self.steps}
+    def state_dict(self) -> dict[str, Tensor]:
+        return {"avg": self.avg.clone(), "steps": self.steps.clone()}
 
-    def load_state_dict(self, state: dict) -> None:
-        self.decay, self.avg, self.steps = state["decay"], state["avg"], state["steps"]
+    def load_state_dict(self, state: dict[str, Tensor]) -> None:
+        self.avg.copy_(state["avg"])
+        self.steps.copy_(state["steps"])

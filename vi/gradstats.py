@@ -1,114 +1,79 @@
-"""Gradient-variance instrumentation: per-draw gradients, their variance and SNR (SPEC §6).
+"""Gradient-variance instrumentation: per-draw gradients, their variance and SNR
+(docs/evaluation.md, "Gradient variance").
 
 At a fixed model state and a fixed minibatch, K independent single-estimate gradients
-g_1..g_K (each from its own M-sample noise ε_k ~ N(0, I), shape [M, B, H]) are computed for
-each parameter group, and summarised (``gradient_statistics``) by
+g_1..g_K (each from its own M-sample noise) are computed for each parameter group and
+summarised (``gradient_statistics``) by
 
     ĝ = (1/K) Σ_k g_k,   v_i = (1/(K−1)) Σ_k (g_ki − ĝ_i)²,   tr Σ = Σ_i v_i,
     relative variance tr Σ / ‖ĝ‖²,   SNR_i = |ĝ_i| / √v_i   (Rainforth et al., 2018).
 
-Parameter groups (the gradient of the ELBO, the ascent direction; variances do not care):
+(K here counts draws; the ensemble's members are a separate axis, and every statistic is per
+member.) Parameter groups, the gradient of the ELBO:
 
-``variational``  ∇_λ Σ_n L_n for the minibatch's λ [B, 2H], flattened to B·2H coordinates:
-                 each λ_n gets its own ∇_{λ_n} L_n. For ``vem`` λ are the table rows; for the
-                 encoder methods, λ = f_φ(x) (λ⁽⁰⁾ for ``semi_amortized``), so this group is
+``variational``  ∇_λ Σ_n L_n for the minibatch's λ [B, 2H]: each λ_n gets its own ∇_{λ_n} L_n.
+                 λ are vem's table rows, or the encoder output λ⁽⁰⁾ = f_φ(x), so this group is
                  comparable across methods.
-``local``        ``vem`` only: the rows as parameters (the same numbers as ``variational``).
-``encoder``      ∇_φ (1/B) Σ_n L_n(f_φ(x_n)) (``amortized`` / ``semi_amortized``).
-``decoder``      ∇_θ (1/B) Σ_n L_n at λ: the rows (``vem``), the encoder output (``amortized``)
-                 or the refined λ⁽ᴷ⁾ (``semi_amortized``, refined once with ``generator``).
+``local``        methods with a local table: the rows as parameters (the same numbers).
+``encoder``      methods with an encoder: ∇_φ (1/B) Σ_n L_n(f_φ(x_n)).
+``decoder``      ∇_θ (1/B) Σ_n L_n at λ (refined once for a refining method).
 
-These follow each method's ``train_step``: the sum over the minibatch for λ, the mean for
-θ and φ, the method's estimator, baseline, KL mode and M. The ``mean`` baseline is the method's
-current running mean, held constant (nothing of the method is mutated: no state, no optimiser,
-no ``.grad``, no generator other than the one passed in).
+These follow each method's training step: the sum over the minibatch for λ, the mean for θ
+and φ, the estimator, baseline, KL mode and M. Nothing of the method is mutated.
 
-How the K draws are batched (no Python loop over draws; chunks over K bound memory):
-
-* ``variational`` / ``local``: one forward and one backward pass over K independent copies of
-  the minibatch's λ ([K·B, 2H], noise [M, K·B, H]). Copy (k, n) only touches its own loss term
-  (baselines act within a point's M samples), so the gradient of the summed surrogate w.r.t.
-  the copies *is* the K per-draw gradients.
-* ``encoder``: the chain rule ∇_φ = J_φᵀ ∇_λ / B (exact when φ reaches the ELBO only through
-  λ = f_φ(x)), applied to the K ``variational`` gradients at once by ``vmap`` over the encoder's
-  ``torch.func.vjp``: the decoder is never differentiated again.
-* ``decoder``: ``vmap(grad(...))`` over the noise with ``functional_call`` (θ is shared by the
-  draws, so its per-draw gradients are batched matrix products [k, out, M·B] @ [k, M·B, in]).
-
-What limits the batched paths (``benchmarks/gradvar.py``, digits model, 1 CPU thread): not
-vmap. At a chunk of 64 draws the single backward over copies, a vmapped forward with one
-backward, and plain ``vmap(grad)`` all run within ~15% of each other, at the arithmetic floor of
-the K·M·B-row decoder forward and backward (tanh over K·M·B x 256 and the two 256-wide GEMMs
-are ~60% of a profile). A loop does the same arithmetic plus ~1 ms of Python and dispatch per
-draw, so loop/batched ≈ (overhead + compute) / compute: ~4-6x at B = 64, >10x at B = 16.
-Chunks are therefore sized to keep activations cache-sized on CPU (``CACHE_BUDGET``): one chunk
-of 256 draws measured 20-40% slower than chunks of 32-64.
-
-``per_sample_grads_loop`` is the reference: the same numbers from a Python loop of ordinary
-autograd calls, one per draw (tests and ``benchmarks/gradvar.py``).
-
-Caveat: with ``refine_through=True`` a semi-amortized encoder is trained through the refinement;
-the ``variational`` and ``encoder`` groups here are still measured at λ⁽⁰⁾ without that path.
+Batching (no Python loop over draws): ``variational`` is one backward pass over copies of λ
+(copy (d, n) touches only its own loss term); ``encoder`` applies the chain rule
+∇_φ = J_φᵀ ∇_λ / B to all draws at once by ``vmap`` over the encoder's ``vjp``; ``decoder`` is
+``vmap(grad(...))`` over the noise with ``functional_call``. Members need no special care: a
+member's parameters reach only its own loss, so one gradient of the summed member losses holds
+every member's gradient. ``per_sample_grads_loop`` computes the same numbers with a loop of
+ordinary autograd calls (the reference in tests and benchmarks).
 """
 
 from __future__ import annotations
 
-import math
+import dataclasses
 from collections.abc import Iterable, Sequence
 
-import numpy as np
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call, grad, vjp, vmap
 
 from vi.estimators import validate_estimator
-from vi.inference import Divergence, InferenceMethod, MethodSettings, replace_settings
+from vi.inference import InferenceMethod, MethodSettings, frozen
 from vi.objectives import elbo
+from vi.streams import MemberRandom
 
 __all__ = [
-    "DEFAULT_SWEEP_ESTIMATORS",
-    "GROUPS",
     "METRICS",
-    "evaluation_batch",
+    "SWEEP_ESTIMATORS",
     "gradient_statistics",
-    "groups_of",
     "per_sample_grads",
     "per_sample_grads_loop",
-    "scheduled",
-    "training_rows",
     "variance_sweep",
 ]
 
-GROUPS = ("variational", "local", "encoder", "decoder")
 METRICS = ("grad_var_total", "grad_var_relative", "grad_snr_mean", "grad_snr_median",
            "grad_mean_norm")
-DEFAULT_SWEEP_ESTIMATORS = (
-    ("reparam", "none"), ("stl", "none"), ("score", "none"), ("score", "mean"),
-    ("score", "loo"), ("score", "cv"),
+#: the default sweep: (estimator, baseline, KL mode). STL differs from reparam only when the
+#: KL term is estimated too (with an analytic KL the two are identical), so both appear with
+#: ``kl="mc"`` beside reparam with the analytic KL.
+SWEEP_ESTIMATORS = (
+    ("reparam", "none", "analytic"), ("reparam", "none", "mc"), ("stl", "none", "mc"),
+    ("score", "none", "analytic"), ("score", "mean", "analytic"),
+    ("score", "loo", "analytic"), ("score", "cv", "analytic"),
 )
-#: auto chunking on CPU: a chunk's widest activation (draws x M x B x width) stays about
-#: cache-sized, which measured 20-40% faster than one chunk of 256 draws on the digits model
+#: a chunk of draws keeps its widest activation (draws x M x B x width, all members) about this
+#: size on the CPU, which measured faster than one large chunk
 CACHE_BUDGET = 2**20
-#: auto chunking everywhere: a chunk's per-draw gradient block (draws x P) stays below this
-MEMORY_BUDGET = 2**25
-#: child index of SeedSequence(config.seed) for the fixed evaluation minibatch (the trainer's
-#: four streams are children 0..3)
-_BATCH_STREAM = 4
 #: a coordinate whose standard deviation is below this many ulps of its largest |g| is treated
 #: as deterministic (its variance is rounding noise) and left out of the SNR
 _ZERO_VAR_ULPS = 16
-
-
-# -- parameter groups and the objective ----------------------------------------------------------
-def groups_of(method: InferenceMethod) -> tuple[str, ...]:
-    """The parameter groups a method has: vem → variational, local, decoder; else encoder."""
-    if hasattr(method, "encoder"):
-        return ("variational", "encoder", "decoder")
-    return ("variational", "local", "decoder")
+_PARAMS = "net.params.flat"
 
 
 class _DecoderObjective(nn.Module):
-    """(1/B) Σ_n surrogate_n at fixed λ: a module so ``functional_call`` can swap θ."""
+    """Σ_members (1/B) Σ_n surrogate_n at fixed λ: a module so ``functional_call`` can swap θ."""
 
     def __init__(self, decoder: nn.Module, settings: MethodSettings, baseline_value) -> None:
         super().__init__()
@@ -118,25 +83,11 @@ class _DecoderObjective(nn.Module):
     def forward(self, x: Tensor, lam: Tensor, eps: Tensor) -> Tensor:
         s = self.settings
         return elbo(self.decoder, x, lam, eps, estimator=s.estimator, baseline=s.baseline,
-                    kl=s.kl, baseline_value=self.baseline_value).surrogate.mean()
-
-
-def _settings(method: InferenceMethod, settings: MethodSettings | None, n_mc) -> MethodSettings:
-    s = settings if settings is not None else method.settings
-    if n_mc is not None and int(n_mc) != s.n_mc:
-        s = replace_settings(s, n_mc=int(n_mc))
-    validate_estimator(s.estimator, s.baseline, s.n_mc)
-    return s
-
-
-def _baseline_value(method: InferenceMethod, s: MethodSettings, baseline_value):
-    if s.baseline != "mean":
-        return None
-    return float(method.running_mean.value if baseline_value is None else baseline_value)
+                    kl=s.kl, baseline_value=self.baseline_value).surrogate.mean(-1).sum()
 
 
 def _wanted(method: InferenceMethod, groups: Iterable[str] | None) -> tuple[str, ...]:
-    have = groups_of(method)
+    have = method.groups
     if groups is None:
         return have
     groups = tuple(groups)
@@ -146,139 +97,112 @@ def _wanted(method: InferenceMethod, groups: Iterable[str] | None) -> tuple[str,
     return groups
 
 
-@torch.no_grad()
-def _lambda0(method: InferenceMethod, x: Tensor, idx: Tensor | None) -> Tensor:
-    """The minibatch's λ: vem table rows, or the encoder output λ⁽⁰⁾ = f_φ(x)."""
-    if hasattr(method, "encoder"):
-        return method.encoder(x)
-    if idx is None:
-        raise ValueError("vem needs the minibatch's row indices idx")
-    return method.local[idx].clone()
-
-
-def _refined(method: InferenceMethod, x: Tensor, lam0: Tensor, generator) -> Tensor:
-    """λ⁽ᴷ⁾ by the method's own refinement (its estimator and M), as in ``train_step``."""
-    s = method.settings
-    with torch.enable_grad():
-        lam = method.local_ascent(x, lam0.detach(), generator, s.refine_steps, s.refine_lr)
+def _refined(method: InferenceMethod, x: Tensor, lam0: Tensor, random: MemberRandom) -> Tensor:
+    """λ⁽ᴷ⁾ by the method's own refinement (its estimator and M), θ fixed."""
+    with torch.enable_grad(), frozen(method.decoder):
+        lam, _ = method.local_ascent(x, lam0.detach(), random, method.settings.refine_steps)
     return lam.detach()
 
 
-def _chunk(method: InferenceMethod, x: Tensor, n_mc: int, chunk_size: int | None) -> int:
-    """Draws per chunk: explicit, or the most that keep the widest activation within
-    ``CACHE_BUDGET`` (CPU only) and the per-draw gradients within ``MEMORY_BUDGET``."""
+def _chunk(x: Tensor, n_mc: int, width: int, chunk_size: int | None) -> int:
     if chunk_size is not None:
         if int(chunk_size) < 1:
             raise ValueError(f"chunk_size must be positive; got {chunk_size}")
         return int(chunk_size)
-    width = max([x.shape[-1]] + [max(m.in_features, m.out_features)
-                                  for m in method.modules() if isinstance(m, nn.Linear)])
-    n_params = sum(p.numel() for p in method.parameters())
-    activation = n_mc * x.shape[0] * width
-    chunk = MEMORY_BUDGET // max(activation, n_params)
-    if x.device.type == "cpu":
-        chunk = min(chunk, CACHE_BUDGET // activation)
-    return max(1, chunk)
+    activation = n_mc * x.shape[0] * x.shape[1] * width
+    return max(1, CACHE_BUDGET // max(activation, 1))
 
 
-def _flat(grads: dict[str, Tensor], names: Sequence[str], k: int) -> Tensor:
-    return torch.cat([grads[n].reshape(k, -1) for n in names], dim=1)
-
-
-# -- per-draw gradients --------------------------------------------------------------------------
 def _variational_grads(decoder, x: Tensor, lam: Tensor, eps: Tensor, s: MethodSettings,
                        bval) -> Tensor:
-    """[k, B·2H]: one backward over k independent copies of λ (copy-major [k·B, 2H])."""
-    k, m, b, h = eps.shape
-    lam_k = lam.detach().expand(k, *lam.shape).reshape(k * b, -1).clone().requires_grad_()
-    x_k = x.expand(k, *x.shape).reshape(k * b, -1)
-    eps_k = eps.transpose(0, 1).reshape(m, k * b, h)
+    """[d, K, B·2H]: one backward over d copies of λ, laid out [K, d·B, 2H]."""
+    d, m, k, b, h = eps.shape
+    lam_d = lam.detach().unsqueeze(1).expand(k, d, b, lam.shape[-1]).reshape(k, d * b, -1)
+    lam_d = lam_d.clone().requires_grad_()
+    x_d = x.unsqueeze(1).expand(k, d, b, x.shape[-1]).reshape(k, d * b, -1)
+    eps_d = eps.permute(1, 2, 0, 3, 4).reshape(m, k, d * b, h)
     with torch.enable_grad():
-        est = elbo(decoder, x_k, lam_k, eps_k, estimator=s.estimator, baseline=s.baseline,
+        est = elbo(decoder, x_d, lam_d, eps_d, estimator=s.estimator, baseline=s.baseline,
                    kl=s.kl, baseline_value=bval)
-        (g,) = torch.autograd.grad(est.surrogate.sum(), lam_k)
-    return g.reshape(k, -1)
+        (g,) = torch.autograd.grad(est.surrogate.sum(), lam_d)
+    return g.reshape(k, d, -1).transpose(0, 1)
 
 
 def _encoder_grads(encoder: nn.Module, x: Tensor, g_lam: Tensor) -> Tensor:
-    """[k, P_φ]: J_φᵀ (g_λ / B) for k cotangents at once (vmap over the encoder's vjp)."""
-    params = {n: p.detach() for n, p in encoder.named_parameters()}
+    """[d, K, P_φ]: J_φᵀ (g_λ / B) for d cotangents at once (vmap over the encoder's vjp)."""
+    flat = encoder.params.flat.detach()
+    d, k = g_lam.shape[:2]
+    b = x.shape[1]
     with torch.enable_grad():
-        _, pullback = vjp(lambda p: functional_call(encoder, p, (x,)), params)
-        k, b = g_lam.shape[0], x.shape[0]
-        (out,) = vmap(pullback)(g_lam.reshape(k, b, -1) / b)
-    return _flat(out, list(params), k)
+        _, pullback = vjp(lambda p: functional_call(encoder, {_PARAMS: p}, (x,)), flat)
+        (out,) = vmap(pullback)(g_lam.reshape(d, k, b, -1) / b)
+    return out
 
 
 def _decoder_grads(decoder, x: Tensor, lam: Tensor, eps: Tensor, s: MethodSettings,
                    bval) -> Tensor:
-    """[k, P_θ]: vmap(grad) of (1/B) Σ_n surrogate_n over the k noise draws."""
+    """[d, K, P_θ]: vmap(grad) of Σ_members (1/B) Σ_n surrogate_n over the d noise draws."""
     objective = _DecoderObjective(decoder, s, bval)
-    params = {n: p.detach() for n, p in objective.named_parameters()}
 
-    def loss(p: dict[str, Tensor], e: Tensor) -> Tensor:
-        return functional_call(objective, p, (x, lam.detach(), e))
+    def loss(flat: Tensor, e: Tensor) -> Tensor:
+        return functional_call(objective, {f"decoder.{_PARAMS}": flat}, (x, lam.detach(), e))
 
     with torch.enable_grad():
-        out = vmap(grad(loss), in_dims=(None, 0))(params, eps)
-    return _flat(out, list(params), eps.shape[0])
+        return vmap(grad(loss), in_dims=(None, 0))(decoder.params.flat.detach(), eps)
 
 
 def per_sample_grads(
     method: InferenceMethod,
     x: Tensor,
-    idx: Tensor | None = None,
+    idx: Tensor,
     *,
     draws: int | None = None,
-    n_mc: int | None = None,
-    generator: torch.Generator | None = None,
-    chunk_size: int | None = None,
+    random: MemberRandom | None = None,
     settings: MethodSettings | None = None,
     groups: Iterable[str] | None = None,
     noise: Tensor | None = None,
-    baseline_value: float | None = None,
+    baseline_value: Tensor | None = None,
     refined: Tensor | None = None,
+    chunk_size: int | None = None,
 ) -> dict[str, Tensor]:
-    """K independent single-estimate gradients per parameter group: {group: [K, P_group]}.
-
-    g_k = ∇ of the minibatch objective with noise ε_k [M, B, H] (see the module docstring for
-    the groups and how they are batched).
+    """Independent single-estimate gradients per parameter group: {group: [draws, K, P]}.
 
     Args:
-        method: the model state (not modified).
-        x: the minibatch [B, D]; ``idx`` its training-row indices (needed by ``vem``).
-        draws: K. n_mc: M (default: the estimator settings' ``n_mc``).
-        generator: draws the noise [K, M, B, H] in one call, after the semi-amortized
-            refinement (which draws from it first, exactly as ``method.local_ascent`` would).
-        chunk_size: draws per batched call (default: ``CACHE_BUDGET``/``MEMORY_BUDGET``).
-        settings: estimator settings to measure instead of the method's own (same model),
-            e.g. ``replace_settings(method.settings, estimator="score", baseline="loo")``.
-        groups: a subset of ``groups_of(method)``.
-        noise: explicit noise [K, M, B, H] instead of ``draws``/``n_mc``/``generator`` (common
-            random numbers across estimators; comparison with the loop).
-        baseline_value: the ``mean`` baseline's constant (default: the running mean's value).
-        refined: λ⁽ᴷ⁾ for ``semi_amortized`` (default: refine once with ``generator``).
+        method: the model state (not modified); x [K, B, D] the minibatch and idx [K, B] its
+            training indices (a local table's rows).
+        draws, random: the number of draws and the member streams the noise [draws, M, K, B, H]
+            comes from (after a refining method's refinement, which draws first).
+        settings: estimator settings to measure instead of the method's own (same model).
+        groups: a subset of ``method.groups``.
+        noise: explicit noise [draws, M, K, B, H] (common random numbers across estimators).
+        baseline_value: the ``mean`` baseline's value [K, 1] (default: the method's).
+        refined: λ⁽ᴷ⁾ of a refining method (default: refine once with ``random``).
     """
     wanted = _wanted(method, groups)
+    s = settings if settings is not None else method.settings
     if noise is not None:
-        n_mc = noise.shape[1]
-    s = _settings(method, settings, n_mc)
-    bval = _baseline_value(method, s, baseline_value)
-    lam0 = _lambda0(method, x, idx)
+        s = dataclasses.replace(s, n_mc=noise.shape[1])
+    validate_estimator(s.estimator, s.baseline, s.n_mc)
+    bval = None
+    if s.baseline == "mean":
+        bval = method.baseline_value() if baseline_value is None else baseline_value
+        if bval is None:
+            bval = method.running_mean.value.to(x)
+    lam0 = method.training_lambda(x, idx)
     lam_dec = lam0
-    if method.name == "semi_amortized" and "decoder" in wanted:
-        lam_dec = refined.detach() if refined is not None else _refined(method, x, lam0,
-                                                                        generator)
+    if method.refines and "decoder" in wanted:
+        lam_dec = refined.detach() if refined is not None else _refined(method, x, lam0, random)
     h = method.decoder.latent_dim
+    k, b = x.shape[:2]
     if noise is None:
-        if draws is None or int(draws) < 1:
-            raise ValueError(f"draws must be a positive number of gradients; got {draws}")
-        noise = torch.randn((int(draws), s.n_mc, x.shape[0], h), generator=generator,
-                            device=x.device, dtype=x.dtype)
-    if noise.dim() != 4 or noise.shape[2:] != (x.shape[0], h):
-        raise ValueError(f"noise must have shape [K, M, {x.shape[0]}, {h}]; got "
+        if draws is None or int(draws) < 1 or random is None:
+            raise ValueError(f"give noise, or draws >= 1 and random; got draws={draws}")
+        noise = random.randn((int(draws), s.n_mc, b, h), 2, dtype=x.dtype)
+    if noise.dim() != 5 or noise.shape[2:] != (k, b, h):
+        raise ValueError(f"noise must have shape [draws, M, {k}, {b}, {h}]; got "
                          f"{tuple(noise.shape)}")
-    step = _chunk(method, x, s.n_mc, chunk_size)
+    width = max(x.shape[-1], 2 * h, *method.decoder.net.sizes)
+    step = _chunk(x, s.n_mc, width, chunk_size)
     parts: dict[str, list[Tensor]] = {g: [] for g in wanted}
     for start in range(0, noise.shape[0], step):
         eps = noise[start:start + step]
@@ -301,26 +225,27 @@ def per_sample_grads(
 def per_sample_grads_loop(
     method: InferenceMethod,
     x: Tensor,
-    idx: Tensor | None,
+    idx: Tensor,
     noise: Tensor,
     *,
     settings: MethodSettings | None = None,
     groups: Iterable[str] | None = None,
-    generator: torch.Generator | None = None,
-    baseline_value: float | None = None,
+    baseline_value: Tensor | None = None,
     refined: Tensor | None = None,
 ) -> dict[str, Tensor]:
-    """The reference for ``per_sample_grads``: one ordinary autograd call per draw and group,
-    through the method's own modules (no ``functional_call``, no vmap, no chain rule)."""
+    """The reference for ``per_sample_grads``: one ordinary autograd call per draw and group
+    (no ``functional_call``, no vmap, no chain rule)."""
     wanted = _wanted(method, groups)
-    s = _settings(method, settings, noise.shape[1])
-    bval = _baseline_value(method, s, baseline_value)
-    enc = hasattr(method, "encoder")
-    lam_dec = _lambda0(method, x, idx)
-    if method.name == "semi_amortized" and "decoder" in wanted:
-        lam_dec = refined if refined is not None else _refined(method, x, lam_dec, generator)
-    dec_params = list(method.decoder.parameters())
-    enc_params = list(method.encoder.parameters()) if enc else []
+    s = dataclasses.replace(settings or method.settings, n_mc=noise.shape[1])
+    bval = None
+    if s.baseline == "mean":
+        bval = method.baseline_value() if baseline_value is None else baseline_value
+        if bval is None:
+            bval = method.running_mean.value.to(x)
+    lam0 = method.training_lambda(x, idx)
+    lam_dec = refined if refined is not None else lam0
+    dec = method.decoder.params.flat
+    enc = method.encoder.params.flat if method.has_encoder else None
 
     def surrogate(lam: Tensor, eps: Tensor) -> Tensor:
         return elbo(method.decoder, x, lam, eps, estimator=s.estimator, baseline=s.baseline,
@@ -331,172 +256,102 @@ def per_sample_grads_loop(
         for eps in noise:
             for group in wanted:
                 if group in ("variational", "local"):
-                    lam = (method.encoder(x).detach() if enc else method.local[idx]).clone()
-                    lam.requires_grad_()
-                    grads = torch.autograd.grad(surrogate(lam, eps).sum(), lam)
+                    lam = lam0.clone().requires_grad_()
+                    (g,) = torch.autograd.grad(surrogate(lam, eps).sum(), lam)
+                    g = g.reshape(g.shape[0], -1)
                 elif group == "encoder":
-                    grads = torch.autograd.grad(surrogate(method.encoder(x), eps).mean(),
-                                                enc_params)
+                    (g,) = torch.autograd.grad(surrogate(method.encoder(x), eps).mean(-1).sum(),
+                                               enc)
                 else:
-                    grads = torch.autograd.grad(surrogate(lam_dec.detach(), eps).mean(),
-                                                dec_params)
-                out[group].append(torch.cat([g.reshape(-1) for g in grads]))
+                    (g,) = torch.autograd.grad(
+                        surrogate(lam_dec.detach(), eps).mean(-1).sum(), dec)
+                out[group].append(g)
     return {g: torch.stack(v) for g, v in out.items()}
 
 
-# -- statistics ----------------------------------------------------------------------------------
-def gradient_statistics(g: Tensor) -> dict:
-    """SPEC §6 summaries of K draws g [K, P] (computed in float64).
+def gradient_statistics(g: Tensor) -> dict[str, Tensor]:
+    """The summaries of draws g [draws, K, P] per member (float64, each [K]).
 
-    Returns ``mean`` ĝ [P], ``variance`` v [P] (unbiased, K − 1), and the row metrics
-    ``grad_var_total`` tr Σ = Σ_i v_i, ``grad_var_relative`` tr Σ / ‖ĝ‖², ``grad_snr_mean`` and
-    ``grad_snr_median`` of SNR_i = |ĝ_i| / √v_i (Rainforth et al., 2018), ``grad_mean_norm``
-    ‖ĝ‖; plus ``draws`` K, ``n_coords`` P and ``n_deterministic``.
-
-    Never NaN or inf: coordinates with zero variance (std at most ``_ZERO_VAR_ULPS`` ulps of
-    their largest |g|, i.e. deterministic up to rounding, e.g. always-zero coordinates) are left
-    out of the SNR (counted in ``n_deterministic``); the SNR metrics are absent when every
-    coordinate is deterministic, and ``grad_var_relative`` is absent when ĝ = 0. Note that
-    ‖ĝ‖² estimates ‖E g‖² + tr Σ / K, so the relative variance is biased low for small K.
+    ``grad_var_total`` tr Σ = Σ_i v_i (unbiased variances), ``grad_var_relative`` tr Σ / ‖ĝ‖²,
+    ``grad_snr_mean`` and ``grad_snr_median`` of SNR_i = |ĝ_i| / √v_i (Rainforth et al., 2018),
+    ``grad_mean_norm`` ‖ĝ‖, and ``n_deterministic``. A member's value is NaN where undefined:
+    coordinates with zero variance (std at most ``_ZERO_VAR_ULPS`` ulps of their largest |g|,
+    e.g. always-zero coordinates) are left out of the SNR, which is NaN when every coordinate
+    is deterministic; the relative variance is NaN when ĝ = 0. Note that ‖ĝ‖² estimates
+    ‖E g‖² + tr Σ / draws, so the relative variance is biased low for few draws.
     """
-    if g.dim() != 2 or g.shape[0] < 2:
-        raise ValueError(f"gradient_statistics needs draws [K >= 2, P]; got {tuple(g.shape)}")
+    if g.dim() != 3 or g.shape[0] < 2:
+        raise ValueError(f"gradient_statistics needs draws [>= 2, K, P]; got {tuple(g.shape)}")
     tiny = _ZERO_VAR_ULPS * torch.finfo(g.dtype).eps
     g64 = g.detach().to(torch.float64)
     mean = g64.mean(0)
     var = g64.var(0, correction=1)
-    norm2 = float(mean.pow(2).sum())
-    stats: dict = {"mean": mean, "variance": var, "draws": g.shape[0], "n_coords": g.shape[1],
-                   "grad_var_total": float(var.sum()), "grad_mean_norm": math.sqrt(norm2)}
-    if norm2 > 0:
-        stats["grad_var_relative"] = stats["grad_var_total"] / norm2
+    total = var.sum(1)
+    norm2 = mean.pow(2).sum(1)
     random = var.sqrt() > tiny * g64.abs().amax(0)
-    stats["n_deterministic"] = int((~random).sum())
-    if bool(random.any()):
-        snr = (mean[random].abs() / var[random].sqrt()).cpu().numpy()
-        stats["grad_snr_mean"] = float(snr.mean())
-        stats["grad_snr_median"] = float(np.median(snr))
-    return {k: v for k, v in stats.items() if not isinstance(v, float) or math.isfinite(v)}
-
-
-# -- logging during training ---------------------------------------------------------------------
-def scheduled(config, epoch: int) -> bool:
-    """Whether gradient variance is measured at the end of ``epoch`` (0 = the initial model).
-
-    ``config.gradvar_epochs`` lists the epochs; by default (None) epoch 0, the powers of two
-    1, 2, 4, 8, ... and the last epoch ``config.epochs``.
-    """
-    epoch = int(epoch)
-    if config.gradvar_epochs is not None:
-        return epoch in {int(e) for e in config.gradvar_epochs}
-    return epoch == 0 or epoch == config.epochs or (epoch > 0 and epoch & (epoch - 1) == 0)
-
-
-def evaluation_batch(trainer) -> Tensor:
-    """The fixed evaluation minibatch: ``gradvar_batch`` training indices (sorted), chosen by a
-    seeded permutation that depends only on ``config.seed`` and N, so every checkpoint, method
-    and estimator of a seed measures the same points; no trainer generator is consumed."""
-    c, n = trainer.config, trainer.x["train"].shape[0]
-    seed = int(np.random.SeedSequence(c.seed, spawn_key=(_BATCH_STREAM,)).generate_state(1)[0])
-    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
-    return perm[:min(int(c.gradvar_batch), n)].sort().values.to(trainer.device)
-
-
-def _metric_items(stats: dict) -> list[tuple[str, float]]:
-    return [(m, stats[m]) for m in METRICS if m in stats]
-
-
-def training_rows(trainer) -> list[dict]:
-    """Tidy rows (split ``train``, ``param_group`` = group, metrics ``METRICS``) for the current
-    model: K = ``gradvar_draws`` draws of M = ``n_mc`` samples on ``evaluation_batch``, noise
-    from ``trainer.generators["gradvar"]`` only, so training is unaffected by measuring.
-
-    Measuring never decides a run's fate: a measurement that meets a non-finite value (e.g. a
-    semi-amortized refinement that blows up on the measurement's own noise) records no row for
-    it, and training's own checks decide whether the run diverged.
-    """
-    c = trainer.config
-    idx = evaluation_batch(trainer)
-    try:
-        grads = per_sample_grads(trainer.method, trainer.x["train"][idx], idx,
-                                 draws=c.gradvar_draws, generator=trainer.generators["gradvar"])
-    except Divergence:
-        return []
-    return [trainer.row("train", metric, value, param_group=group)
-            for group, g in grads.items() for metric, value in _metric_items(
-                gradient_statistics(g))]
-
-
-# -- analysis at a fixed model state -------------------------------------------------------------
-@torch.no_grad()
-def _pilot_mean(method: InferenceMethod, x: Tensor, lam: Tensor, generator) -> float:
-    """A stand-in running mean: the minibatch-mean ELBO from 16 fresh samples."""
-    eps = torch.randn((16, *lam.shape[:-1], method.decoder.latent_dim), generator=generator,
-                      device=lam.device, dtype=lam.dtype)
-    return float(elbo(method.decoder, x, lam, eps, kl=method.settings.kl).samples.mean())
+    snr = torch.where(random, mean.abs() / var.sqrt().clamp_min(1e-300), torch.nan)
+    count = random.sum(1)
+    nan = torch.full_like(total, torch.nan)
+    return {
+        "grad_var_total": total,
+        "grad_var_relative": torch.where(norm2 > 0, total / norm2.clamp_min(1e-300), nan),
+        "grad_snr_mean": torch.where(count > 0, torch.nansum(snr, 1) / count.clamp_min(1), nan),
+        "grad_snr_median": torch.where(count > 0, torch.nanmedian(snr, 1).values, nan),
+        "grad_mean_norm": norm2.sqrt(),
+        "n_deterministic": (~random).sum(1).double(),
+    }
 
 
 def variance_sweep(
-    trainer_or_method,
-    x: Tensor | None = None,
-    idx: Tensor | None = None,
+    method: InferenceMethod,
+    x: Tensor,
+    idx: Tensor,
     *,
-    estimators: Sequence[tuple[str, str]] = DEFAULT_SWEEP_ESTIMATORS,
-    n_mcs: Sequence[int] = (1, 2, 4, 8, 16),
-    draws: int = 100,
-    generator: torch.Generator | None = None,
+    estimators: Sequence[tuple[str, str, str]] = SWEEP_ESTIMATORS,
+    n_mcs: Sequence[int],
+    draws: int,
+    random: MemberRandom,
     groups: Iterable[str] | None = None,
-    chunk_size: int | None = None,
 ) -> list[dict]:
-    """Gradient variance versus estimator and M at one fixed model state (SPEC §6).
+    """Gradient variance against estimator, KL mode and M at one fixed model state.
 
-    For each M in ``n_mcs`` one noise tensor [K, M, B, H] is drawn and shared by every
-    (estimator, baseline) (common random numbers); the estimator is switched on the same model
-    by ``replace_settings``. ``loo``/``cv`` are skipped at M = 1. The ``mean`` baseline uses the
-    method's running mean, or — for a model not trained with it (no updates yet) — a pilot
-    minibatch ELBO from 16 extra samples. A semi-amortized λ⁽ᴷ⁾ is refined once (the method's own
-    settings) and shared by every cell. Pass a ``Trainer`` (x, idx default to its
-    ``evaluation_batch``) or a method with x (and idx for vem). ``generator`` defaults to a
-    fresh one seeded 0.
-
-    Returns rows {method, latent_dim, param_group, estimator, baseline, n_mc, draws, metric,
-    value}: plot ``value`` against ``n_mc`` (hue ``estimator``/``baseline``), or collect sweeps
-    of models with different ``latent_dim`` for variance versus latent dimension.
+    For each M one noise tensor [draws, M, K, B, H] is drawn and shared by every
+    (estimator, baseline, kl) (common random numbers); the estimator is switched on the same
+    model. ``loo``/``cv`` are skipped at M = 1. The ``mean`` baseline uses the method's running
+    mean, or, for a model not trained with it, the minibatch-mean ELBO of 16 pilot samples. A
+    refining method's λ⁽ᴷ⁾ is refined once and shared by every cell. Returns rows {member,
+    param_group, estimator, baseline, kl, n_mc, draws, metric, value}.
     """
-    if hasattr(trainer_or_method, "generators") and hasattr(trainer_or_method, "method"):
-        trainer = trainer_or_method
-        method = trainer.method
-        if x is None:
-            idx = evaluation_batch(trainer)
-            x = trainer.x["train"][idx]
-    else:
-        method = trainer_or_method
-    if x is None:
-        raise ValueError("variance_sweep needs the minibatch x (and idx for vem)")
-    if generator is None:
-        generator = torch.Generator(x.device).manual_seed(0)
     wanted = _wanted(method, groups)
-    lam0 = _lambda0(method, x, idx)
-    refined = None
-    if method.name == "semi_amortized" and "decoder" in wanted:
-        refined = _refined(method, x, lam0, generator)
-    bval = method.running_mean.value if method.running_mean.steps else None
-    if bval is None and any(b == "mean" for _, b in estimators):
-        bval = _pilot_mean(method, x, refined if refined is not None else lam0, generator)
+    lam0 = method.training_lambda(x, idx)
+    refined = _refined(method, x, lam0, random) if method.refines and "decoder" in wanted \
+        else None
+    bval = method.running_mean.value.to(x)
+    if not bool((method.running_mean.steps > 0).all()) and any(b == "mean"
+                                                                for _, b, _ in estimators):
+        with torch.no_grad():
+            eps = random.randn((16, x.shape[1], method.decoder.latent_dim), 1, dtype=x.dtype)
+            pilot = elbo(method.decoder, x, refined if refined is not None else lam0, eps,
+                         kl=method.settings.kl).samples.mean(dim=(0, 2))
+        bval = pilot.unsqueeze(-1)
     h = method.decoder.latent_dim
     rows = []
     for m in n_mcs:
-        noise = torch.randn((int(draws), int(m), x.shape[0], h), generator=generator,
-                            device=x.device, dtype=x.dtype)
-        for est, base in estimators:
+        noise = random.randn((int(draws), int(m), x.shape[1], h), 2, dtype=x.dtype)
+        for est, base, kl in estimators:
             if base in ("loo", "cv") and int(m) < 2:
                 continue
-            s = replace_settings(method.settings, estimator=est, baseline=base, n_mc=int(m))
+            s = dataclasses.replace(method.settings, estimator=est, baseline=base, kl=kl,
+                                    n_mc=int(m))
             grads = per_sample_grads(method, x, idx, noise=noise, settings=s, groups=wanted,
-                                     chunk_size=chunk_size, baseline_value=bval, refined=refined)
+                                     baseline_value=bval, refined=refined)
             for group, g in grads.items():
-                for metric, value in _metric_items(gradient_statistics(g)):
-                    rows.append({"method": method.name, "latent_dim": h, "param_group": group,
-                                 "estimator": est, "baseline": base, "n_mc": int(m),
-                                 "draws": int(draws), "metric": metric, "value": value})
+                stats = gradient_statistics(g)
+                for metric in METRICS:
+                    for member, value in enumerate(stats[metric].tolist()):
+                        if value == value:  # NaN: undefined for this member
+                            rows.append({"member": member, "param_group": group,
+                                         "estimator": est, "baseline": base, "kl": kl,
+                                         "n_mc": int(m), "draws": int(draws),
+                                         "metric": metric, "value": value})
     return rows

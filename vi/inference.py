@@ -1,39 +1,46 @@
-"""Inference methods over one shared decoder (SPEC §4): the swappable unit of the study.
+"""Inference methods over one shared decoder: the swappable unit of the study
+(docs/algorithms.md).
 
-``vem``             Variational EM with stochastic gradients (seed notes, Algorithms 7–8): a table
-                    of local λ_n; per minibatch ``e_steps`` ascent steps on its rows (θ fixed),
-                    then ``m_steps`` on θ (rows fixed).
-``amortized``       The VAE (Algorithm 9; Kingma & Welling 2014): λ_n = f_φ(x_n), one joint
-                    step on (θ, φ).
-``semi_amortized``  SA-VAE (Kim et al., 2018): λ⁽⁰⁾ = f_φ(x), refined by K gradient steps; θ is
-                    trained at the refined λ⁽ᴷ⁾, φ on the ELBO at λ⁽⁰⁾ (or through the refinement).
+``vem``             Variational EM with stochastic gradients: a table of local λ_n; per minibatch
+                    E-steps on its rows (θ fixed), then ``m_steps`` on θ (rows fixed).
+``amortized``       The VAE (Kingma & Welling 2014): λ_n = f_φ(x_n), one joint step on (θ, φ).
+``semi_amortized``  λ⁽⁰⁾ = f_φ(x) refined by K gradient steps (Kim et al., 2018); θ is trained
+                    at the refined λ⁽ᴷ⁾, φ on the ELBO at λ⁽⁰⁾ ("VAE + SVI") or, with
+                    ``refine_through``, through the refinement (SA-VAE).
 
-Every method uses the same estimator layer, so score and reparameterized runs differ only in
-the estimator's name. Each method owns its optimisers (vem's local rows have per-row state), and
-``infer`` returns the method's own posterior q_φ for any points: encoder output, refined encoder
-output, or — for vem — the table rows of training points and rows fitted by E-steps from the
-fixed initialisation λ = 0 (the prior) for held-out points.
+Every method is an *ensemble* of K members (``vi.nets``) that share one configuration and differ
+in seed and step sizes: data x [K, B, D], posterior parameters λ [K, B, 2H], noise
+[M, K, B, H]. A member never sees another member's numbers; a step returns per-member health
+flags instead of raising, so one diverging member is set aside while the others go on.
+
+Each method declares its traits as class attributes (``has_encoder``, ``has_local_table``,
+``step_sizes``, ``groups``, ``heldout_init``, ``curve_inits``): code outside this module reads
+them and never tests a method's name.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import ClassVar
 
 import torch
 from torch import Tensor, nn
 
-from vi.decoders import ACTIVATIONS, GaussianDecoder
-from vi.estimators import RunningMean, draw_noise, validate_estimator
+from vi.decoders import GaussianDecoder
+from vi.estimators import Estimate, RunningMean, validate_estimator
+from vi.nets import ACTIVATIONS, StackedMLP
 from vi.objectives import KL_MODES, elbo
-from vi.optim import RowOptimizer, make_optimizer, validate_optimizer
+from vi.optim import FlatOptimizer, RowOptimizer, validate_optimizer
+from vi.streams import MemberRandom
 
 __all__ = [
     "METHODS",
+    "STEP_SIZE_FIELDS",
     "Amortized",
-    "Divergence",
     "Encoder",
     "InferenceMethod",
     "MethodSettings",
@@ -41,385 +48,561 @@ __all__ = [
     "StoppingRule",
     "VariationalEM",
     "build_method",
+    "estimate_elbo",
+    "finite_members",
     "fit_local",
+    "frozen",
 ]
 
-METHODS = ("vem", "amortized", "semi_amortized")
-
-
-class Divergence(RuntimeError):
-    """A non-finite loss, gradient or parameter: training stops and the run is ``diverged``."""
+#: the settings that may differ between the members of one ensemble (besides the seed)
+STEP_SIZE_FIELDS = ("lr", "encoder_lr", "local_lr", "refine_lr")
 
 
 @dataclass(frozen=True)
 class StoppingRule:
-    """Window-and-patience rule (Cremer et al., 2018): stop when the mean ELBO over a window
-    of ``window`` steps has not improved on the best window for ``patience`` windows, or at
+    """Window-and-patience rule (Cremer et al., 2018): stop when the mean ELBO over a window of
+    ``window`` steps has not improved on the best window for ``patience`` windows, or at
     ``max_steps``."""
 
-    window: int = 100
-    patience: int = 10
-    max_steps: int = 5000
+    window: int = 20
+    patience: int = 3
+    max_steps: int = 500
 
     def __post_init__(self) -> None:
-        if min(self.window, self.patience, self.max_steps) < 1:
-            raise ValueError(f"stopping rule values must be positive; got {self}")
+        for name in ("window", "patience", "max_steps"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"stopping rule {name} must be a positive integer; got {value!r}")
 
 
 @dataclass(frozen=True)
 class MethodSettings:
-    """Everything an inference method needs besides the decoder (all plain values)."""
+    """Everything an inference method needs besides the decoder (plain values, the one source
+    of these defaults).
 
+    Step sizes: ``lr`` for the decoder θ; ``encoder_lr`` for the encoder φ (None: ``lr``);
+    ``local_lr`` for vem's local λ and every held-out E-step; ``refine_lr`` for the
+    semi-amortized refinement. ``e_steps`` E-steps per minibatch, or with ``e_tol`` at most
+    ``e_steps``, stopping once the minibatch's mean ELBO estimate changes by less than
+    ``e_tol`` nats between E-steps. ``heldout`` is the rule of every held-out E-step fit.
+    """
+
+    name: str = "amortized"
     estimator: str = "reparam"
     baseline: str = "none"
     kl: str = "analytic"
     n_mc: int = 1
     optimizer: str = "adam"
     lr: float = 1e-3
+    encoder_lr: float | None = None
     local_optimizer: str = "adam"
     local_lr: float = 1e-2
     rm_delay: float = 100.0
     rm_power: float = 0.6
     e_steps: int = 1
+    e_tol: float | None = None
     m_steps: int = 1
     refine_steps: int = 5
     refine_lr: float = 1e-1
     refine_through: bool = False
     baseline_decay: float = 0.9
     grad_clip: float | None = None
-    heldout: StoppingRule = StoppingRule(window=20, patience=3, max_steps=500)
+    heldout: StoppingRule = field(default_factory=StoppingRule)
     encoder_hidden: tuple[int, ...] = (256,)
     encoder_activation: str = "tanh"
 
-    def validate(self, method: str) -> None:
+    def validate(self) -> None:
+        if self.name not in METHODS:
+            raise ValueError(f"unknown method {self.name!r}; valid: {', '.join(METHODS)}")
         validate_estimator(self.estimator, self.baseline, self.n_mc)
         if self.kl not in KL_MODES:
             raise ValueError(f"unknown kl mode {self.kl!r}; valid: {', '.join(KL_MODES)}")
         validate_optimizer(self.optimizer, self.lr, self.rm_power, self.rm_delay)
+        validate_optimizer(self.optimizer, self.encoder_lr or self.lr, self.rm_power,
+                           self.rm_delay)
         validate_optimizer(self.local_optimizer, self.local_lr, self.rm_power, self.rm_delay)
         if min(self.e_steps, self.m_steps) < 1:
             raise ValueError(
                 f"e_steps and m_steps must be >= 1; got {self.e_steps}, {self.m_steps}"
             )
-        if method == "semi_amortized" and self.refine_steps < 1:
-            raise ValueError("semi_amortized needs refine_steps >= 1 (0 is the plain VAE)")
-        if not self.refine_lr > 0:
-            raise ValueError(f"refine_lr must be positive; got {self.refine_lr}")
-        if self.grad_clip is not None and not self.grad_clip > 0:
-            raise ValueError(f"grad_clip must be positive or None; got {self.grad_clip}")
+        if self.e_tol is not None and not (math.isfinite(self.e_tol) and self.e_tol > 0):
+            raise ValueError(f"e_tol must be a positive number or null; got {self.e_tol}")
+        if METHODS[self.name].refines and self.refine_steps < 1:
+            raise ValueError(f"{self.name} needs refine_steps >= 1 (0 is the plain VAE)")
+        if not (math.isfinite(self.refine_lr) and self.refine_lr > 0):
+            raise ValueError(f"refine_lr must be finite and positive; got {self.refine_lr}")
+        if self.grad_clip is not None and not (math.isfinite(self.grad_clip)
+                                               and self.grad_clip > 0):
+            raise ValueError(f"grad_clip must be a positive number or null; got "
+                             f"{self.grad_clip}")
+        if not 0.0 <= self.baseline_decay < 1.0:
+            raise ValueError(f"baseline_decay must lie in [0, 1); got {self.baseline_decay}")
         if self.encoder_activation not in ACTIVATIONS:
             raise ValueError(
                 f"unknown activation {self.encoder_activation!r}; valid: {', '.join(ACTIVATIONS)}"
             )
+        if any(int(w) < 1 for w in self.encoder_hidden):
+            raise ValueError(f"encoder_hidden widths must be positive; got "
+                             f"{list(self.encoder_hidden)}")
+
+    def shared(self) -> dict:
+        """The fields every member of an ensemble must agree on (all but the step sizes)."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+                if f.name not in STEP_SIZE_FIELDS}
 
 
-def _finite(what: str, *tensors: Tensor) -> None:
-    # max |t| over all entries is non-finite iff some entry is (amax propagates NaN, and a max
-    # of finite values cannot overflow). One reduction over the concatenation replaces a
-    # per-tensor isfinite/all/bool round: on CPU torch.isfinite costs ~10x an abs-max, and
-    # those checks of the gradients and parameters took ~15% of a digits epoch (issue 8).
-    with torch.no_grad():
-        flat = [t.reshape(-1) for t in tensors if t is not None and t.numel()]
-        finite = not flat or math.isfinite(
-            float((flat[0] if len(flat) == 1 else torch.cat(flat)).abs().amax())
-        )
-    if not finite:
-        raise Divergence(f"non-finite {what}")
+# ---------------------------------------------------------------------------------- helpers
+
+
+def finite_members(*tensors: Tensor | None) -> Tensor:
+    """[K] bool: member k is finite in every tensor (member axis first).
+
+    max |t| over a member's entries is non-finite iff some entry is (amax propagates NaN, and a
+    max of finite values cannot overflow); one reduction over the concatenation is far cheaper
+    on CPU than ``isfinite`` per tensor.
+    """
+    flat = [t.detach().reshape(t.shape[0], -1) for t in tensors if t is not None and t.numel()]
+    if not flat:
+        raise ValueError("finite_members needs at least one non-empty tensor")
+    joined = flat[0] if len(flat) == 1 else torch.cat(flat, dim=1)
+    return torch.isfinite(joined.abs().amax(dim=1))
+
+
+@contextlib.contextmanager
+def frozen(module: nn.Module) -> Iterator[None]:
+    """The module's parameters do not require grad inside (θ fixed during E-steps)."""
+    params = [p for p in module.parameters() if p.requires_grad]
+    for p in params:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p in params:
+            p.requires_grad_(True)
+
+
+def _step_sizes(settings: Sequence[MethodSettings], name: str) -> list[float]:
+    values = [getattr(s, name) for s in settings]
+    if name == "encoder_lr":
+        values = [s.encoder_lr if s.encoder_lr is not None else s.lr for s in settings]
+    return [float(v) for v in values]
+
+
+def _clip(leaves: Sequence[Tensor], max_norm: float | None) -> None:
+    """Per-member gradient-norm clipping over every leaf (never across members)."""
+    if max_norm is None:
+        return
+    norm2 = sum(p.grad.pow(2).sum(dim=1) for p in leaves)
+    scale = (max_norm / (norm2.sqrt() + 1e-6)).clamp(max=1.0).unsqueeze(1)
+    for p in leaves:
+        p.grad.mul_(scale)
 
 
 class Encoder(nn.Module):
-    """Inference network f_φ: x [B, D] → λ [B, 2H] (an MLP; the log σ² head starts at 0)."""
+    """Inference network f_φ: x [K, B, D] → λ [K, B, 2H], an MLP per member; the log σ² head
+    starts at a tenth of ``nn.Linear``'s scale with zero bias (q starts near N(·, I))."""
 
-    def __init__(
-        self, data_dim: int, latent_dim: int, hidden: Sequence[int] = (256,), activation="tanh"
-    ) -> None:
+    def __init__(self, data_dim: int, latent_dim: int, hidden: Sequence[int] = (256,),
+                 activation: str = "tanh", *, members: int = 1,
+                 generators: Sequence[torch.Generator] | None = None) -> None:
         super().__init__()
-        layers: list[nn.Module] = []
-        width = data_dim
-        for h in hidden:
-            layers += [nn.Linear(width, int(h)), ACTIVATIONS[activation]()]
-            width = int(h)
-        out = nn.Linear(width, 2 * latent_dim)
-        with torch.no_grad():
-            out.weight[latent_dim:].mul_(0.1)
-            out.bias.zero_()
-        self.net = nn.Sequential(*layers, out)
+        self.latent_dim = int(latent_dim)
+        self.net = StackedMLP(members, [data_dim, *map(int, hidden), 2 * latent_dim],
+                              activation)
+        last = len(self.net.sizes) - 2
+        for k in range(members):
+            g = generators[k] if generators is not None else torch.Generator().manual_seed(k)
+            self.net.reset_member(k, g)
+            with torch.no_grad():
+                views = self.net.params.views()
+                views[f"w{last}"][k, :, latent_dim:].mul_(0.1)
+                views[f"b{last}"][k].zero_()
+
+    @property
+    def params(self):
+        return self.net.params
 
     def forward(self, x: Tensor) -> Tensor:
         return self.net(x)
 
 
+# ----------------------------------------------------------------------------------- methods
+
+METHODS: dict[str, type[InferenceMethod]] = {}
+
+
 class InferenceMethod(nn.Module):
-    """Base class: a decoder, the estimator settings, and a training step per minibatch."""
+    """Base class: a decoder, estimator settings, K members, and a training step.
 
-    name = "base"
-    last_infer_steps: int | None = None  # E-steps the last held-out ``infer`` took, if any
+    Traits (class attributes, read by everything outside this module):
 
-    def __init__(self, decoder: GaussianDecoder, settings: MethodSettings) -> None:
+    ``name``             the method's name in configurations
+    ``has_encoder``      it has an inference network f_φ (``self.encoder``)
+    ``has_local_table``  it keeps a per-datapoint table of λ (``self.local``)
+    ``refines``          it refines λ by gradient steps (``refine_steps``, ``refine_lr``)
+    ``step_sizes``       the ``MethodSettings`` step-size fields it uses
+    ``groups``           its parameter groups for gradient statistics
+    ``heldout_init``     where inference of a new point starts: ``prior`` (λ = 0) or
+                         ``encoder`` (f_φ(x))
+    ``curve_inits``      the starts of its test-time inference curve
+    """
+
+    name: ClassVar[str] = ""
+    has_encoder: ClassVar[bool] = False
+    has_local_table: ClassVar[bool] = False
+    refines: ClassVar[bool] = False
+    step_sizes: ClassVar[tuple[str, ...]] = ("lr",)
+    groups: ClassVar[tuple[str, ...]] = ("variational", "decoder")
+    heldout_init: ClassVar[str] = "prior"
+    curve_inits: ClassVar[tuple[str, ...]] = ("prior",)
+
+    def __init_subclass__(cls, **kwargs) -> None:
+        super().__init_subclass__(**kwargs)
+        if cls.name:
+            METHODS[cls.name] = cls
+
+    def __init__(self, decoder: GaussianDecoder, settings: Sequence[MethodSettings]) -> None:
         super().__init__()
-        settings.validate(self.name)
-        self.decoder, self.settings = decoder, settings
-        self.running_mean = RunningMean(settings.baseline_decay)
+        settings = list(settings)
+        if len(settings) != decoder.members:
+            raise ValueError(f"{len(settings)} member settings for a decoder of "
+                             f"{decoder.members} members")
+        for s in settings:
+            s.validate()
+        first = settings[0].shared()
+        for k, s in enumerate(settings[1:], start=1):
+            if s.shared() != first:
+                diff = sorted(n for n, v in s.shared().items() if first[n] != v)
+                raise ValueError(f"ensemble members may differ only in step sizes; member {k} "
+                                 f"differs in {', '.join(diff)}")
+        self.decoder = decoder
+        self.member_settings = settings
+        self.settings = settings[0]
+        like = decoder.params.flat
+        self.running_mean = RunningMean(decoder.members, self.settings.baseline_decay,
+                                        like.device)
+        self.refine_lr = torch.tensor(_step_sizes(settings, "refine_lr"), dtype=like.dtype,
+                                      device=like.device).reshape(-1, 1, 1)
+        self.local_lr = _step_sizes(settings, "local_lr")
 
-    # -- the objective every method shares -------------------------------------------------
-    def estimate(self, x: Tensor, lam: Tensor, generator: torch.Generator | None, n_mc=None):
-        """ELBO ``Estimate`` for λ with fresh noise from ``generator`` (the method's estimator)."""
-        s = self.settings
-        eps = draw_noise(n_mc or s.n_mc, lam.shape[:-1], self.decoder.latent_dim,
-                         generator=generator, device=lam.device, dtype=lam.dtype)
-        bval = self.running_mean.value if s.baseline == "mean" else None
-        return elbo(self.decoder, x, lam, eps, estimator=s.estimator, baseline=s.baseline,
-                    kl=s.kl, baseline_value=bval)
+    @property
+    def members(self) -> int:
+        return self.decoder.members
 
-    def _record(self, samples: Tensor) -> Tensor:
-        _finite("ELBO estimate", samples)
+    # -- the objective every method shares ---------------------------------------------------
+    def baseline_value(self) -> Tensor | None:
+        """The ``mean`` baseline's current value [K, 1] (None for other baselines)."""
+        if self.settings.baseline != "mean":
+            return None
+        return self.running_mean.value.to(self.decoder.params.flat)
+
+    def estimate(self, x: Tensor, lam: Tensor, random: MemberRandom, *,
+                 active: Tensor | None = None, n_mc: int | None = None) -> Estimate:
+        """ELBO ``Estimate`` for λ [K, B, 2H] with fresh noise [M, K, B, H] from ``random``."""
+        return estimate_elbo(self.decoder, x, lam, self.settings, random, active=active,
+                             n_mc=n_mc, baseline_value=self.baseline_value())
+
+    def _record(self, samples: Tensor, active: Tensor) -> tuple[Tensor, Tensor]:
+        """Per-point ELBO estimates [K, B] and per-member finiteness of the samples."""
+        ok = finite_members(samples.transpose(0, 1))
         if self.settings.baseline == "mean":
-            self.running_mean.update(samples)
-        return samples.mean(0)
+            self.running_mean.update(samples, active & ok)
+        return samples.mean(0), ok
 
-    @staticmethod
-    def _stepped(opt: torch.optim.Optimizer) -> list[Tensor]:
-        """The tensors ``opt`` updates: its parameter list, built from ``parameters()`` at
-        construction (walking the module tree every step cost ~150 Python calls a step)."""
-        return [p for group in opt.param_groups for p in group["params"]]
+    def _global_step(self, opt: FlatOptimizer, loss: Tensor, active: Tensor) -> Tensor:
+        """Backward of the summed member losses, per-member checks and clipping, one update.
+        Returns the members whose gradients and parameters stayed finite."""
+        opt.zero_grad()
+        loss.backward()
+        ok = finite_members(*(p.grad for p in opt.params))
+        _clip(opt.params, self.settings.grad_clip)
+        opt.step(active & ok)
+        return ok & finite_members(*opt.params)
 
-    def _step(self, opt, sched, params: list[Tensor]) -> None:
-        grads = [p.grad for p in params]
-        _finite("gradient", *grads)
-        if self.settings.grad_clip is not None:
-            nn.utils.clip_grad_norm_(params, self.settings.grad_clip)
-        opt.step()
-        if sched is not None:
-            sched.step()
-        _finite("parameter", *params)
+    def local_ascent(self, x: Tensor, lam: Tensor, random: MemberRandom, steps: int, *,
+                     active: Tensor | None = None, create_graph: bool = False
+                     ) -> tuple[Tensor, Tensor]:
+        """K plain gradient-ascent steps λ ← λ + α_k ĝ_λ (the refinement; α_k per member).
+        Returns (λ⁽ᴷ⁾, per-member finiteness of the refinement gradients)."""
+        ok = torch.ones(lam.shape[0], dtype=torch.bool, device=lam.device)
+        with torch.enable_grad():
+            for _ in range(steps):
+                if not lam.requires_grad:
+                    lam = lam.detach().requires_grad_()
+                est = self.estimate(x, lam, random, active=active)
+                (g,) = torch.autograd.grad(est.surrogate.sum(), lam, create_graph=create_graph)
+                ok = ok & finite_members(g)
+                lam = lam + self.refine_lr * torch.nan_to_num(g)
+        return lam, ok
 
-    def local_ascent(
-        self, x: Tensor, lam: Tensor, generator, steps: int, lr: float, create_graph=False
-    ) -> Tensor:
-        """K plain gradient-ascent steps λ ← λ + α ĝ_λ (semi-amortized refinement)."""
-        for _ in range(steps):
-            if not lam.requires_grad:
-                lam = lam.detach().requires_grad_()
-            est = self.estimate(x, lam, generator)
-            (g,) = torch.autograd.grad(est.surrogate.sum(), lam, create_graph=create_graph)
-            _finite("refinement gradient", g)
-            lam = lam + lr * g
-        return lam
-
-    # -- interface --------------------------------------------------------------------------
-    def train_step(self, x: Tensor, idx: Tensor, generator: torch.Generator) -> Tensor:
-        """One update on a minibatch; returns the per-point ELBO estimates [B] it recorded."""
+    # -- interface ----------------------------------------------------------------------------
+    def train_step(self, x: Tensor, idx: Tensor, random: MemberRandom, active: Tensor
+                   ) -> tuple[Tensor, Tensor]:
+        """One update on a minibatch x [K, B, D] with training indices idx [K, B]; members
+        outside ``active`` do not move. Returns (per-point ELBO estimates [K, B], per-member
+        health [K]: False where a loss, gradient or parameter became non-finite)."""
         raise NotImplementedError
 
-    def infer(self, x: Tensor, idx: Tensor | None = None, *, generator=None) -> Tensor:
-        """The method's own posterior parameters λ [B, 2H] for the points x (detached)."""
+    def training_lambda(self, x: Tensor, idx: Tensor) -> Tensor:
+        """The λ [K, B, 2H] a training step starts from (table rows or f_φ(x)), detached."""
         raise NotImplementedError
 
-    def optimizer_state(self) -> dict:
+    def infer(self, x: Tensor, random: MemberRandom) -> tuple[Tensor, Tensor | None]:
+        """The method's own posterior λ [K, N, 2H] for points x [K, N, D], θ fixed, and the
+        E-steps each member took (None when inference takes no E-steps)."""
         raise NotImplementedError
 
-    def load_optimizer_state(self, state: dict) -> None:
+    def optimizers(self) -> dict[str, FlatOptimizer | RowOptimizer]:
         raise NotImplementedError
+
+    def optimizer_state(self) -> dict[str, Tensor]:
+        """Every optimiser tensor and the baseline's running mean (member axis first)."""
+        state = {f"running_mean.{k}": v for k, v in self.running_mean.state_dict().items()}
+        for name, opt in self.optimizers().items():
+            state |= {f"{name}.{k}": v for k, v in opt.state_dict().items()}
+        return state
+
+    def load_optimizer_state(self, state: dict[str, Tensor]) -> None:
+        def part(prefix: str) -> dict[str, Tensor]:
+            return {k[len(prefix) + 1:]: v for k, v in state.items()
+                    if k.startswith(prefix + ".")}
+
+        self.running_mean.load_state_dict(part("running_mean"))
+        for name, opt in self.optimizers().items():
+            opt.load_state_dict(part(name))
+
+
+def estimate_elbo(decoder: GaussianDecoder, x: Tensor, lam: Tensor, settings: MethodSettings,
+                  random: MemberRandom, *, active: Tensor | None = None,
+                  n_mc: int | None = None, baseline_value: Tensor | None = None) -> Estimate:
+    """ELBO ``Estimate`` of λ [K, B, 2H] with the settings' estimator, baseline, KL mode and
+    M (or ``n_mc``), noise [M, K, B, H] drawn from ``random`` (members outside ``active``
+    draw nothing)."""
+    s = settings
+    eps = random.randn((n_mc or s.n_mc, lam.shape[1], decoder.latent_dim), 1, active=active,
+                       dtype=lam.dtype)
+    return elbo(decoder, x, lam, eps, estimator=s.estimator, baseline=s.baseline, kl=s.kl,
+                baseline_value=baseline_value)
 
 
 def fit_local(
-    method: InferenceMethod,
+    decoder: GaussianDecoder,
     x: Tensor,
     lam0: Tensor,
     *,
+    settings: MethodSettings,
+    lr: Sequence[float],
     rule: StoppingRule,
-    generator: torch.Generator | None,
-    lr: float | None = None,
-    optimizer: str | None = None,
-) -> tuple[Tensor, int, list[float]]:
-    """Fit λ for the points x by E-steps with θ frozen, from ``lam0``, batched over points.
+    random: MemberRandom,
+    baseline_value: Tensor | None = None,
+    active: Tensor | None = None,
+) -> tuple[Tensor, Tensor]:
+    """Fit λ for the points x [K, N, D] by E-steps with θ frozen, from ``lam0``, batched over
+    points and members: the held-out E-step of every method and the q* fit.
 
-    Uses the method's estimator and M; per-row Adam (or RM-SGD) on a private table. Returns
-    (λ, steps taken, mean ELBO per step). The window-and-patience rule acts on the batch mean.
+    Uses the settings' estimator, baseline, KL mode, M and local optimiser (per-row Adam or
+    RM-SGD on a private table) with step sizes ``lr`` [K]. The window-and-patience rule acts per
+    member on the mean ELBO of its points: a member that stops draws no more noise and keeps
+    its λ. Returns (λ [K, N, 2H], steps taken [K]).
     """
-    s = method.settings
+    s = settings
+    k_members = lam0.shape[0]
     table = lam0.detach().clone()
-    rows = torch.arange(table.shape[0], device=table.device)
-    opt = RowOptimizer(table, optimizer or s.local_optimizer, lr or s.local_lr,
-                       rm_delay=s.rm_delay, rm_power=s.rm_power)
-    trace: list[float] = []
-    best, bad = -float("inf"), 0
-    for step in range(1, rule.max_steps + 1):
-        lam = table.clone().requires_grad_()
-        est = method.estimate(x, lam, generator)
-        (g,) = torch.autograd.grad(-est.surrogate.sum(), lam)
-        _finite("held-out gradient", g)
-        opt.step(rows, g)
-        trace.append(float(est.samples.mean()))
-        if step % rule.window == 0:
-            current = sum(trace[-rule.window:]) / rule.window
-            best, bad = (current, 0) if current > best else (best, bad + 1)
-            if bad >= rule.patience:
-                return table, step, trace
-    return table, rule.max_steps, trace
+    rows = torch.arange(table.shape[1], device=table.device).expand(k_members, -1)
+    opt = RowOptimizer(table, lr, s.local_optimizer, rm_delay=s.rm_delay, rm_power=s.rm_power)
+    running = (torch.ones(k_members, dtype=torch.bool, device=table.device) if active is None
+               else active.clone())
+    steps = torch.zeros(k_members, dtype=torch.long, device=table.device)
+    window_sum = torch.zeros(k_members, dtype=torch.float64, device=table.device)
+    best = torch.full_like(window_sum, -math.inf)
+    bad = torch.zeros_like(steps)
+    with frozen(decoder), torch.enable_grad():
+        for step in range(1, rule.max_steps + 1):
+            lam = table.clone().requires_grad_()
+            est = estimate_elbo(decoder, x, lam, s, random, active=running,
+                                baseline_value=baseline_value)
+            (g,) = torch.autograd.grad(-est.surrogate.sum(), lam)
+            healthy = finite_members(g)
+            opt.step(rows, torch.nan_to_num(g), running & healthy)
+            steps += running.long()
+            window_sum += est.samples.detach().double().mean(dim=(0, 2))
+            if step % rule.window == 0:
+                current = window_sum / rule.window
+                improved = current > best
+                best = torch.where(running & improved, current, best)
+                bad = torch.where(running, torch.where(improved, 0, bad + 1), bad)
+                running = running & (bad < rule.patience) & healthy
+                window_sum.zero_()
+                if not bool(running.any()):
+                    break
+    return table, steps
 
 
 class VariationalEM(InferenceMethod):
-    """Per-datapoint variational EM: λ table [N, 2H] initialised at 0 (q = the prior).
-
-    Build it on its final device: the row optimiser holds the table and its own state.
-    """
+    """Per-datapoint variational EM: λ table [K, N, 2H] initialised at 0 (q = the prior);
+    E-steps on the minibatch's rows, then M-steps on θ."""
 
     name = "vem"
+    has_local_table = True
+    step_sizes = ("lr", "local_lr")
+    groups = ("variational", "local", "decoder")
+    heldout_init = "prior"
+    curve_inits = ("prior",)
 
-    def __init__(self, decoder: GaussianDecoder, settings: MethodSettings, n_train: int) -> None:
+    def __init__(self, decoder: GaussianDecoder, settings: Sequence[MethodSettings],
+                 n_train: int, generators: Sequence[torch.Generator] | None = None) -> None:
         super().__init__(decoder, settings)
-        s = settings
-        like = next(decoder.parameters())  # the table lives where the decoder does
-        self.register_buffer("local", like.new_zeros(int(n_train), 2 * decoder.latent_dim))
-        self.local_opt = RowOptimizer(self.local, s.local_optimizer, s.local_lr,
-                                      rm_delay=s.rm_delay, rm_power=s.rm_power)
-        self.decoder_opt, self.decoder_sched = make_optimizer(
-            decoder.parameters(), s.optimizer, s.lr, rm_delay=s.rm_delay, rm_power=s.rm_power
-        )
-
-    def train_step(self, x: Tensor, idx: Tensor, generator: torch.Generator) -> Tensor:
         s = self.settings
-        for _ in range(s.e_steps):  # E-step: ascent on the minibatch's rows only
-            lam = self.local[idx].clone().requires_grad_()
-            est = self.estimate(x, lam, generator)
-            (g,) = torch.autograd.grad(-est.surrogate.sum(), lam)
-            _finite("local gradient", g)
-            self.local_opt.step(idx, g)
-            _finite("local parameter", self.local[idx])
-        lam = self.local[idx]
-        params = self._stepped(self.decoder_opt)
+        like = decoder.params.flat
+        self.register_buffer("local", like.new_zeros(decoder.members, int(n_train),
+                                                     2 * decoder.latent_dim))
+        self.local_opt = RowOptimizer(self.local, self.local_lr, s.local_optimizer,
+                                      rm_delay=s.rm_delay, rm_power=s.rm_power)
+        self.decoder_opt = FlatOptimizer(
+            [(decoder.params.flat, _step_sizes(self.member_settings, "lr"))], s.optimizer,
+            rm_delay=s.rm_delay, rm_power=s.rm_power)
+        self._members = torch.arange(decoder.members, device=like.device).unsqueeze(1)
+
+    def optimizers(self) -> dict[str, FlatOptimizer | RowOptimizer]:
+        return {"local_opt": self.local_opt, "decoder_opt": self.decoder_opt}
+
+    def training_lambda(self, x: Tensor, idx: Tensor) -> Tensor:
+        return self.local[self._members, idx].detach().clone()
+
+    def train_step(self, x, idx, random, active):
+        s = self.settings
+        ok = active.clone()
+        e_active = active.clone()
+        previous = None
+        with frozen(self.decoder):
+            for _ in range(s.e_steps):  # E-step: ascent on the minibatch's rows only
+                lam = self.local[self._members, idx].requires_grad_()
+                est = self.estimate(x, lam, random, active=e_active)
+                (g,) = torch.autograd.grad(-est.surrogate.sum(), lam)
+                ok = ok & finite_members(g)
+                self.local_opt.step(idx, torch.nan_to_num(g), e_active & ok)
+                if s.e_tol is not None:
+                    current = est.samples.detach().mean(dim=(0, 2))
+                    if previous is not None:
+                        e_active = e_active & ((current - previous).abs() >= s.e_tol)
+                    previous = current
+                    if not bool(e_active.any()):
+                        break
+        lam = self.local[self._members, idx]
+        ok = ok & finite_members(lam)
         recorded = None
         for _ in range(s.m_steps):  # M-step: θ only, rows fixed
-            est = self.estimate(x, lam, generator)
-            self.decoder_opt.zero_grad(set_to_none=True)
-            (-est.surrogate.mean()).backward()
+            est = self.estimate(x, lam, random, active=active)
             if recorded is None:
-                recorded = self._record(est.samples)
-            self._step(self.decoder_opt, self.decoder_sched, params)
-        return recorded
+                recorded, fine = self._record(est.samples, active & ok)
+                ok = ok & fine
+            loss = -est.surrogate.mean(1).sum()
+            ok = ok & self._global_step(self.decoder_opt, loss, active & ok)
+        return recorded, ok
 
-    def infer(self, x: Tensor, idx: Tensor | None = None, *, generator=None) -> Tensor:
-        if idx is not None:
-            return self.local[idx].detach().clone()
-        zeros = x.new_zeros(x.shape[0], 2 * self.decoder.latent_dim)
-        with _frozen(self.decoder):
-            lam, steps, _ = fit_local(self, x, zeros, rule=self.settings.heldout,
-                                      generator=generator)
-        self.last_infer_steps = steps
-        return lam
-
-    def optimizer_state(self) -> dict:
-        return {"local": self.local_opt.state_dict(), "decoder": self.decoder_opt.state_dict(),
-                "sched": None if self.decoder_sched is None else self.decoder_sched.state_dict(),
-                "running_mean": self.running_mean.state_dict()}
-
-    def load_optimizer_state(self, state: dict) -> None:
-        self.local_opt.load_state_dict(state["local"])
-        self.decoder_opt.load_state_dict(state["decoder"])
-        if self.decoder_sched is not None:
-            self.decoder_sched.load_state_dict(state["sched"])
-        self.running_mean.load_state_dict(state["running_mean"])
-
-
-class _frozen:
-    """Context manager: a module's parameters do not require grad inside."""
-
-    def __init__(self, module: nn.Module) -> None:
-        self.params = [p for p in module.parameters() if p.requires_grad]
-
-    def __enter__(self):
-        for p in self.params:
-            p.requires_grad_(False)
-
-    def __exit__(self, *exc):
-        for p in self.params:
-            p.requires_grad_(True)
+    def infer(self, x, random):
+        zeros = x.new_zeros(*x.shape[:-1], 2 * self.decoder.latent_dim)
+        return fit_local(self.decoder, x, zeros, settings=self.settings, lr=self.local_lr,
+                         rule=self.settings.heldout, random=random,
+                         baseline_value=self.baseline_value())
 
 
 class Amortized(InferenceMethod):
-    """The VAE: λ = f_φ(x); one joint Adam/SGD step on (θ, φ) per minibatch."""
+    """The VAE: λ = f_φ(x); one joint Adam/SGD step on (θ, φ) per minibatch, with separate
+    step sizes for θ (``lr``) and φ (``encoder_lr``)."""
 
     name = "amortized"
+    has_encoder = True
+    step_sizes = ("lr", "encoder_lr")
+    groups = ("variational", "encoder", "decoder")
+    heldout_init = "encoder"
+    curve_inits = ("prior", "encoder")
 
-    def __init__(self, decoder: GaussianDecoder, settings: MethodSettings) -> None:
+    def __init__(self, decoder: GaussianDecoder, settings: Sequence[MethodSettings],
+                 n_train: int = 0, generators: Sequence[torch.Generator] | None = None) -> None:
         super().__init__(decoder, settings)
-        s = settings
+        s = self.settings
         self.encoder = Encoder(decoder.data_dim, decoder.latent_dim, s.encoder_hidden,
-                               s.encoder_activation)
-        self.opt, self.sched = make_optimizer(
-            self.parameters(), s.optimizer, s.lr, rm_delay=s.rm_delay, rm_power=s.rm_power
-        )
+                               s.encoder_activation, members=decoder.members,
+                               generators=generators).to(decoder.params.flat)
+        self.opt = FlatOptimizer(
+            [(decoder.params.flat, _step_sizes(self.member_settings, "lr")),
+             (self.encoder.params.flat, _step_sizes(self.member_settings, "encoder_lr"))],
+            s.optimizer, rm_delay=s.rm_delay, rm_power=s.rm_power)
 
-    def train_step(self, x: Tensor, idx: Tensor, generator: torch.Generator) -> Tensor:
-        est = self.estimate(x, self.encoder(x), generator)
-        self.opt.zero_grad(set_to_none=True)
-        (-est.surrogate.mean()).backward()
-        recorded = self._record(est.samples)
-        self._step(self.opt, self.sched, self._stepped(self.opt))
-        return recorded
+    def optimizers(self) -> dict[str, FlatOptimizer | RowOptimizer]:
+        return {"opt": self.opt}
 
-    def infer(self, x: Tensor, idx: Tensor | None = None, *, generator=None) -> Tensor:
+    def training_lambda(self, x: Tensor, idx: Tensor) -> Tensor:
         with torch.no_grad():
             return self.encoder(x)
 
-    def optimizer_state(self) -> dict:
-        return {"opt": self.opt.state_dict(),
-                "sched": None if self.sched is None else self.sched.state_dict(),
-                "running_mean": self.running_mean.state_dict()}
+    def train_step(self, x, idx, random, active):
+        est = self.estimate(x, self.encoder(x), random, active=active)
+        recorded, ok = self._record(est.samples, active)
+        ok = ok & self._global_step(self.opt, -est.surrogate.mean(1).sum(), active & ok)
+        return recorded, ok
 
-    def load_optimizer_state(self, state: dict) -> None:
-        self.opt.load_state_dict(state["opt"])
-        if self.sched is not None:
-            self.sched.load_state_dict(state["sched"])
-        self.running_mean.load_state_dict(state["running_mean"])
+    def infer(self, x, random):
+        with torch.no_grad():
+            return self.encoder(x), None
 
 
 class SemiAmortized(Amortized):
-    """SA-VAE: encoder output refined by ``refine_steps`` ascent steps (Kim et al., 2018)."""
+    """Semi-amortized inference (Kim et al., 2018): the encoder's λ⁽⁰⁾ refined by
+    ``refine_steps`` plain gradient-ascent steps of size ``refine_lr``.
+
+    θ is trained at the refined λ⁽ᴷ⁾. φ is trained on the ELBO at its own output λ⁽⁰⁾ (Kim et
+    al.'s "VAE + SVI") or, with ``refine_through``, on the ELBO at λ⁽ᴷ⁾ with gradients through
+    the refinement (their SA-VAE).
+    """
 
     name = "semi_amortized"
+    refines = True
+    step_sizes = ("lr", "encoder_lr", "refine_lr")
+    groups = ("variational", "encoder", "decoder")
+    heldout_init = "encoder"
+    curve_inits = ("prior", "encoder")
 
-    def train_step(self, x: Tensor, idx: Tensor, generator: torch.Generator) -> Tensor:
+    def train_step(self, x, idx, random, active):
         s = self.settings
         lam0 = self.encoder(x)
-        lam_k = self.local_ascent(x, lam0 if s.refine_through else lam0.detach(), generator,
-                                  s.refine_steps, s.refine_lr, create_graph=s.refine_through)
-        dec_params = list(self.decoder.parameters())
-        enc_params = list(self.encoder.parameters())
-        est = self.estimate(x, lam_k.detach(), generator)  # θ at the refined λ
-        dec_grads = torch.autograd.grad(-est.surrogate.mean(), dec_params)
+        with contextlib.ExitStack() as stack:
+            if not s.refine_through:
+                stack.enter_context(frozen(self.decoder))
+            lam_k, ok = self.local_ascent(x, lam0 if s.refine_through else lam0.detach(),
+                                          random, s.refine_steps, active=active,
+                                          create_graph=s.refine_through)
+        dec, enc = self.decoder.params.flat, self.encoder.params.flat
+        est = self.estimate(x, lam_k.detach(), random, active=active)  # θ at the refined λ
+        (dec_grad,) = torch.autograd.grad(-est.surrogate.mean(1).sum(), [dec])
         enc_target = lam_k if s.refine_through else lam0
-        enc_est = self.estimate(x, enc_target, generator)  # φ at its own output
-        enc_grads = torch.autograd.grad(-enc_est.surrogate.mean(), enc_params)
-        for p, g in zip(dec_params + enc_params, dec_grads + enc_grads, strict=True):
-            p.grad = g
-        recorded = self._record(est.samples)
-        self._step(self.opt, self.sched, dec_params + enc_params)
-        return recorded
+        enc_est = self.estimate(x, enc_target, random, active=active)  # φ at its own λ
+        (enc_grad,) = torch.autograd.grad(-enc_est.surrogate.mean(1).sum(), [enc])
+        recorded, fine = self._record(est.samples, active & ok)
+        ok = ok & fine & finite_members(dec_grad, enc_grad)
+        dec.grad, enc.grad = dec_grad, enc_grad
+        _clip(self.opt.params, s.grad_clip)
+        self.opt.step(active & ok)
+        return recorded, ok & finite_members(dec, enc)
 
-    def infer(self, x: Tensor, idx: Tensor | None = None, *, generator=None) -> Tensor:
-        s = self.settings
+    def infer(self, x, random):
         with torch.no_grad():
             lam0 = self.encoder(x)
-        with _frozen(self.decoder):
-            lam = self.local_ascent(x, lam0, generator, s.refine_steps, s.refine_lr)
-        return lam.detach()
+        with frozen(self.decoder):
+            lam, _ = self.local_ascent(x, lam0, random, self.settings.refine_steps)
+        return lam.detach(), None
 
 
 def build_method(
-    method: str, decoder: GaussianDecoder, settings: MethodSettings, n_train: int
+    decoder: GaussianDecoder,
+    settings: Sequence[MethodSettings],
+    n_train: int,
+    generators: Sequence[torch.Generator] | None = None,
 ) -> InferenceMethod:
-    """Construct a method by name; an unknown name lists the valid ones."""
-    if method == "vem":
-        return VariationalEM(decoder, settings, n_train)
-    if method == "amortized":
-        return Amortized(decoder, settings)
-    if method == "semi_amortized":
-        return SemiAmortized(decoder, settings)
-    raise ValueError(f"unknown method {method!r}; valid: {', '.join(METHODS)}")
-
-
-def replace_settings(settings: MethodSettings, **changes) -> MethodSettings:
-    """A copy of ``settings`` with some fields changed (e.g. another estimator, same model)."""
-    return dataclasses.replace(settings, **changes)
+    """Construct the method named by the settings (one ``MethodSettings`` per member)."""
+    settings = list(settings)
+    name = settings[0].name
+    if name not in METHODS:
+        raise ValueError(f"unknown method {name!r}; valid: {', '.join(METHODS)}")
+    return METHODS[name](decoder, settings, n_train, generators)

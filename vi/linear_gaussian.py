@@ -32,9 +32,12 @@ __all__ = [
 
 
 def _check(W: Tensor, b: Tensor, psi: Tensor) -> Tensor:
-    if W.dim() != 2 or b.shape != (W.shape[0],):
-        raise ValueError(f"expected W [D, H] and b [D]; got W {tuple(W.shape)}, b {tuple(b.shape)}")
-    psi = torch.as_tensor(psi, dtype=W.dtype, device=W.device).expand(W.shape[0])
+    if W.dim() < 2 or b.dim() < 1 or b.shape[-1] != W.shape[-2]:
+        raise ValueError(f"expected W [..., D, H] and b [..., D]; got W {tuple(W.shape)}, "
+                         f"b {tuple(b.shape)}")
+    psi = torch.as_tensor(psi, dtype=W.dtype, device=W.device)
+    if psi.dim() == 0:
+        psi = psi.expand(W.shape[-2])
     if bool((psi <= 0).any()):
         raise ValueError("the noise variances ψ must be positive")
     return psi
@@ -83,12 +86,13 @@ def elbo_closed_form(x: Tensor, lam: Tensor, W: Tensor, b: Tensor, psi: Tensor) 
 
     L = Σ_d [−½ log 2πψ_d − ((x_d − (Wμ + b)_d)² + Σ_h W²_dh σ²_h) / (2ψ_d)] − KL(q ‖ N(0, I)).
     Differentiable in λ, W, b and ψ: its autograd gradient is the exact gradient every
-    estimator must match in expectation.
+    estimator must match in expectation. Batched: x [K, N, D], λ [K, N, 2H] with W [K, D, H],
+    b and ψ [K, 1, D] give [K, N].
     """
     psi = _check(W, b, psi)
     mu, logvar = families.split_params(lam)
-    resid = x - (mu @ W.T + b)
-    spread = torch.exp(logvar) @ (W * W).T
+    resid = x - (mu @ W.transpose(-1, -2) + b)
+    spread = torch.exp(logvar) @ (W * W).transpose(-1, -2)
     expected_loglik = -0.5 * (
         torch.log(2 * math.pi * psi) + (resid.pow(2) + spread) / psi
     ).sum(-1)

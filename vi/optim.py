@@ -1,34 +1,46 @@
-"""Optimisers for the study: per-row optimisers of a local-parameter table, and the global ones.
+"""Optimisers of ensembles: flat Adam / Robbins–Monro SGD with a step size per member, and
+per-row optimisers of a local-parameter table (docs/algorithms.md).
 
-Variational EM keeps one λ_n per data point in an N x 2H table and updates only the minibatch's
-rows. Momentum must not leak into rows that were not visited (SPEC §4), so the optimiser state
-is per row too: Adam moments *and* step counts are indexed by row, so a row's bias correction
-counts that row's own updates (``torch.optim.SparseAdam`` shares one step count across rows).
-Robbins–Monro SGD uses α_t = α₀ (1 + t/τ)^(−κ) with κ ∈ (0.5, 1], so Σ α_t = ∞ and Σ α_t² < ∞
-(Robbins & Monro, 1951; Hoffman et al., 2013).
+Global parameters (decoder θ, encoder φ) live in flat leaves [K, P] (``vi.nets``); one update is
+a few element-wise operations on the whole leaf, with the step size a [K, 1] tensor, so every
+member of an ensemble has its own step size and its own bias-correction count. (CPU
+``torch.optim.Adam`` loops in Python over parameter tensors and takes one scalar step size.)
+
+Variational EM keeps one λ_n per data point and member in a [K, N, 2H] table and updates only
+the minibatch's rows. Momentum must not leak into rows that were not visited, so the optimiser
+state is per row too: Adam moments *and* step counts are indexed by row, so a row's bias
+correction counts that row's own updates (``torch.optim.SparseAdam`` shares one step count).
+Robbins–Monro SGD uses α_t = α₀ (1 + t/τ)^(−κ) with κ ∈ (0.5, 1], so Σ α_t = ∞ and
+Σ α_t² < ∞ (Robbins & Monro, 1951; Hoffman et al., 2013).
+
+Every piece of optimiser state is a tensor whose first axis is the member axis, so an ensemble's
+state can be sliced into members and members stacked into an ensemble (``vi.training``).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import math
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor
 
-__all__ = ["OPTIMIZERS", "RowOptimizer", "make_optimizer", "robbins_monro", "validate_optimizer"]
+__all__ = ["OPTIMIZERS", "FlatOptimizer", "RowOptimizer", "robbins_monro", "validate_optimizer"]
 
 OPTIMIZERS = ("adam", "sgd")
+BETAS = (0.9, 0.999)
+EPS = 1e-8
 
 
 def validate_optimizer(kind: str, lr: float, rm_power: float = 0.6, rm_delay: float = 100.0):
     """Raise ``ValueError`` for an unknown optimiser or an impossible step-size schedule."""
     if kind not in OPTIMIZERS:
         raise ValueError(f"unknown optimizer {kind!r}; valid: {', '.join(OPTIMIZERS)}")
-    if not lr > 0:
-        raise ValueError(f"learning rates must be positive; got {lr}")
-    if kind == "sgd" and not (0.5 < rm_power <= 1.0 and rm_delay > 0):
+    if not (isinstance(lr, int | float) and math.isfinite(lr) and lr > 0):
+        raise ValueError(f"learning rates must be finite and positive; got {lr}")
+    if kind == "sgd" and not (0.5 < rm_power <= 1.0 and 0 < rm_delay < math.inf):
         raise ValueError(
-            "a Robbins–Monro schedule needs 0.5 < rm_power <= 1 and rm_delay > 0; got "
+            "a Robbins–Monro schedule needs 0.5 < rm_power <= 1 and 0 < rm_delay < inf; got "
             f"rm_power={rm_power}, rm_delay={rm_delay}"
         )
 
@@ -38,83 +50,146 @@ def robbins_monro(step: Tensor | int, delay: float, power: float) -> Tensor | fl
     return (1.0 + step / delay) ** (-power)
 
 
-class RowOptimizer:
-    """Adam or Robbins–Monro SGD over the rows of a table, with per-row state.
+def _column(values: Sequence[float] | Tensor, like: Tensor) -> Tensor:
+    return torch.as_tensor(values, dtype=like.dtype, device=like.device).reshape(-1, 1)
 
-    ``step(idx, grad)`` *minimises*: it moves ``table[idx]`` against ``grad`` (shape
-    [len(idx), P]) and touches no other row of the table or of the state. ``idx`` must not
-    repeat (a minibatch drawn from a permutation never does).
+
+class FlatOptimizer:
+    """Adam or Robbins–Monro SGD over flat leaves [K, P], one step size per (leaf, member).
+
+    ``groups``: [(leaf, step sizes [K])]. ``step()`` *minimises*: it moves each leaf against its
+    ``.grad``. Members whose entry of ``active`` is False are left untouched (parameters and
+    state), so a stopped or diverged member stays exactly where it was.
     """
 
-    def __init__(
-        self,
-        table: Tensor,
-        kind: str = "adam",
-        lr: float = 1e-2,
-        *,
-        betas: tuple[float, float] = (0.9, 0.999),
-        eps: float = 1e-8,
-        rm_delay: float = 100.0,
-        rm_power: float = 0.6,
-    ) -> None:
-        validate_optimizer(kind, lr, rm_power, rm_delay)
-        self.table, self.kind, self.lr = table, kind, float(lr)
-        self.betas, self.eps = betas, float(eps)
+    def __init__(self, groups: Sequence[tuple[Tensor, Sequence[float] | Tensor]],
+                 kind: str = "adam", *, rm_delay: float = 100.0, rm_power: float = 0.6) -> None:
+        self.kind = kind
         self.rm_delay, self.rm_power = float(rm_delay), float(rm_power)
-        self.steps = torch.zeros(table.shape[0], dtype=torch.long, device=table.device)
+        self.params = [p for p, _ in groups]
+        self.lrs = [_column(lr, p) for p, lr in groups]
+        for p, lr in zip(self.params, self.lrs, strict=True):
+            if lr.shape[0] != p.shape[0]:
+                raise ValueError(f"{lr.shape[0]} step sizes for a leaf of {p.shape[0]} members")
+            validate_optimizer(kind, float(lr.min()), rm_power, rm_delay)
+        members = self.params[0].shape[0]
+        like = self.params[0]
+        self.steps = torch.zeros(members, 1, dtype=like.dtype, device=like.device)
+        if kind == "adam":
+            self.exp_avg = [torch.zeros_like(p) for p in self.params]
+            self.exp_avg_sq = [torch.zeros_like(p) for p in self.params]
+
+    def zero_grad(self) -> None:
+        for p in self.params:
+            p.grad = None
+
+    @torch.no_grad()
+    def step(self, active: Tensor | None = None) -> None:
+        mask = None if active is None or bool(active.all()) else active.reshape(-1, 1)
+        self.steps += 1 if mask is None else mask.to(self.steps.dtype)
+        t = self.steps
+        if self.kind == "sgd":
+            rate = robbins_monro(t - 1, self.rm_delay, self.rm_power)
+            for p, lr in zip(self.params, self.lrs, strict=True):
+                update = (lr * rate) * p.grad
+                p.copy_(p - update if mask is None else torch.where(mask, p - update, p))
+            return
+        b1, b2 = BETAS
+        bc1 = 1 - b1 ** t
+        bc2_sqrt = torch.sqrt(1 - b2 ** t)
+        for i, (p, lr) in enumerate(zip(self.params, self.lrs, strict=True)):
+            g, m, v = p.grad, self.exp_avg[i], self.exp_avg_sq[i]
+            if mask is None:
+                m.lerp_(g, 1 - b1)
+                v.mul_(b2).addcmul_(g, g, value=1 - b2)
+                p.sub_((lr / bc1) * m / (v.sqrt() / bc2_sqrt + EPS))
+            else:
+                new_m = torch.lerp(m, g, 1 - b1)
+                new_v = v * b2 + (1 - b2) * g * g
+                update = (lr / bc1) * new_m / (new_v.sqrt() / bc2_sqrt + EPS)
+                m.copy_(torch.where(mask, new_m, m))
+                v.copy_(torch.where(mask, new_v, v))
+                p.copy_(torch.where(mask, p - update, p))
+
+    def state_dict(self) -> dict[str, Tensor]:
+        """Per-member state, member axis first (no step sizes: they come from the settings)."""
+        state = {"steps": self.steps.clone()}
+        if self.kind == "adam":
+            for i in range(len(self.params)):
+                state[f"exp_avg{i}"] = self.exp_avg[i].clone()
+                state[f"exp_avg_sq{i}"] = self.exp_avg_sq[i].clone()
+        return state
+
+    def load_state_dict(self, state: dict[str, Tensor]) -> None:
+        self.steps.copy_(state["steps"])
+        if self.kind == "adam":
+            for i in range(len(self.params)):
+                self.exp_avg[i].copy_(state[f"exp_avg{i}"])
+                self.exp_avg_sq[i].copy_(state[f"exp_avg_sq{i}"])
+
+
+class RowOptimizer:
+    """Adam or Robbins–Monro SGD over the rows of a table [K, N, P], with per-row state and a
+    step size per member.
+
+    ``step(idx, grad, active)`` *minimises*: member k's rows ``idx[k]`` (shape [K, B], no
+    repeats within a member) move against ``grad`` [K, B, P]; no other row of the table or of
+    the state changes, nor any row of an inactive member.
+    """
+
+    def __init__(self, table: Tensor, lr: Sequence[float] | Tensor, kind: str = "adam", *,
+                 rm_delay: float = 100.0, rm_power: float = 0.6) -> None:
+        self.table, self.kind = table, kind
+        self.lr = _column(lr, table).unsqueeze(-1)  # [K, 1, 1]
+        if self.lr.shape[0] != table.shape[0]:
+            raise ValueError(f"{self.lr.shape[0]} step sizes for a table of {table.shape[0]} "
+                             f"members")
+        validate_optimizer(kind, float(self.lr.min()), rm_power, rm_delay)
+        self.rm_delay, self.rm_power = float(rm_delay), float(rm_power)
+        self.steps = torch.zeros(table.shape[:2], dtype=torch.long, device=table.device)
         if kind == "adam":
             self.exp_avg = torch.zeros_like(table)
             self.exp_avg_sq = torch.zeros_like(table)
+        self._members = torch.arange(table.shape[0], device=table.device).unsqueeze(1)
 
     @torch.no_grad()
-    def step(self, idx: Tensor, grad: Tensor) -> Tensor:
-        """Update the rows ``idx``; return their new values."""
-        t = self.steps[idx] + 1
-        self.steps[idx] = t
-        rows = self.table[idx]
+    def step(self, idx: Tensor, grad: Tensor, active: Tensor | None = None) -> Tensor:
+        """Update the rows ``idx`` [K, B]; return their new values [K, B, P]."""
+        k = self._members
+        t = self.steps[k, idx] + 1
+        rows = self.table[k, idx]
         if self.kind == "sgd":
-            # the count in the table's dtype: a long count would give a float32 schedule
-            rate = self.lr * robbins_monro((t - 1).to(rows.dtype), self.rm_delay, self.rm_power)
-            rows = rows - rate.unsqueeze(-1) * grad
+            rate = self.lr * robbins_monro((t - 1).to(rows.dtype), self.rm_delay,
+                                           self.rm_power).unsqueeze(-1)
+            new = rows - rate * grad
+            state = ()
         else:
-            b1, b2 = self.betas
-            m = b1 * self.exp_avg[idx] + (1 - b1) * grad
-            v = b2 * self.exp_avg_sq[idx] + (1 - b2) * grad * grad
-            self.exp_avg[idx], self.exp_avg_sq[idx] = m, v
+            b1, b2 = BETAS
+            m = torch.lerp(self.exp_avg[k, idx], grad, 1 - b1)
+            v = self.exp_avg_sq[k, idx] * b2 + (1 - b2) * grad * grad
             tf = t.to(rows.dtype).unsqueeze(-1)
-            m_hat, v_hat = m / (1 - b1**tf), v / (1 - b2**tf)
-            rows = rows - self.lr * m_hat / (v_hat.sqrt() + self.eps)
-        self.table[idx] = rows
-        return rows
+            new = rows - self.lr * (m / (1 - b1 ** tf)) / ((v / (1 - b2 ** tf)).sqrt() + EPS)
+            state = ((self.exp_avg, m), (self.exp_avg_sq, v))
+        if active is not None and not bool(active.all()):
+            keep = active.reshape(-1, 1)
+            t = torch.where(keep, t, t - 1)
+            new = torch.where(keep.unsqueeze(-1), new, rows)
+            state = tuple((buf, torch.where(keep.unsqueeze(-1), val, buf[k, idx]))
+                          for buf, val in state)
+        self.steps[k, idx] = t
+        for buf, val in state:
+            buf[k, idx] = val
+        self.table[k, idx] = new
+        return new
 
-    def state_dict(self) -> dict:
+    def state_dict(self) -> dict[str, Tensor]:
         state = {"steps": self.steps.clone()}
         if self.kind == "adam":
             state |= {"exp_avg": self.exp_avg.clone(), "exp_avg_sq": self.exp_avg_sq.clone()}
         return state
 
-    def load_state_dict(self, state: dict) -> None:
+    def load_state_dict(self, state: dict[str, Tensor]) -> None:
         self.steps.copy_(state["steps"])
         if self.kind == "adam":
             self.exp_avg.copy_(state["exp_avg"])
             self.exp_avg_sq.copy_(state["exp_avg_sq"])
-
-
-def make_optimizer(
-    params: Iterable[torch.nn.Parameter],
-    kind: str = "adam",
-    lr: float = 1e-3,
-    *,
-    rm_delay: float = 100.0,
-    rm_power: float = 0.6,
-) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler | None]:
-    """Adam, or SGD with a Robbins–Monro schedule (stepped once per update)."""
-    validate_optimizer(kind, lr, rm_power, rm_delay)
-    params = list(params)
-    if kind == "adam":
-        return torch.optim.Adam(params, lr=lr), None
-    opt = torch.optim.SGD(params, lr=lr)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda t: robbins_monro(t, rm_delay, rm_power)
-    )
-    return opt, sched

@@ -1,55 +1,57 @@
-"""Training: one serialisable configuration in, tidy metric rows out (SPEC §4, §7).
+"""Training: configurations in, tidy metric rows out (docs/algorithms.md, docs/results.md).
 
-A run is a ``TrainConfig`` (plain values, JSON round-trip) and nothing else. Randomness flows
-through explicit generators derived from ``seed``: one for the data order, one for the training
-noise, one for evaluation noise, one for gradient-variance measurements. Evaluation and
-measurement therefore never perturb the training stream, and score and reparameterized runs of
-one seed share the decoder initialisation and the data order exactly.
+A ``Trainer`` trains an *ensemble*: K runs of one configuration that differ only in their seed
+and step sizes, as one batched model (``vi.nets``). Each member stays a run of its own: its own
+random streams (``vi.streams``: initialisation, data order, training noise, and every
+measurement keyed by its name and epoch), its own rows, its own stopping decision, its own
+checkpoint (``member_state``). A member's numbers do not depend on which other members it is
+trained with.
 
-Rows follow SPEC §7's schema (``ROW_COLUMNS``). Wall-clock time lives only in ``wall_s``, so
-two runs of one configuration agree on every other column bit for bit on CPU.
+Per epoch: one pass over the training data in the member's own order; the running ELBO; the
+full evaluation (ELBO of each split under the method's own posterior) at the epochs of
+``TrainingConfig.evaluation_epochs``; the plateau rule on the validation ELBO every
+``check_every`` epochs; and the probes (``vi.probes``) that are due. A member stops when its
+validation ELBO has not improved by ``min_delta`` for ``patience`` checks (``converged``) or at
+``max_epochs`` (not converged); its best state is restored, evaluated on every split at the best
+epoch, and handed to the final probes. A member whose loss, gradient or parameters become
+non-finite is ``diverged``: it keeps its rows up to its last finished epoch and the others go
+on. Finished members leave the batch, so the ensemble shrinks as members stop.
+
+Rows follow the results contract (``ROW_COLUMNS``). ``wall_s`` is the training time attributed
+to the run: each epoch's seconds divided among the members trained in it.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import math
-import os
 import sys
-import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
-import numpy as np
+import pandas as pd
 import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from vi.data import DATASETS, Dataset, load_dataset
+from vi.config import RunConfig, ensemble_key
+from vi.data import Dataset, load_dataset, variance_floor
 from vi.decoders import GaussianDecoder
-from vi.inference import (
-    METHODS,
-    Divergence,
-    InferenceMethod,
-    MethodSettings,
-    StoppingRule,
-    build_method,
-)
-from vi.objectives import elbo
+from vi.evaluation import split_elbo
+from vi.inference import InferenceMethod, build_method
+from vi.streams import MemberRandom, generator
 
 __all__ = [
     "IDENTITY_COLUMNS",
     "ROW_COLUMNS",
-    "TrainConfig",
-    "TrainResult",
+    "MemberResult",
+    "Probe",
+    "ProbeContext",
+    "ProbeResult",
     "Trainer",
-    "atomic_write",
     "load_checkpoint",
-    "save_checkpoint",
-    "split_elbo",
+    "member_config",
     "train",
 ]
 
@@ -59,455 +61,633 @@ IDENTITY_COLUMNS = (
 )
 ROW_COLUMNS = (*IDENTITY_COLUMNS, "epoch", "step", "wall_s", "split", "param_group", "metric",
                "value")
-DTYPES = {"float32": torch.float32, "float64": torch.float64}
+CHECKPOINT_FORMAT = 2
+_DTYPES = {"float32": torch.float32, "float64": torch.float64}
+
+
+# ------------------------------------------------------------------------------------ probes
 
 
 @dataclass
-class TrainConfig:
-    """Everything that defines a training run. ``from_dict`` rejects unknown keys and bad types."""
+class ProbeContext:
+    """What a probe sees: the ensemble's method (every member, at the state to measure), the
+    data per member ([K, N, D] per split; digit labels [K, N] where the data has them), the
+    members' seeds and configurations, and when (``epoch``; ``final``: the restored best state
+    at the end of training; ``evaluating``: a full-evaluation epoch)."""
 
-    # data
-    dataset: str = "digits"
-    dataset_options: dict = field(default_factory=dict)
-    data_path: str | None = None
-    data_seed: int = 0
-    test_fraction: float = 0.2
-    validation_fraction: float = 0.0
-    # model
-    latent_dim: int = 2
-    decoder_mean: str = "mlp"
-    decoder_variance: str = "learned"
-    isotropic: bool = False
-    hidden: list[int] = field(default_factory=lambda: [256])
-    activation: str = "tanh"
-    var_floor: float = 1e-4
-    fixed_var: float = 1.0
-    init_var: float = 1.0
-    encoder_hidden: list[int] = field(default_factory=lambda: [256])
-    encoder_activation: str = "tanh"
-    # inference and estimator
-    method: str = "amortized"
-    estimator: str = "reparam"
-    baseline: str = "none"
-    kl: str = "analytic"
-    n_mc: int = 1
-    baseline_decay: float = 0.9
-    # optimisation
-    optimizer: str = "adam"
-    lr: float = 1e-3
-    local_optimizer: str = "adam"
-    local_lr: float = 1e-2
-    rm_delay: float = 100.0
-    rm_power: float = 0.6
-    e_steps: int = 1
-    m_steps: int = 1
-    refine_steps: int = 5
-    refine_lr: float = 0.1
-    refine_through: bool = False
-    grad_clip: float | None = None
-    epochs: int = 20
-    batch_size: int = 128
-    # evaluation
-    eval_every: int = 1
-    eval_n_mc: int = 10
-    eval_splits: list[str] = field(default_factory=lambda: ["train", "test"])
-    heldout_window: int = 20
-    heldout_patience: int = 3
-    heldout_max_steps: int = 500
-    # gradient-variance logging (vi.gradstats)
-    gradvar: bool = False
-    gradvar_epochs: list[int] | None = None
-    gradvar_draws: int = 100
-    gradvar_batch: int = 64
-    # final evaluation (vi.evaluation)
-    gaps: bool = False
-    test_curve: bool = False
-    iwae_k: int = 1000
-    iwae_chunk: int = 256
-    gap_points: int | None = None
-    gap_n_mc: int = 1000
-    qstar_init: str = "posterior"
-    qstar_n_mc: int = 10
-    qstar_lr: float = 1e-2
-    qstar_window: int = 100
-    qstar_patience: int = 10
-    qstar_max_steps: int = 5000
-    test_curve_steps: list[int] = field(
-        default_factory=lambda: [0, 1, 2, 4, 8, 16, 32, 64, 128, 256]
-    )
-    test_curve_n_mc: int = 100
-    # execution
-    seed: int = 0
-    device: str = "cpu"
-    dtype: str = "float32"
+    method: InferenceMethod
+    x: dict[str, Tensor]
+    labels: dict[str, Tensor]
+    seeds: list[int]
+    configs: list[RunConfig]
+    epoch: int
+    final: bool
+    evaluating: bool
+    levels: int | None
 
-    @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> TrainConfig:
-        """Build and validate a config from plain values (e.g. parsed JSON)."""
-        if not isinstance(values, dict):
-            raise ValueError(f"a configuration must be a mapping; got {type(values).__name__}")
-        known = {f.name: f for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - set(known))
-        if unknown:
-            raise ValueError(
-                f"unknown configuration key(s) {', '.join(unknown)}; valid: {', '.join(known)}"
-            )
-        defaults = cls()
-        for key, value in values.items():
-            _check_type(key, value, getattr(defaults, key), known[key].type)
-        config = cls(**{k: (list(v) if isinstance(v, tuple) else v) for k, v in values.items()})
-        config.validate()
-        return config
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    def method_settings(self) -> MethodSettings:
-        """The method's settings: every field the two dataclasses share by name, plus the
-        held-out stopping rule built from ``heldout_*`` and the encoder widths as a tuple."""
-        shared = {f.name: getattr(self, f.name) for f in dataclasses.fields(MethodSettings)
-                  if f.name in self.__dataclass_fields__}
-        return MethodSettings(**shared | {
-            "heldout": StoppingRule(self.heldout_window, self.heldout_patience,
-                                    self.heldout_max_steps),
-            "encoder_hidden": tuple(self.encoder_hidden),
-        })
-
-    def validate(self) -> None:
-        """Raise ``ValueError`` naming the first impossible value (before anything runs)."""
-        if self.dataset not in DATASETS:
-            raise ValueError(f"unknown dataset {self.dataset!r}; valid: {', '.join(DATASETS)}")
-        if self.method not in METHODS:
-            raise ValueError(f"unknown method {self.method!r}; valid: {', '.join(METHODS)}")
-        for name in ("latent_dim", "n_mc", "epochs", "batch_size", "eval_every", "eval_n_mc",
-                     "gradvar_draws", "gradvar_batch", "iwae_k", "iwae_chunk", "gap_n_mc",
-                     "qstar_n_mc", "qstar_window", "qstar_patience", "qstar_max_steps",
-                     "test_curve_n_mc"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be a positive integer; got {getattr(self, name)}")
-        if self.gap_points is not None and self.gap_points < 1:
-            raise ValueError(f"gap_points must be positive or null; got {self.gap_points}")
-        if self.qstar_init not in ("posterior", "prior"):
-            raise ValueError(f"unknown qstar_init {self.qstar_init!r}; valid: posterior, prior")
-        if not self.qstar_lr > 0:
-            raise ValueError(f"qstar_lr must be positive; got {self.qstar_lr}")
-        if not self.test_curve_steps or any(s < 0 for s in self.test_curve_steps):
-            raise ValueError(f"test_curve_steps must be counts >= 0; got {self.test_curve_steps}")
-        if self.dtype not in DTYPES:
-            raise ValueError(f"unknown dtype {self.dtype!r}; valid: {', '.join(DTYPES)}")
-        bad = sorted(set(self.eval_splits) - {"train", "validation", "test"})
-        if bad:
-            raise ValueError(f"unknown eval split(s) {bad}; valid: train, validation, test")
-        if not self.device.startswith(("cpu", "cuda", "mps")):
-            raise ValueError(f"unknown device {self.device!r}; use cpu, cuda or cuda:N")
-        if self.device.startswith("cuda") and not torch.cuda.is_available():
-            raise ValueError(f"device {self.device!r} requested but CUDA is not available")
-        GaussianDecoder(1, 1, mean=self.decoder_mean, variance=self.decoder_variance,
-                        hidden=self.hidden, activation=self.activation, var_floor=self.var_floor,
-                        fixed_var=self.fixed_var, init_var=self.init_var)
-        self.method_settings().validate(self.method)
-
-
-def _check_type(key: str, value: Any, default: Any, annotation: Any) -> None:
-    optional = "None" in str(annotation)
-    if value is None:
-        if not optional:
-            raise ValueError(f"configuration key {key!r} may not be null")
-        return
-    expected: type | tuple[type, ...]
-    text = str(annotation)
-    if text.startswith(("list", "tuple")):
-        expected = (list, tuple)
-    elif "dict" in text:
-        expected = dict
-    elif "bool" in text:
-        expected = bool
-    elif "int" in text and "float" not in text:
-        expected = int
-    elif "float" in text:
-        expected = (int, float)
-    else:
-        expected = str
-    if isinstance(value, bool) and expected is not bool:
-        ok = False
-    else:
-        ok = isinstance(value, expected)
-    if ok and expected == (list, tuple) and ("[int]" in text or "[str]" in text):
-        # list entries too: hidden=[2.5] would otherwise be truncated to 2 without a word
-        item = int if "[int]" in text else str
-        ok = all(isinstance(v, item) and not isinstance(v, bool) for v in value)
-    if not ok:
-        raise ValueError(
-            f"configuration key {key!r} must be {annotation}; got {value!r} "
-            f"({type(value).__name__})"
-        )
-
-
-def _seeds(seed: int, n: int) -> list[int]:
-    """Independent child seeds of ``seed`` (numpy's SeedSequence), one per random stream."""
-    return [int(s.generate_state(1)[0]) for s in np.random.SeedSequence(seed).spawn(n)]
-
-
-@torch.no_grad()
-def split_elbo(
-    decoder: GaussianDecoder, x: Tensor, lam: Tensor, n_mc: int,
-    generator: torch.Generator | None, chunk: int = 2048,
-) -> Tensor:
-    """Per-point ELBO estimate (analytic KL, ``n_mc`` samples) of q(λ), in chunks of points."""
-    out = []
-    for start in range(0, x.shape[0], chunk):
-        xs, ls = x[start:start + chunk], lam[start:start + chunk]
-        eps = torch.randn((n_mc, *ls.shape[:-1], decoder.latent_dim), generator=generator,
-                          device=ls.device, dtype=ls.dtype)
-        out.append(elbo(decoder, xs, ls, eps, kl="analytic").samples.mean(0))
-    return torch.cat(out)
+    def random(self, *key: str | int) -> MemberRandom:
+        """The members' streams for ``key`` at this epoch (fresh, repeatable from the seeds)."""
+        return MemberRandom.from_seeds(self.seeds, "probe", *key, self.epoch,
+                                       device=self.x["train"].device)
 
 
 @dataclass
-class TrainResult:
+class ProbeResult:
+    """Rows {split, metric, value: one number per member (NaN: none), param_group?, step?,
+    wall_s? (per member)}, per-run tables (DataFrames with a ``member`` column), and the
+    members for which a table held non-finite values (``failed``)."""
+
+    rows: list[dict] = field(default_factory=list)
+    tables: dict[str, pd.DataFrame] = field(default_factory=dict)
+    failed: set[int] = field(default_factory=set)
+
+
+class Probe(Protocol):
+    """A measurement the trainer calls when it is due (``vi.probes`` holds the study's)."""
+
+    name: str
+    fatal: bool  # a non-finite value marks the member diverged (else: the row is left out)
+
+    def due(self, ctx: ProbeContext) -> bool: ...
+
+    def __call__(self, ctx: ProbeContext) -> ProbeResult: ...
+
+
+@dataclass
+class MemberResult:
+    """A finished run: its rows and tables, how it ended, and its final checkpoint state."""
+
+    run_id: str
+    config: RunConfig
     rows: list[dict]
-    status: str
+    tables: dict[str, pd.DataFrame]
+    status: str  # ok | diverged
     message: str
-    trainer: Trainer
+    stop_reason: str  # plateau | max_epochs | budget | diverged
+    epochs_run: int
+    best_epoch: int
+    elapsed: float
+    state: dict
+
+    @property
+    def converged(self) -> bool | None:
+        """True when the plateau rule stopped it, False at the cap or on divergence, None for a
+        fixed budget (no rule)."""
+        return {"plateau": True, "budget": None}.get(self.stop_reason, False)
+
+
+# ----------------------------------------------------------------------------------- trainer
+
+
+def member_config(config: RunConfig | dict) -> RunConfig:
+    return config if isinstance(config, RunConfig) else RunConfig.from_dict(config)
 
 
 class Trainer:
-    """Holds one run's model, optimisers, generators and metric rows; resumable by state."""
+    """An ensemble of runs trained as one batched model (see the module docstring).
 
-    def __init__(
-        self,
-        config: TrainConfig,
-        dataset: Dataset | None = None,
-        *,
-        run_id: str = "",
-        experiment: str = "",
-    ) -> None:
-        config.validate()
-        self.config = c = config
+    Args:
+        configs: one ``RunConfig`` per member; they must agree on everything but the seed and
+            the step sizes (``vi.config.ensemble_key``).
+        run_ids: one name per member (rows' ``run_id``); default ``""``.
+        experiment: the rows' ``experiment``.
+        datasets: loaded data sets by data seed, to share between trainers (optional).
+    """
+
+    def __init__(self, configs: Sequence[RunConfig | dict], *, run_ids: Sequence[str] | None = None,
+                 experiment: str = "", datasets: dict[int, Dataset] | None = None) -> None:
+        self.configs = [member_config(c) for c in configs]
+        if not self.configs:
+            raise ValueError("a Trainer needs at least one configuration")
+        keys = {ensemble_key(c) for c in self.configs}
+        if len(keys) > 1:
+            raise ValueError("ensemble members must share everything but the seed and the step "
+                             "sizes")
+        c = self.configs[0]
+        k = len(self.configs)
+        self.run_ids = list(run_ids) if run_ids is not None else [""] * k
+        self.experiment = experiment
         self.device = torch.device(c.device)
-        self.dtype = DTYPES[c.dtype]
-        self.dataset = dataset if dataset is not None else load_dataset(
-            c.dataset, seed=c.data_seed, test_fraction=c.test_fraction,
-            validation_fraction=c.validation_fraction, path=c.data_path, **c.dataset_options,
-        )
-        self.x = {
-            s: self.dataset.split(s).to(self.device, self.dtype)
-            for s in ("train", "validation", "test")
-        }
-        n_train = self.x["train"].shape[0]
-        if c.batch_size > n_train:
-            raise ValueError(f"batch_size {c.batch_size} exceeds the {n_train} training points")
-        for s in c.eval_splits:
-            if self.x[s].shape[0] == 0:
-                raise ValueError(f"eval split {s!r} is empty for this dataset configuration")
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(c.seed)  # module initialisation draws from the global RNG
-            decoder = GaussianDecoder(
-                self.dataset.data_dim, c.latent_dim, mean=c.decoder_mean,
-                variance=c.decoder_variance, isotropic=c.isotropic, hidden=c.hidden,
-                activation=c.activation, var_floor=c.var_floor, fixed_var=c.fixed_var,
-                init_var=c.init_var,
-            ).to(self.device, self.dtype)
-            self.method: InferenceMethod = build_method(
-                c.method, decoder, c.method_settings(), n_train
-            ).to(self.device, self.dtype)
-        seeds = _seeds(c.seed, 4)
-        self.generators = {
-            "data": torch.Generator().manual_seed(seeds[0]),
-            "noise": torch.Generator(self.device).manual_seed(seeds[1]),
-            "eval": torch.Generator(self.device).manual_seed(seeds[2]),
-            "gradvar": torch.Generator(self.device).manual_seed(seeds[3]),
-        }
-        self.identity = {
-            "run_id": run_id, "experiment": experiment, "dataset": c.dataset,
-            "method": c.method, "estimator": c.estimator, "baseline": c.baseline, "kl": c.kl,
-            "latent_dim": c.latent_dim, "n_mc": c.n_mc, "seed": c.seed,
-        }
-        self.epoch, self.step, self.elapsed = 0, 0, 0.0
-        self.rows: list[dict] = []
-        self.status, self.message = "running", ""
-        self.last_heldout_steps: dict[str, int] = {}
-        self.tables: dict[str, Any] = {}  # per-point frames of the final evaluation, to save
+        self.dtype = _DTYPES[c.dtype]
+        cache = datasets if datasets is not None else {}
+        data = [self._dataset(cfg, cache) for cfg in self.configs]
+        self.levels = data[0].levels
+        self.x = {s: torch.stack([d.split(s) for d in data]).to(self.device, self.dtype)
+                  for s in ("train", "validation", "test")}
+        self.labels = {s: torch.stack([d.ground_truth[f"{s}_labels"] for d in data])
+                       for s in ("train", "validation", "test")
+                       if all(f"{s}_labels" in d.ground_truth for d in data)}
+        n_train = self.x["train"].shape[1]
+        if c.training.batch_size > n_train:
+            raise ValueError(f"training.batch_size {c.training.batch_size} exceeds the {n_train} "
+                             f"training points")
+        splits = set(c.training.eval_splits) | ({"validation"} if c.training.stopping else set())
+        for s in sorted(splits):
+            if self.x[s].shape[1] == 0:
+                raise ValueError(f"split {s!r} is empty for this data configuration")
+        self.var_floor = (c.model.var_floor if c.model.var_floor is not None
+                          else variance_floor(self.levels))
+        self.method = self._build(self.configs, init=True)
+        seeds = [cfg.seed for cfg in self.configs]
+        self.data_random = MemberRandom.from_seeds(seeds, "data")
+        self.noise = MemberRandom.from_seeds(seeds, "noise", device=self.device)
+        self.epoch, self.step = 0, 0
+        self.elapsed = [0.0] * k
+        self.rows: list[list[dict]] = [[] for _ in range(k)]
+        self.evaluated: list[set[tuple[int, str]]] = [set() for _ in range(k)]
+        self.status = ["running"] * k
+        self.message = [""] * k
+        self.best = [-math.inf] * k
+        self.best_epoch = [0] * k
+        self.best_step = [0] * k
+        self.best_elapsed = [0.0] * k
+        self.bad = [0] * k
+        self.best_state = self._module_state()
+        self.results: list[MemberResult] = []
+
+    # -- construction ----------------------------------------------------------------------
+    @staticmethod
+    def _dataset(config: RunConfig, cache: dict) -> Dataset:
+        d = config.data
+        key = (d.name, config.data_seed, d.test_fraction, d.validation_fraction, d.path,
+               repr(sorted(d.options.items())))
+        if key not in cache:
+            cache[key] = load_dataset(d.name, seed=config.data_seed,
+                                      test_fraction=d.test_fraction,
+                                      validation_fraction=d.validation_fraction, path=d.path,
+                                      **d.options)
+        return cache[key]
+
+    def _build(self, configs: Sequence[RunConfig], *, init: bool) -> InferenceMethod:
+        c = configs[0]
+        m = c.model
+        gens = [generator(cfg.seed, "init") for cfg in configs] if init else \
+            [torch.Generator() for _ in configs]
+        decoder = GaussianDecoder(
+            self.x["train"].shape[-1], m.latent_dim, members=len(configs), mean=m.decoder_mean,
+            variance=m.decoder_variance, isotropic=m.isotropic, hidden=m.hidden,
+            activation=m.activation, var_floor=self.var_floor, fixed_var=m.fixed_var,
+            init_var=m.init_var, generators=gens,
+        ).to(self.device, self.dtype)
+        return build_method(decoder, [cfg.method for cfg in configs], self.x["train"].shape[1],
+                            gens)
 
     @property
     def decoder(self) -> GaussianDecoder:
         return self.method.decoder
 
-    # -- rows -------------------------------------------------------------------------------
-    def row(self, split: str, metric: str, value: float, *, param_group: str = "",
-            step: int | None = None, wall_s: float | None = None) -> dict:
-        """One tidy measurement; non-finite values are refused (divergence is a status)."""
-        value = float(value)
-        if not math.isfinite(value):
-            raise Divergence(f"non-finite {metric} on {split}")
-        return {
-            **self.identity, "epoch": self.epoch, "step": self.step if step is None else step,
-            "wall_s": round(self.elapsed if wall_s is None else wall_s, 3), "split": split,
-            "param_group": param_group, "metric": metric, "value": value,
-        }
+    @property
+    def members(self) -> int:
+        return len(self.configs)
 
-    # -- evaluation -------------------------------------------------------------------------
-    def posterior(self, split: str) -> Tensor:
-        """The method's own q for every point of a split (training rows by index for vem)."""
-        x = self.x[split]
-        if split == "train":
-            idx = torch.arange(x.shape[0], device=self.device)
-            return self.method.infer(x, idx, generator=self.generators["eval"])
-        self.method.last_infer_steps = None
-        lam = self.method.infer(x, None, generator=self.generators["eval"])
-        steps = self.method.last_infer_steps
-        if steps is not None:
-            self.last_heldout_steps[split] = steps
-        return lam
+    @property
+    def seeds(self) -> list[int]:
+        return [c.seed for c in self.configs]
 
-    def evaluate(self) -> list[dict]:
-        """Full-split ELBO per point (mean), for ``eval_splits``; plus held-out E-steps for vem."""
-        rows = []
-        for split in self.config.eval_splits:
-            lam = self.posterior(split)
-            value = split_elbo(self.decoder, self.x[split], lam, self.config.eval_n_mc,
-                               self.generators["eval"]).mean()
-            rows.append(self.row(split, "elbo", value))
-            if split in self.last_heldout_steps:
-                rows.append(self.row(split, "e_steps", self.last_heldout_steps.pop(split)))
-        return rows
+    def _module_state(self) -> dict[str, Tensor]:
+        return {k: v.detach().clone() for k, v in self.method.state_dict().items()}
 
-    def measurements(self, final: bool) -> list[dict]:
-        """Optional measurements at an epoch's end (gradient variance) and at the end (gaps)."""
-        rows: list[dict] = []
-        c = self.config
-        if c.gradvar:
-            from vi import gradstats
+    # -- rows --------------------------------------------------------------------------------
+    def identity(self, k: int) -> dict[str, Any]:
+        c = self.configs[k]
+        return {"run_id": self.run_ids[k], "experiment": self.experiment,
+                "dataset": c.data.name, "method": c.method.name,
+                "estimator": c.method.estimator, "baseline": c.method.baseline,
+                "kl": c.method.kl, "latent_dim": c.model.latent_dim, "n_mc": c.method.n_mc,
+                "seed": c.seed}
 
-            if gradstats.scheduled(c, self.epoch):
-                rows += gradstats.training_rows(self)
-        if final and (c.gaps or c.test_curve):
-            from vi import evaluation
+    def _row(self, k: int, split: str, metric: str, value: float, *, param_group: str = "",
+             epoch: int | None = None, step: int | None = None,
+             wall_s: float | None = None) -> dict:
+        return {**self.identity(k), "epoch": self.epoch if epoch is None else epoch,
+                "step": self.step if step is None else step,
+                "wall_s": round(self.elapsed[k] if wall_s is None else wall_s, 3),
+                "split": split, "param_group": param_group, "metric": metric,
+                "value": float(value)}
 
-            rows += evaluation.final_rows(self)
-        return rows
+    def _context(self, *, final: bool, evaluating: bool, epoch: int | None = None
+                 ) -> ProbeContext:
+        return ProbeContext(self.method, self.x, self.labels, self.seeds, self.configs,
+                            self.epoch if epoch is None else epoch, final, evaluating,
+                            self.levels)
 
-    # -- training ---------------------------------------------------------------------------
-    def run_epoch(self) -> list[dict]:
-        """One pass over the training data in a seeded random order; returns its rows."""
-        c, x = self.config, self.x["train"]
-        perm = torch.randperm(x.shape[0], generator=self.generators["data"]).to(self.device)
-        total, count = 0.0, 0
+    # -- evaluation --------------------------------------------------------------------------
+    def evaluate(self, splits: Sequence[str], *, epoch: int | None = None,
+                 members: Sequence[int] | None = None
+                 ) -> tuple[dict[int, list[dict]], dict[int, str]]:
+        """ELBO of the method's own posterior on each split (mean per point), and the E-steps
+        of methods that fit held-out points: (rows by member, {member: split} where the value
+        was non-finite). Only ``members`` (default: all) get rows."""
+        epoch = self.epoch if epoch is None else epoch
+        wanted = range(self.members) if members is None else members
+        rows: dict[int, list[dict]] = {k: [] for k in wanted}
+        bad: dict[int, str] = {}
+        for split in splits:
+            random = MemberRandom.from_seeds(self.seeds, "elbo", split, epoch,
+                                             device=self.device)
+            value, steps = split_elbo(self.method, self.x[split],
+                                      n_mc=self.configs[0].training.eval_n_mc, random=random)
+            values = value.tolist()
+            for k in wanted:
+                if not math.isfinite(values[k]):
+                    bad.setdefault(k, split)
+                    continue
+                rows[k].append(self._row(k, split, "elbo", values[k], epoch=epoch))
+                if steps is not None:
+                    rows[k].append(self._row(k, split, "e_steps", float(steps[k]), epoch=epoch))
+        return rows, bad
+
+    def _run_probes(self, probes: Sequence[Probe], ctx: ProbeContext
+                    ) -> tuple[list[list[dict]], list[dict], set[int]]:
+        """Rows and tables per member from the probes that are due, and the members a fatal
+        probe found non-finite. Final probes' rows carry the best epoch's step and time."""
+        rows: list[list[dict]] = [[] for _ in range(self.members)]
+        tables: list[dict] = [{} for _ in range(self.members)]
+        bad: set[int] = set()
+        for probe in probes:
+            if not probe.due(ctx):
+                continue
+            result = probe(ctx)
+            if probe.fatal:
+                bad |= result.failed
+            for r in result.rows:
+                walls = r.get("wall_s")
+                for k, value in enumerate(r["value"]):
+                    v = float(value)
+                    if not math.isfinite(v):
+                        if probe.fatal:
+                            bad.add(k)
+                        continue
+                    wall = walls[k] if isinstance(walls, Sequence) else walls
+                    if wall is None:
+                        wall = self.best_elapsed[k] if ctx.final else self.elapsed[k]
+                    step = r.get("step", self.best_step[k] if ctx.final else self.step)
+                    rows[k].append(self._row(k, r["split"], r["metric"], v,
+                                             param_group=r.get("param_group", ""),
+                                             epoch=ctx.epoch, step=step, wall_s=wall))
+            for name, frame in result.tables.items():
+                for k in range(self.members):
+                    part = frame[frame["member"] == k].drop(columns="member")
+                    tables[k][name] = part.reset_index(drop=True)
+        return rows, tables, bad
+
+    # -- training ----------------------------------------------------------------------------
+    def _train_epoch(self) -> None:
+        c = self.configs[0]
+        x = self.x["train"]
+        n, batch = x.shape[1], c.training.batch_size
+        active = torch.tensor([s == "running" for s in self.status], device=self.device)
+        perm = self.data_random.randperm(n).to(self.device)
+        members = torch.arange(self.members, device=self.device).unsqueeze(1)
+        total = torch.zeros(self.members, dtype=torch.float64, device=self.device)
         start = time.perf_counter()
         self.method.train()
-        for b in range(0, x.shape[0], c.batch_size):
-            idx = perm[b:b + c.batch_size]
-            est = self.method.train_step(x[idx], idx, self.generators["noise"])
-            total, count = total + float(est.sum()), count + idx.shape[0]
+        for b in range(0, n, batch):
+            idx = perm[:, b:b + batch]
+            est, ok = self.method.train_step(x[members, idx], idx, self.noise, active)
+            failed = active & ~ok
+            if bool(failed.any()):
+                for k in torch.nonzero(failed).flatten().tolist():
+                    self.status[k] = "diverged"
+                    self.message[k] = (f"epoch {self.epoch + 1}: non-finite loss, gradient or "
+                                       f"parameter")
+                active = active & ok
+            total += est.detach().double().sum(1)
             self.step += 1
+        seconds = time.perf_counter() - start
         self.epoch += 1
-        self.elapsed += time.perf_counter() - start
-        rows = [self.row("train", "elbo_running", total / count)]
-        if self.epoch % c.eval_every == 0 or self.epoch == c.epochs:
-            rows += self.evaluate()
-        rows += self.measurements(final=self.epoch == c.epochs)
-        return rows
+        share = seconds / max(1, self.members)
+        for k in range(self.members):
+            self.elapsed[k] += share
+            if self.status[k] == "running":
+                self.rows[k].append(self._row(k, "train", "elbo_running",
+                                              float(total[k]) / n))
+
+    def _check(self, k: int, value: float) -> None:
+        """The plateau rule for member k at a check with validation ELBO ``value``."""
+        rule = self.configs[k].training.stopping
+        if value > self.best[k] + rule.min_delta:
+            self.best[k], self.bad[k] = value, 0
+            self.best_epoch[k], self.best_step[k] = self.epoch, self.step
+            self.best_elapsed[k] = self.elapsed[k]
+            for name, tensor in self.method.state_dict().items():
+                self.best_state[name][k].copy_(tensor[k])
+        else:
+            self.bad[k] += 1
+
+    def _after_epoch(self, probes: Sequence[Probe]) -> list[tuple[int, str]]:
+        """Evaluation, stopping and probes at the end of an epoch; returns (member, reason)
+        for the members that finish now."""
+        c = self.configs[0].training
+        running = [k for k in range(self.members) if self.status[k] == "running"]
+        evaluating = self.epoch in self._eval_epochs
+        checking = c.stopping is not None and (self.epoch % c.stopping.check_every == 0
+                                               or self.epoch == c.max_epochs)
+        splits = list(c.eval_splits) if evaluating else []
+        if checking and "validation" not in splits:
+            splits.append("validation")
+        finishing: list[tuple[int, str]] = []
+        if splits and running:
+            by_member, nonfinite = self.evaluate(splits, members=running)
+            for k, split in nonfinite.items():
+                self.status[k] = "diverged"
+                self.message[k] = f"epoch {self.epoch}: non-finite elbo on {split}"
+            for k, rows in by_member.items():
+                if self.status[k] != "running":
+                    continue
+                self.rows[k] += rows
+                self.evaluated[k] |= {(self.epoch, r["split"]) for r in rows}
+                if checking:
+                    self._check(k, next(r["value"] for r in rows if r["split"] == "validation"
+                                        and r["metric"] == "elbo"))
+        running = [k for k in range(self.members) if self.status[k] == "running"]
+        if probes and running:
+            ctx = self._context(final=False, evaluating=evaluating)
+            rows, _, bad = self._run_probes(probes, ctx)
+            for k in running:
+                if k in bad:
+                    self.status[k] = "diverged"
+                    self.message[k] = f"epoch {self.epoch}: non-finite probe value"
+                else:
+                    self.rows[k] += rows[k]
+        for k in range(self.members):
+            if self.status[k] == "diverged":
+                finishing.append((k, "diverged"))
+            elif self.status[k] == "running":
+                if c.stopping is not None and self.bad[k] >= c.stopping.patience:
+                    finishing.append((k, "plateau"))
+                elif self.epoch >= c.max_epochs:
+                    finishing.append((k, "max_epochs" if c.stopping is not None else "budget"))
+        return finishing
+
+    @property
+    def _eval_epochs(self) -> set[int]:
+        if not hasattr(self, "_eval_epoch_set"):
+            self._eval_epoch_set = set(self.configs[0].training.evaluation_epochs())
+        return self._eval_epoch_set
+
+    def _finish(self, finishing: list[tuple[int, str]], probes: Sequence[Probe]) -> None:
+        """Final evaluation and probes of the members that stop now (best state restored), their
+        results, and the ensemble shrunk to the members still running."""
+        done = [k for k, reason in finishing if reason != "diverged"]
+        if done:
+            if self.configs[0].training.stopping is not None:
+                self.method.load_state_dict({n: torch.where(
+                    _member_mask(k_all=self.members, keep=done, like=t), self.best_state[n], t)
+                    for n, t in self.method.state_dict().items()})
+            else:
+                for k in done:
+                    self.best_epoch[k], self.best_step[k] = self.epoch, self.step
+                    self.best_elapsed[k] = self.elapsed[k]
+            sub = self._subset(done)
+            sub._finalize(probes)
+            for i, k in enumerate(done):
+                self.rows[k] = sub.rows[i]
+                self.status[k], self.message[k] = sub.status[i], sub.message[i]
+                self.results.append(self._result(k, dict(finishing)[k], sub.member_state(i),
+                                                 sub.tables[i]))
+        for k, reason in finishing:
+            if reason == "diverged":
+                self.results.append(self._result(k, "diverged", self.member_state(k), {}))
+        keep = [k for k in range(self.members) if k not in dict(finishing)]
+        if len(keep) < self.members:
+            self._shrink(keep)
+
+    def _finalize(self, probes: Sequence[Probe]) -> None:
+        """(On a subset whose state is each member's best.) Evaluate every split at the best
+        epoch where not yet done, then the final probes."""
+        self.tables: list[dict] = [{} for _ in range(self.members)]
+        c = self.configs[0].training
+        for split in c.eval_splits:
+            need = [k for k in range(self.members)
+                    if (self.best_epoch[k], split) not in self.evaluated[k]]
+            epochs = sorted({self.best_epoch[k] for k in need})
+            for epoch in epochs:
+                members = [k for k in need if self.best_epoch[k] == epoch]
+                by_member, nonfinite = self.evaluate([split], epoch=epoch, members=members)
+                for k, split_name in nonfinite.items():
+                    self.status[k] = "diverged"
+                    self.message[k] = f"final evaluation: non-finite elbo on {split_name}"
+                for k, rows in by_member.items():
+                    if k in nonfinite:
+                        continue
+                    for r in rows:
+                        r["step"], r["wall_s"] = self.best_step[k], round(self.best_elapsed[k], 3)
+                    self.rows[k] += rows
+        epochs = sorted(set(self.best_epoch))
+        for epoch in epochs:
+            members = [k for k in range(self.members) if self.best_epoch[k] == epoch]
+            ctx = self._context(final=True, evaluating=True, epoch=epoch)
+            rows, tables, bad = self._run_probes(probes, ctx)
+            for k in members:
+                if k in bad:
+                    self.status[k] = "diverged"
+                    self.message[k] = "final probes: non-finite value"
+                    continue
+                self.rows[k] += rows[k]
+                self.tables[k] = tables[k]
+        for k in range(self.members):
+            if self.status[k] == "running":
+                self.status[k] = "ok"
+
+    def _result(self, k: int, reason: str, state: dict, tables: dict) -> MemberResult:
+        return MemberResult(self.run_ids[k], self.configs[k], self.rows[k], tables,
+                            "diverged" if self.status[k] == "diverged" else "ok",
+                            self.message[k], "diverged" if self.status[k] == "diverged"
+                            else reason, self.epoch, self.best_epoch[k], self.elapsed[k], state)
 
     def fit(
         self,
+        probes: Sequence[Probe] = (),
         *,
-        progress: bool | None = None,
         on_epoch: Callable[[Trainer], None] | None = None,
-    ) -> TrainResult:
-        """Train to ``epochs`` (from wherever a loaded state left off)."""
-        c = self.config
+        on_done: Callable[[list[MemberResult]], None] | None = None,
+        progress: bool | None = None,
+    ) -> list[MemberResult]:
+        """Train every member until it stops (from wherever a loaded state left off). Calls
+        ``on_epoch(trainer)`` after each epoch (e.g. to checkpoint the members still running)
+        and ``on_done(results)`` with the members that finish at that epoch. Returns every
+        member's result (in the order they finished)."""
+        c = self.configs[0].training
         if progress is None:
             progress = sys.stderr.isatty()
-        if self.epoch == 0 and not self.rows:
-            try:
-                self.rows += self.evaluate()  # epoch 0: the initial model
-                self.rows += self.measurements(final=False)  # e.g. gradient variance at init
-            except Divergence as err:
-                self.status, self.message = "diverged", str(err)
-        bar = tqdm(total=c.epochs, initial=self.epoch, disable=not progress, unit="epoch",
-                   desc=f"{c.method}/{c.estimator}")
-        while self.status == "running" and self.epoch < c.epochs:
-            try:
-                rows = self.run_epoch()
-            except Divergence as err:
-                self.status, self.message = "diverged", f"epoch {self.epoch + 1}: {err}"
-                break
-            self.rows += rows
+        desc = f"{self.configs[0].method.name}/{self.configs[0].method.estimator} x{self.members}"
+        before = len(self.results)
+        if self.epoch == 0 and not any(self.rows):
+            self._start(probes)
+            if on_done is not None and len(self.results) > before:
+                on_done(self.results[before:])
+        bar = tqdm(total=c.max_epochs, initial=self.epoch, disable=not progress, unit="epoch",
+                   desc=desc)
+        while self.members and any(s == "running" for s in self.status):
+            self._train_epoch()
+            before = len(self.results)
+            self._finish(self._after_epoch(probes), probes)
             bar.update(1)
-            bar.set_postfix_str(f"elbo {rows[0]['value']:.2f}")
-            if on_epoch is not None:
+            alive = [r[-1]["value"] for r in self.rows if r and r[-1]["metric"] == "elbo_running"]
+            if alive:
+                bar.set_postfix_str(f"elbo {sum(alive) / len(alive):.2f}, {self.members} running")
+            if on_done is not None and len(self.results) > before:
+                on_done(self.results[before:])
+            if on_epoch is not None and self.members:
                 on_epoch(self)
         bar.close()
-        if self.status == "running":
-            self.status = "ok"
-        return TrainResult(self.rows, self.status, self.message, self)
+        return self.results
 
-    # -- checkpoints ------------------------------------------------------------------------
-    def state_dict(self) -> dict:
+    def _start(self, probes: Sequence[Probe]) -> None:
+        """Epoch 0: the initial model's evaluation and the probes due then."""
+        c = self.configs[0].training
+        splits = list(c.eval_splits)
+        if c.stopping is not None and "validation" not in splits:
+            splits.append("validation")
+        by_member, nonfinite = self.evaluate(splits)
+        finishing = []
+        for k, split in nonfinite.items():
+            self.status[k] = "diverged"
+            self.message[k] = f"epoch 0: non-finite elbo on {split}"
+            finishing.append((k, "diverged"))
+        for k, rows in by_member.items():
+            if k in nonfinite:
+                continue
+            self.rows[k] += rows
+            self.evaluated[k] |= {(0, r["split"]) for r in rows}
+            if c.stopping is not None:
+                self._check(k, next(r["value"] for r in rows if r["split"] == "validation"
+                                    and r["metric"] == "elbo"))
+                self.bad[k] = 0
+        if probes:
+            ctx = self._context(final=False, evaluating=True)
+            rows, _, bad = self._run_probes(probes, ctx)
+            for k in range(self.members):
+                if self.status[k] != "running":
+                    continue
+                if k in bad:
+                    self.status[k], self.message[k] = "diverged", "epoch 0: non-finite probe"
+                    finishing.append((k, "diverged"))
+                else:
+                    self.rows[k] += rows[k]
+        if finishing:
+            self._finish(finishing, probes)
+
+    # -- members: select, checkpoint, resume ----------------------------------------------
+    def _subset(self, keep: Sequence[int]) -> Trainer:
+        """A trainer holding only the members ``keep`` (their current state)."""
+        sub = object.__new__(Trainer)
+        sub.__dict__.update(self.__dict__)
+        sub._eval_epoch_set = self._eval_epochs
+        sub._take(keep)
+        return sub
+
+    def _shrink(self, keep: Sequence[int]) -> None:
+        self._take(keep)
+
+    def _take(self, keep: Sequence[int]) -> None:
+        keep = list(keep)
+        index = torch.tensor(keep, dtype=torch.long)
+        module = {n: t[index.to(t.device)] for n, t in self.method.state_dict().items()}
+        optim = {n: t[index.to(t.device)] for n, t in self.method.optimizer_state().items()}
+        best = {n: t[index.to(t.device)] for n, t in self.best_state.items()}
+        self.configs = [self.configs[k] for k in keep]
+        self.x = {s: t[index.to(t.device)] for s, t in self.x.items()}
+        self.labels = {s: t[index] for s, t in self.labels.items()}
+        if keep:
+            self.method = self._build(self.configs, init=False)
+            self.method.load_state_dict(module)
+            self.method.load_optimizer_state(optim)
+        self.best_state = best
+        self.data_random = self.data_random.select(keep) if keep else self.data_random
+        self.noise = self.noise.select(keep) if keep else self.noise
+        for name in ("run_ids", "elapsed", "rows", "evaluated", "status", "message", "best",
+                     "best_epoch", "best_step", "best_elapsed", "bad"):
+            values = getattr(self, name)
+            setattr(self, name, [values[k] for k in keep])
+
+    def member_state(self, k: int) -> dict:
+        """Everything needed to resume (or evaluate) member k, as plain values and tensors."""
+        def one(state: dict[str, Tensor]) -> dict[str, Tensor]:
+            return {n: t[k:k + 1].detach().cpu().clone() for n, t in state.items()}
+
         return {
-            "config": self.config.to_dict(), "epoch": self.epoch, "step": self.step,
-            "elapsed": self.elapsed, "rows": list(self.rows), "status": self.status,
-            "message": self.message, "model": self.method.state_dict(),
-            "optim": self.method.optimizer_state(),
-            "generators": {k: g.get_state() for k, g in self.generators.items()},
+            "format": CHECKPOINT_FORMAT, "run_id": self.run_ids[k],
+            "experiment": self.experiment, "config": self.configs[k].to_dict(),
+            "epoch": self.epoch, "step": self.step, "elapsed": self.elapsed[k],
+            "rows": list(self.rows[k]), "status": self.status[k], "message": self.message[k],
+            "evaluated": sorted(self.evaluated[k]),
+            "stop": {"best": self.best[k], "best_epoch": self.best_epoch[k],
+                     "best_step": self.best_step[k], "best_elapsed": self.best_elapsed[k],
+                     "bad": self.bad[k]},
+            "module": one(self.method.state_dict()), "optim": one(self.method.optimizer_state()),
+            "best_module": one(self.best_state),
+            "streams": {"data": self.data_random.generators[k].get_state(),
+                        "noise": self.noise.generators[k].get_state().cpu()},
         }
 
-    def load_state_dict(self, state: dict) -> None:
-        if state["config"] != self.config.to_dict():
-            raise ValueError("checkpoint was written by a different configuration")
-        self.method.load_state_dict(state["model"])
-        self.method.load_optimizer_state(state["optim"])
-        for k, g in self.generators.items():
-            g.set_state(state["generators"][k].cpu())  # map_location may have moved it
-        self.epoch, self.step, self.elapsed = state["epoch"], state["step"], state["elapsed"]
-        self.rows = list(state["rows"])
-        self.status, self.message = state["status"], state["message"]
+    @classmethod
+    def from_states(cls, states: Sequence[dict], *, datasets: dict | None = None,
+                    device: str | None = None) -> Trainer:
+        """Rebuild an ensemble from members' states (``member_state``), all at one epoch."""
+        states = list(states)
+        if not states:
+            raise ValueError("from_states needs at least one member state")
+        if {s.get("format") for s in states} != {CHECKPOINT_FORMAT}:
+            raise ValueError(f"not a checkpoint of this version (format {CHECKPOINT_FORMAT})")
+        if len({(s["epoch"], s["step"]) for s in states}) > 1:
+            raise ValueError("members resumed together must be at the same epoch")
+        configs = []
+        for s in states:
+            values = dict(s["config"])
+            if device is not None:
+                values["device"] = device
+            configs.append(RunConfig.from_dict(values))
+        trainer = cls(configs, run_ids=[s["run_id"] for s in states],
+                      experiment=states[0]["experiment"], datasets=datasets)
+
+        def cat(key: str, like: dict[str, Tensor]) -> dict[str, Tensor]:
+            return {n: torch.cat([s[key][n] for s in states]).to(like[n].device)
+                    for n in like}
+
+        trainer.method.load_state_dict(cat("module", trainer.method.state_dict()))
+        trainer.method.load_optimizer_state(cat("optim", trainer.method.optimizer_state()))
+        trainer.best_state = cat("best_module", trainer.best_state)
+        trainer.data_random.set_state([s["streams"]["data"] for s in states])
+        trainer.noise.set_state([s["streams"]["noise"] for s in states])
+        trainer.epoch, trainer.step = states[0]["epoch"], states[0]["step"]
+        trainer.elapsed = [s["elapsed"] for s in states]
+        trainer.rows = [list(s["rows"]) for s in states]
+        trainer.evaluated = [{tuple(e) for e in s["evaluated"]} for s in states]
+        trainer.status = [s["status"] for s in states]
+        trainer.message = [s["message"] for s in states]
+        for name in ("best", "best_epoch", "best_step", "best_elapsed", "bad"):
+            setattr(trainer, name, [s["stop"][name] for s in states])
+        return trainer
 
 
-def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> Path:
-    """Write through ``write(tmp)`` to a temporary file beside ``path``, then rename over it, so a
-    reader never sees a half-written file (an interrupted write leaves the old one intact)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(Path(tmp))
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
+def _member_mask(*, k_all: int, keep: Sequence[int], like: Tensor) -> Tensor:
+    mask = torch.zeros(k_all, dtype=torch.bool, device=like.device)
+    mask[list(keep)] = True
+    return mask.reshape(-1, *([1] * (like.dim() - 1)))
 
 
-def save_checkpoint(trainer: Trainer, path: str | os.PathLike) -> Path:
-    """Atomically save everything needed to resume or evaluate a run (model, optimisers,
-    local table, generators, metric rows so far)."""
-    state = trainer.state_dict() | {"identity": dict(trainer.identity)}
-    return atomic_write(path, lambda tmp: torch.save(state, tmp))
+def load_checkpoint(path, *, device: str | None = None, datasets: dict | None = None
+                    ) -> Trainer:
+    """A one-member ``Trainer`` from a member checkpoint file (``torch.save`` of
+    ``member_state``), exactly where it stopped."""
+    from pathlib import Path
 
-
-def load_checkpoint(
-    path: str | os.PathLike, *, dataset: Dataset | None = None, device: str | None = None
-) -> Trainer:
-    """Rebuild a ``Trainer`` from ``save_checkpoint``'s file, exactly where it stopped."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no checkpoint at {path}")
-    state = torch.load(path, map_location=device or "cpu", weights_only=True)
-    values = dict(state["config"])
-    if device is not None:
-        values["device"] = device
-        state["config"]["device"] = device
-    trainer = Trainer(TrainConfig.from_dict(values), dataset, run_id=state["identity"]["run_id"],
-                      experiment=state["identity"]["experiment"])
-    trainer.load_state_dict(state)
-    return trainer
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+        raise ValueError(f"{path} is not a run checkpoint of this version")
+    return Trainer.from_states([state], device=device, datasets=datasets)
 
 
-def train(config: TrainConfig | dict, *, progress: bool | None = None, **kwargs) -> TrainResult:
-    """Train one configuration from scratch: ``train({"method": "vem", "estimator": "score",
-    "baseline": "loo", "n_mc": 4})``. Returns the rows, the status and the trainer."""
-    if isinstance(config, dict):
-        config = TrainConfig.from_dict(config)
-    return Trainer(config, **kwargs).fit(progress=progress)
+def train(config: RunConfig | dict | Sequence[RunConfig | dict], *, probes: Sequence[Probe] = (),
+          progress: bool | None = None, **kwargs) -> list[MemberResult]:
+    """Train one configuration (or an ensemble of them) from scratch::
+
+        train({"method": {"name": "vem", "estimator": "score", "baseline": "loo", "n_mc": 4}})
+    """
+    configs = [config] if isinstance(config, RunConfig | dict) else list(config)
+    return Trainer(configs, **kwargs).fit(probes, progress=progress)

@@ -1,0 +1,329 @@
+"""The run configuration: nested plain values, each default stated once (docs/results.md).
+
+A run is a ``RunConfig`` and nothing else::
+
+    RunConfig(
+        data=DataConfig(name="digits", seed=None, test_fraction=0.2, validation_fraction=0.1),
+        model=ModelConfig(latent_dim=5, hidden=(64,)),
+        method=MethodSettings(name="vem", estimator="score", baseline="loo", n_mc=4, ...),
+        training=TrainingConfig(max_epochs=400, batch_size=100, stopping=StoppingConfig()),
+        probes={"gaps": {"iwae_k": 1000}},
+        seed=0,
+    )
+
+``RunConfig.from_dict`` builds it from nested dicts (parsed JSON), rejecting unknown keys, wrong
+types, non-finite numbers and values out of range with a message naming the field; ``to_dict``
+gives the nested dict back (JSON round trip). Probe options are validated by ``vi.probes``
+(which owns their defaults); here they are plain dicts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any
+
+from vi.inference import STEP_SIZE_FIELDS, MethodSettings, StoppingRule
+
+__all__ = [
+    "DTYPES",
+    "LIMITS",
+    "DataConfig",
+    "ModelConfig",
+    "RunConfig",
+    "StoppingConfig",
+    "TrainingConfig",
+    "ensemble_key",
+]
+
+DTYPES = ("float32", "float64")
+#: upper bounds on sizes, checked before anything is allocated (a typo such as 1e9 epochs or a
+#: width of 10^7 is an error, not a run that never ends or exhausts memory)
+LIMITS = {"latent_dim": 4096, "width": 65536, "n_mc": 100_000, "epochs": 1_000_000,
+          "batch_size": 10_000_000, "steps": 1_000_000, "draws": 100_000, "seed": 2**32 - 1}
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Which data, and how it is split. ``seed`` None: the split is drawn from the run's seed
+    (so seeds vary the split too); an integer fixes it across seeds."""
+
+    name: str = "digits"
+    options: dict = field(default_factory=dict)
+    path: str | None = None
+    seed: int | None = None
+    test_fraction: float = 0.2
+    validation_fraction: float = 0.1
+
+    def validate(self) -> None:
+        for name in ("test_fraction", "validation_fraction"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and 0.0 <= value < 1.0):
+                raise ValueError(f"data.{name} must lie in [0, 1); got {value}")
+        if self.test_fraction + self.validation_fraction >= 1.0:
+            raise ValueError("data.test_fraction + data.validation_fraction must be < 1")
+        if self.seed is not None:
+            _in_range("data.seed", self.seed, 0, LIMITS["seed"])
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The decoder p_θ(x | z) (docs/model.md). ``var_floor`` None: chosen from the data's
+    quantization (``vi.data.variance_floor``)."""
+
+    latent_dim: int = 5
+    decoder_mean: str = "mlp"
+    decoder_variance: str = "learned"
+    isotropic: bool = False
+    hidden: tuple[int, ...] = (256,)
+    activation: str = "tanh"
+    var_floor: float | None = None
+    fixed_var: float = 1.0
+    init_var: float = 1.0
+
+    def validate(self) -> None:
+        _in_range("model.latent_dim", self.latent_dim, 1, LIMITS["latent_dim"])
+        for w in self.hidden:
+            _in_range("model.hidden width", w, 1, LIMITS["width"])
+        for name in ("fixed_var", "init_var"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value > 0):
+                raise ValueError(f"model.{name} must be a finite positive number; got {value}")
+        if self.var_floor is not None and not (math.isfinite(self.var_floor)
+                                               and 0 <= self.var_floor < self.init_var):
+            raise ValueError(f"model.var_floor must be null or in [0, init_var); got "
+                             f"{self.var_floor}")
+
+
+@dataclass(frozen=True)
+class StoppingConfig:
+    """The plateau rule on the validation ELBO: checked every ``check_every`` epochs; a check
+    improves when it beats the best so far by more than ``min_delta`` nats; training stops
+    after ``patience`` checks without improvement (converged) or at ``max_epochs`` (not
+    converged), and the best state is restored."""
+
+    check_every: int = 5
+    patience: int = 8
+    min_delta: float = 0.05
+
+    def validate(self) -> None:
+        _in_range("training.stopping.check_every", self.check_every, 1, LIMITS["epochs"])
+        _in_range("training.stopping.patience", self.patience, 1, LIMITS["epochs"])
+        if not (math.isfinite(self.min_delta) and self.min_delta >= 0):
+            raise ValueError(f"training.stopping.min_delta must be finite and >= 0; got "
+                             f"{self.min_delta}")
+
+
+@dataclass(frozen=True)
+class TrainingConfig:
+    """The training loop. Evaluations (ELBO of every split in ``eval_splits``, ``eval_n_mc``
+    samples a point) happen at epoch 0, at ``eval_per_decade`` log-spaced epochs per factor of
+    ten (dense early, sparse late), every ``eval_every`` epochs if set, and at the restored
+    best epoch. ``stopping`` None trains exactly ``max_epochs`` epochs."""
+
+    max_epochs: int = 400
+    batch_size: int = 100
+    stopping: StoppingConfig | None = field(default_factory=StoppingConfig)
+    eval_splits: tuple[str, ...] = ("train", "validation", "test")
+    eval_n_mc: int = 10
+    eval_per_decade: int = 8
+    eval_every: int | None = None
+
+    def validate(self) -> None:
+        _in_range("training.max_epochs", self.max_epochs, 1, LIMITS["epochs"])
+        _in_range("training.batch_size", self.batch_size, 1, LIMITS["batch_size"])
+        _in_range("training.eval_n_mc", self.eval_n_mc, 1, LIMITS["n_mc"])
+        _in_range("training.eval_per_decade", self.eval_per_decade, 0, 1000)
+        if self.eval_every is not None:
+            _in_range("training.eval_every", self.eval_every, 1, LIMITS["epochs"])
+        bad = sorted(set(self.eval_splits) - {"train", "validation", "test"})
+        if bad or not self.eval_splits:
+            raise ValueError(f"training.eval_splits must name train, validation and/or test; "
+                             f"got {list(self.eval_splits)}")
+        if self.stopping is not None:
+            self.stopping.validate()
+
+    def evaluation_epochs(self) -> list[int]:
+        """Epochs with a full evaluation: 0, log-spaced, every ``eval_every``, the last."""
+        n = self.max_epochs
+        epochs = {0, n}
+        if self.eval_per_decade:
+            decades = math.log10(n) if n > 1 else 0.0
+            count = math.ceil(decades * self.eval_per_decade)
+            epochs |= {min(n, round(10 ** (i / self.eval_per_decade)))
+                       for i in range(count + 1)}
+        if self.eval_every:
+            epochs |= set(range(self.eval_every, n + 1, self.eval_every))
+        return sorted(epochs)
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Everything that defines a run (see the module docstring)."""
+
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    method: MethodSettings = field(default_factory=MethodSettings)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    probes: dict = field(default_factory=dict)
+    seed: int = 0
+    device: str = "cpu"
+    dtype: str = "float32"
+
+    @property
+    def data_seed(self) -> int:
+        return self.seed if self.data.seed is None else self.data.seed
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> RunConfig:
+        """Build and validate a configuration from nested plain values."""
+        config = _build(cls, values, "")
+        config.validate()
+        return config
+
+    def to_dict(self) -> dict[str, Any]:
+        return _plain(dataclasses.asdict(self))
+
+    def replace(self, **sections: Any) -> RunConfig:
+        """A copy with top-level fields or whole sections replaced (then validated)."""
+        out = dataclasses.replace(self, **sections)
+        out.validate()
+        return out
+
+    def validate(self) -> None:
+        from vi.data import DATASETS
+        from vi.decoders import MEANS, VARIANCES
+        from vi.nets import ACTIVATIONS
+
+        if self.data.name not in DATASETS:
+            raise ValueError(f"unknown dataset {self.data.name!r}; valid: {', '.join(DATASETS)}")
+        self.data.validate()
+        self.model.validate()
+        m = self.model
+        for kind, value, valid in (("decoder_mean", m.decoder_mean, MEANS),
+                                   ("decoder_variance", m.decoder_variance, VARIANCES),
+                                   ("activation", m.activation, tuple(ACTIVATIONS))):
+            if value not in valid:
+                raise ValueError(f"unknown model.{kind} {value!r}; valid: {', '.join(valid)}")
+        if m.decoder_mean == "linear" and m.decoder_variance == "heteroscedastic":
+            raise ValueError("a linear decoder has no heteroscedastic variant; use fixed/learned")
+        self.method.validate()
+        _in_range("method.n_mc", self.method.n_mc, 1, LIMITS["n_mc"])
+        for name in ("e_steps", "m_steps", "refine_steps"):
+            _in_range(f"method.{name}", getattr(self.method, name), 0, LIMITS["steps"])
+        _in_range("method.heldout.max_steps", self.method.heldout.max_steps, 1, LIMITS["steps"])
+        for w in self.method.encoder_hidden:
+            _in_range("method.encoder_hidden width", w, 1, LIMITS["width"])
+        self.training.validate()
+        if self.training.stopping is not None and self.data.validation_fraction <= 0:
+            raise ValueError("the plateau rule (training.stopping) watches the validation "
+                             "split: set data.validation_fraction > 0, or stopping to null")
+        _in_range("seed", self.seed, 0, LIMITS["seed"])
+        if self.dtype not in DTYPES:
+            raise ValueError(f"unknown dtype {self.dtype!r}; valid: {', '.join(DTYPES)}")
+        if not isinstance(self.probes, dict) or not all(
+                isinstance(k, str) and isinstance(v, dict) for k, v in self.probes.items()):
+            raise ValueError("probes must be an object {probe name: {options}}")
+        if not self.device.startswith(("cpu", "cuda", "mps")):
+            raise ValueError(f"unknown device {self.device!r}; use cpu, cuda or cuda:N")
+        if self.device.startswith("cuda"):
+            import torch
+
+            if not torch.cuda.is_available():
+                raise ValueError(f"device {self.device!r} requested but CUDA is not available")
+
+
+def ensemble_key(config: RunConfig) -> str:
+    """What members of one ensemble share: the configuration without its seed and step sizes
+    (and without the data seed when that follows the run seed)."""
+    import json
+
+    values = config.to_dict()
+    values.pop("seed")
+    for name in STEP_SIZE_FIELDS:
+        values["method"].pop(name)
+    return json.dumps(values, sort_keys=True)
+
+
+# --------------------------------------------------------------------------- from plain values
+
+
+def _in_range(name: str, value: Any, low: int, high: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        raise ValueError(f"{name} must be an integer in [{low}, {high}]; got {value!r}")
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_plain(v) for v in value]
+    return value
+
+
+def _build(cls: type, values: Any, where: str) -> Any:
+    if not isinstance(values, dict):
+        raise ValueError(f"{where or 'a configuration'} must be an object; got "
+                         f"{type(values).__name__}")
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ValueError(f"unknown configuration key(s) {', '.join(where + k for k in unknown)}; "
+                         f"valid in {where.rstrip('.') or 'the top level'}: "
+                         f"{', '.join(sorted(known))}")
+    kwargs = {key: _convert(hints[key], value, where + key) for key, value in values.items()}
+    try:
+        return cls(**kwargs)
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"{where.rstrip('.') or 'configuration'}: {err}") from err
+
+
+def _convert(hint: Any, value: Any, where: str) -> Any:
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None:
+            if type(None) in args:
+                return None
+            raise ValueError(f"configuration key {where!r} may not be null")
+        inner = [a for a in args if a is not type(None)]
+        return _convert(inner[0], value, where)
+    if value is None:
+        raise ValueError(f"configuration key {where!r} may not be null")
+    if dataclasses.is_dataclass(hint):
+        return _build(hint, value, where + ".")
+    if origin is tuple:
+        if not isinstance(value, list | tuple):
+            raise ValueError(f"configuration key {where!r} must be a list; got {value!r}")
+        return tuple(_convert(args[0], v, where) for v in value)
+    if hint is dict or origin is dict:
+        if not isinstance(value, dict):
+            raise ValueError(f"configuration key {where!r} must be an object; got {value!r}")
+        return dict(value)
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise ValueError(f"configuration key {where!r} must be true or false; got {value!r}")
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ValueError(f"configuration key {where!r} must be an integer; got {value!r}")
+        return value
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ValueError(f"configuration key {where!r} must be a number; got {value!r}")
+        if not math.isfinite(value):
+            raise ValueError(f"configuration key {where!r} must be finite; got {value!r}")
+        return float(value)
+    if hint is str:
+        if not isinstance(value, str):
+            raise ValueError(f"configuration key {where!r} must be a string; got {value!r}")
+        return value
+    raise TypeError(f"unsupported configuration type {hint!r} for {where!r}")
+
+
+# StoppingRule is nested inside MethodSettings (method.heldout); keep the name importable here
+__all__ += ["StoppingRule"]

@@ -1,0 +1,592 @@
+"""Measurements taken while training or at its end: the probes (docs/results.md, "Probes").
+
+A probe is one measurement with one options dataclass, the single source of its defaults. It
+declares when it is due (``due``), whether a non-finite value means the run diverged
+(``fatal``), and returns rows (one value per ensemble member) and optional per-run tables
+(``vi.training.ProbeResult``). A grid names probes with their options
+(``"probes": {"gaps": {"iwae_k": 1000}}``); ``build_probes`` validates them against the run's
+configuration before anything is trained. Adding a measurement means adding one class here.
+
+==================  =========================================================================
+``gradvar``         gradient variance and SNR per parameter group (``vi.gradstats``) on a fixed
+                    training minibatch, at log-spaced epochs and at the end
+``gaps``            log p(x), L[q*], L[q_φ], approximation and amortization gaps
+                    (``vi.evaluation.gap_decomposition``), at the end; table ``gaps``
+``test_curve``      held-out ELBO against E-steps from each of the method's starts, at the end
+``exact``           closed forms of a linear decoder at each evaluation: exact log p(x) and
+                    approximation gap; at the end also the PPCA maximum-likelihood target
+``activity``        active units and KL per latent dimension at each evaluation; table
+                    ``activity`` at the end
+``images``          test images, reconstructions, decoder samples, the 2-D manifold; table
+``latents``         the encoded test set with its labels; table
+``variance_sweep``  gradient variance against estimator, KL mode and M at the end; table
+==================  =========================================================================
+
+Every probe draws from its own streams keyed by its name and the epoch
+(``ProbeContext.random``), so probes never perturb training or each other, and a probe of a saved
+state is repeatable.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import Tensor
+
+from vi import gradstats, linear_gaussian
+from vi.config import LIMITS, RunConfig, _build
+from vi.evaluation import gap_decomposition, latent_activity, test_time_curve
+from vi.inference import StoppingRule
+from vi.training import ProbeContext, ProbeResult
+
+__all__ = ["PROBES", "ProbeBase", "build_probes", "probe_metrics"]
+
+PROBES: dict[str, type[ProbeBase]] = {}
+
+
+class ProbeBase:
+    """A probe: ``name``, ``Options`` (a dataclass), ``fatal``, ``metrics`` it may write,
+    ``tables`` it may write; ``due(ctx)`` and ``__call__(ctx)``."""
+
+    name: ClassVar[str] = ""
+    fatal: ClassVar[bool] = False
+    metrics: ClassVar[dict[str, str]] = {}
+    tables: ClassVar[tuple[str, ...]] = ()
+
+    @dataclass(frozen=True)
+    class Options:
+        def validate(self, config: RunConfig) -> None:
+            return None
+
+    def __init_subclass__(cls, **kwargs) -> None:
+        super().__init_subclass__(**kwargs)
+        if cls.name:
+            PROBES[cls.name] = cls
+
+    def __init__(self, options: Any) -> None:
+        self.options = options
+
+    def due(self, ctx: ProbeContext) -> bool:
+        return ctx.final
+
+    def __call__(self, ctx: ProbeContext) -> ProbeResult:
+        raise NotImplementedError
+
+
+def build_probes(spec: dict[str, dict], config: RunConfig) -> list[ProbeBase]:
+    """The probes a configuration names, their options validated (``ValueError`` naming the
+    probe and the problem)."""
+    probes = []
+    for name, values in spec.items():
+        if name not in PROBES:
+            raise ValueError(f"unknown probe {name!r}; valid: {', '.join(PROBES)}")
+        cls = PROBES[name]
+        try:
+            options = _build(cls.Options, values, f"probes.{name}.")
+            options.validate(config)
+        except ValueError as err:
+            raise ValueError(f"probe {name!r}: {err}") from err
+        probes.append(cls(options))
+    return probes
+
+
+def probe_metrics() -> dict[str, str]:
+    """Every metric name a probe may write, with what it measures."""
+    out: dict[str, str] = {}
+    for cls in PROBES.values():
+        out.update(cls.metrics)
+    return out
+
+
+def _positive(where: str, value: int, high: int = LIMITS["steps"]) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= high:
+        raise ValueError(f"{where} must be an integer in [1, {high}]; got {value!r}")
+
+
+def _points(x: Tensor, points: int | None) -> Tensor:
+    return x if points is None else x[:, :min(int(points), x.shape[1])]
+
+
+def _per_member(values: Tensor | Sequence[float]) -> list[float]:
+    return [float(v) for v in (values.tolist() if isinstance(values, Tensor) else values)]
+
+
+# ------------------------------------------------------------------------- gradient variance
+
+
+def _evaluation_batch(ctx: ProbeContext, size: int) -> Tensor:
+    """Per member a fixed training minibatch (sorted indices [K, B]) that depends only on the
+    member's seed and N: every epoch, method and estimator of a seed measures the same points."""
+    n = ctx.x["train"].shape[1]
+    rows = []
+    for seed in ctx.seeds:
+        g = torch.Generator().manual_seed(int(np.random.SeedSequence([seed, 4]).generate_state(
+            1)[0]))
+        rows.append(torch.randperm(n, generator=g)[:min(size, n)].sort().values)
+    return torch.stack(rows).to(ctx.x["train"].device)
+
+
+class GradVar(ProbeBase):
+    """Gradient variance and SNR per parameter group (``vi.gradstats``) with ``draws``
+    single-estimate gradients of M = ``n_mc`` samples (None: the run's own M; set it to compare
+    estimators at equal M) on a fixed training minibatch of ``batch`` points, at ``epochs``
+    (None: 0, 1, 2, 4, 8, … and the restored best state at the end)."""
+
+    name = "gradvar"
+    metrics: ClassVar[dict[str, str]] = {
+        "grad_var_total": "total variance tr Σ of a single gradient estimate",
+        "grad_var_relative": "tr Σ / ||mean gradient||²",
+        "grad_snr_mean": "mean over coordinates of |ĝ_i| / sqrt(v_i)",
+        "grad_snr_median": "median over coordinates of |ĝ_i| / sqrt(v_i)",
+        "grad_mean_norm": "||mean gradient||",
+    }
+
+    @dataclass(frozen=True)
+    class Options:
+        draws: int = 100
+        batch: int = 64
+        n_mc: int | None = None
+        epochs: tuple[int, ...] | None = None
+
+        def validate(self, config: RunConfig) -> None:
+            _positive("draws", self.draws, LIMITS["draws"])
+            if self.draws < 2:
+                raise ValueError("draws must be >= 2 (a variance needs two draws)")
+            _positive("batch", self.batch, LIMITS["batch_size"])
+            if self.n_mc is not None:
+                _positive("n_mc", self.n_mc, LIMITS["n_mc"])
+                m = config.method
+                if m.baseline in ("loo", "cv") and self.n_mc < 2:
+                    raise ValueError(f"baseline {m.baseline!r} needs n_mc >= 2")
+            for e in self.epochs or ():
+                if isinstance(e, bool) or not 0 <= e <= LIMITS["epochs"]:
+                    raise ValueError(f"epochs must be integers >= 0; got {e!r}")
+
+    def due(self, ctx: ProbeContext) -> bool:
+        if ctx.final:
+            return True
+        e = ctx.epoch
+        if self.options.epochs is not None:
+            return e in self.options.epochs
+        return e == 0 or (e & (e - 1)) == 0
+
+    def __call__(self, ctx: ProbeContext) -> ProbeResult:
+        o = self.options
+        idx = _evaluation_batch(ctx, o.batch)
+        members = torch.arange(idx.shape[0], device=idx.device).unsqueeze(1)
+        x = ctx.x["train"][members, idx]
+        settings = ctx.method.settings
+        if o.n_mc is not None:
+            settings = dataclasses.replace(settings, n_mc=o.n_mc)
+        grads = gradstats.per_sample_grads(ctx.method, x, idx, draws=o.draws,
+                                           random=ctx.random(self.name), settings=settings)
+        rows = []
+        for group, g in grads.items():
+            stats = gradstats.gradient_statistics(g)
+            for metric in gradstats.METRICS:
+                rows.append({"split": "train", "metric": metric, "param_group": group,
+                             "value": _per_member(stats[metric])})
+        return ProbeResult(rows)
+
+
+# ------------------------------------------------------------------------------------- gaps
+
+
+class Gaps(ProbeBase):
+    """The gap decomposition (Cremer et al., 2018) of the final model on each of ``splits``
+    (the first ``points`` points; None: all): q* fitted from ``qstar_init`` by Adam
+    (``qstar_n_mc`` samples, step ``qstar_lr``, window-and-patience rule ``qstar_window``,
+    ``qstar_patience``, cap ``qstar_max_steps``); log p(x) by IWAE with ``iwae_k`` samples
+    from the defensive proposal (mixture weight ``defensive`` on a widened copy of q*), exact
+    for linear decoders; ELBOs with ``gap_n_mc`` samples; points with ESS < ``low_ess`` · k
+    flagged."""
+
+    name = "gaps"
+    tables = ("gaps",)
+    metrics: ClassVar[dict[str, str]] = {
+        "iwae": "IWAE estimate of log p(x) with the defensive proposal built on q* (nats)",
+        "log_px_exact": "exact log p(x) of a linear decoder (nats)",
+        "elbo_qstar": "ELBO of the per-datapoint optimum q* on the trained decoder (nats)",
+        "elbo_qphi": "ELBO of the method's own posterior, evaluated like L[q*] (nats)",
+        "approximation_gap": "log p(x) − L[q*] (nats)",
+        "amortization_gap": "L[q*] − L[q_φ] (nats)",
+        "qstar_steps": "optimisation steps taken to fit q* (count)",
+        "iwae_ess_min": "smallest effective sample size of the IWAE weights over the points",
+        "iwae_low_ess_points": "points whose IWAE effective sample size is below low_ess · k",
+    }
+
+    @dataclass(frozen=True)
+    class Options:
+        splits: tuple[str, ...] = ("train", "test")
+        points: int | None = None
+        qstar_init: str = "posterior"
+        qstar_n_mc: int = 10
+        qstar_lr: float = 1e-2
+        qstar_window: int = 100
+        qstar_patience: int = 10
+        qstar_max_steps: int = 5000
+        iwae_k: int = 1000
+        defensive: float = 0.2
+        gap_n_mc: int = 1000
+        low_ess: float = 0.01
+
+        def validate(self, config: RunConfig) -> None:
+            if not self.splits or set(self.splits) - {"train", "validation", "test"}:
+                raise ValueError(f"splits must name train/validation/test; got {self.splits}")
+            if self.points is not None:
+                _positive("points", self.points, 10_000_000)
+            if self.qstar_init not in ("posterior", "prior"):
+                raise ValueError(f"qstar_init must be posterior or prior; got "
+                                 f"{self.qstar_init!r}")
+            for name in ("qstar_n_mc", "iwae_k", "gap_n_mc"):
+                _positive(name, getattr(self, name), LIMITS["n_mc"])
+            for name in ("qstar_window", "qstar_patience", "qstar_max_steps"):
+                _positive(name, getattr(self, name))
+            if not self.qstar_lr > 0:
+                raise ValueError(f"qstar_lr must be positive; got {self.qstar_lr}")
+            if not 0 <= self.defensive < 1 or not 0 <= self.low_ess <= 1:
+                raise ValueError("defensive must lie in [0, 1) and low_ess in [0, 1]")
+
+    def __call__(self, ctx: ProbeContext) -> ProbeResult:
+        o = self.options
+        rows, frames = [], []
+        for split in o.splits:
+            x = _points(ctx.x[split], o.points)
+            if x.shape[1] == 0:
+                continue
+            result = gap_decomposition(
+                ctx.method, x, qstar_init=o.qstar_init, qstar_n_mc=o.qstar_n_mc,
+                qstar_lr=o.qstar_lr,
+                qstar_rule=StoppingRule(o.qstar_window, o.qstar_patience, o.qstar_max_steps),
+                iwae_k=o.iwae_k, defensive=o.defensive, gap_n_mc=o.gap_n_mc, low_ess=o.low_ess,
+                random=ctx.random(self.name, split))
+            seconds = _per_member(result.means.pop("seconds"))
+            for metric, values in result.means.items():
+                rows.append({"split": split, "metric": metric, "value": _per_member(values),
+                             "wall_s": seconds})
+            frames.append(result.per_point.assign(split=split, epoch=ctx.epoch))
+        return ProbeResult(rows, {"gaps": pd.concat(frames, ignore_index=True)} if frames
+                           else {})
+
+
+# ---------------------------------------------------------------------- test-time inference
+
+
+class TestCurve(ProbeBase):
+    """Held-out ELBO after s E-steps for s in ``steps`` from each of the method's starts, on
+    the first ``points`` points of ``split``, ELBOs with ``n_mc`` samples; ``wall_s`` holds
+    seconds per point (the ``step`` column holds s)."""
+
+    __test__ = False
+    name = "test_curve"
+    metrics: ClassVar[dict[str, str]] = {
+        "test_curve_elbo": "held-out ELBO after `step` E-steps of test-time inference (nats)",
+    }
+
+    @dataclass(frozen=True)
+    class Options:
+        steps: tuple[int, ...] = (0, 1, 2, 4, 8, 16, 32, 64, 128, 256)
+        points: int | None = 100
+        n_mc: int = 100
+        split: str = "test"
+
+        def validate(self, config: RunConfig) -> None:
+            if not self.steps:
+                raise ValueError("steps must list at least one count")
+            for s in self.steps:
+                if isinstance(s, bool) or not 0 <= s <= LIMITS["steps"]:
+                    raise ValueError(f"steps must be integers in [0, {LIMITS['steps']}]; "
+                                     f"got {s!r}")
+            if self.points is not None:
+                _positive("points", self.points, 10_000_000)
+            _positive("n_mc", self.n_mc, LIMITS["n_mc"])
+            if self.split not in ("train", "validation", "test"):
+                raise ValueError(f"unknown split {self.split!r}")
+
+    def __call__(self, ctx: ProbeContext) -> ProbeResult:
+        o = self.options
+        x = _points(ctx.x[o.split], o.points)
+        rows = []
+        for init, s, value, per_point in test_time_curve(ctx.method, x, list(o.steps),
+                                                         n_mc=o.n_mc,
+                                                         random=ctx.random(self.name)):
+            rows.append({"split": o.split, "metric": "test_curve_elbo", "param_group": init,
+                         "step": s, "value": _per_member(value),
+                         "wall_s": float(f"{per_point:.3g}")})
+        return ProbeResult(rows)
+
+
+# --------------------------------------------------------------------------- closed forms
+
+
+class Exact(ProbeBase):
+    """Closed forms of a linear decoder (docs/model.md): exact log p(x) and the approximation
+    gap of the trained decoder on every evaluated split at each evaluation; at the end also the
+    PPCA maximum-likelihood fit of the training split, the target the ELBO should reach."""
+
+    name = "exact"
+    fatal = True
+    metrics: ClassVar[dict[str, str]] = {
+        "log_px_exact": "exact log p(x) of a linear decoder (nats)",
+        "approximation_gap": "log p(x) − L[q*] (nats)",
+        "log_px_mle": "exact log p(x) under the closed-form PPCA maximum-likelihood fit of the "
+                      "training split (nats)",
+        "approximation_gap_mle": "closed-form approximation gap of the best diagonal q at the "
+                                 "PPCA maximum-likelihood decoder (nats)",
+    }
+
+    @dataclass(frozen=True)
+    class Options:
+        def validate(self, config: RunConfig) -> None:
+            m = config.model
+            if m.decoder_mean != "linear":
+                raise ValueError("needs a linear decoder (model.decoder_mean = 'linear')")
+            if m.decoder_variance != "learned" or not m.isotropic:
+                raise ValueError("compares with the PPCA maximum-likelihood fit: use "
+                                 "model.decoder_variance = 'learned' and model.isotropic = true")
+
+    def due(self, ctx: ProbeContext) -> bool:
+        return ctx.evaluating or ctx.final
+
+    def __call__(self, ctx: ProbeContext) -> ProbeResult:
+        decoder = ctx.method.decoder
+        rows = []
+        splits = [s for s in ctx.configs[0].training.eval_splits if ctx.x[s].shape[1]]
+        with torch.no_grad():
+            W, b, psi = (t.double() for t in decoder.linear_parameters())
+            gaps = [float(linear_gaussian.approximation_gap(W[k], psi[k]))
+                    for k in range(W.shape[0])]
+            for split in splits:
+                x = ctx.x[split].double()
+                cov = W @ W.transpose(-1, -2) + torch.diag_embed(psi)
+                lp = torch.distributions.MultivariateNormal(b.unsqueeze(1), cov.unsqueeze(1))
+                rows.append({"split": split, "metric": "log_px_exact",
+                             "value": _per_member(lp.log_prob(x).mean(1))})
+                rows.append({"split": split, "metric": "approximation_gap", "value": gaps})
+            if ctx.final:
+                mle = [linear_gaussian.ppca_mle(ctx.x["train"][k].double(), W.shape[-1])
+                       for k in range(W.shape[0])]
+                gap_m = [float(linear_gaussian.approximation_gap(Wm, s2.expand(Wm.shape[0])))
+                         for Wm, _, s2 in mle]
+                for split in splits:
+                    values = [float(linear_gaussian.exact_log_marginal(
+                        ctx.x[split][k].double(), Wm, bm, s2.expand(Wm.shape[0])).mean())
+                        for k, (Wm, bm, s2) in enumerate(mle)]
+                    rows.append({"split": split, "metric": "log_px_mle", "value": values})
+                    rows.append({"split": split, "metric": "approximation_gap_mle",
+                                 "value": gap_m})
+        return ProbeResult(rows)
+
+
+# -------------------------------------------------------------------------- latent activity
+
+
+class Activity(ProbeBase):
+    """Posterior collapse made visible: active units (Burda et al., 2016: a latent dimension is
+    active when Cov_x(E_q[z_h]) > ``threshold``) and the KL of each latent dimension, averaged
+    over the points of ``split``, under the method's own posterior, at each evaluation; the
+    per-dimension values at the end as table ``activity``."""
+
+    name = "activity"
+    tables = ("activity",)
+    metrics: ClassVar[dict[str, str]] = {
+        "active_units": "latent dimensions with Cov_x(E_q[z_h]) above the threshold (count)",
+        "kl_total": "KL(q(z | x) ‖ p(z)) averaged over the points (nats)",
+    }
+
+    @dataclass(frozen=True)
+    class Options:
+        threshold: float = 0.01
+        split: str = "test"
+
+        def validate(self, config: RunConfig) -> None:
+            if not self.threshold >= 0:
+                raise ValueError(f"threshold must be >= 0; got {self.threshold}")
+            if self.split not in ("train", "validation", "test"):
+                raise ValueError(f"unknown split {self.split!r}")
+
+    def due(self, ctx: ProbeContext) -> bool:
+        return ctx.evaluating or ctx.final
+
+    def __call__(self, ctx: ProbeContext) -> ProbeResult:
+        o = self.options
+        a = latent_activity(ctx.method, ctx.x[o.split], threshold=o.threshold,
+                            random=ctx.random(self.name))
+        rows = [{"split": o.split, "metric": "active_units", "value": _per_member(
+                    a.active_units)},
+                {"split": o.split, "metric": "kl_total", "value": _per_member(
+                    a.kl_per_dim.sum(1))}]
+        tables = {}
+        if ctx.final:
+            k, h = a.kl_per_dim.shape
+            tables["activity"] = pd.DataFrame({
+                "member": np.repeat(np.arange(k), h), "epoch": ctx.epoch, "split": o.split,
+                "dim": np.tile(np.arange(1, h + 1), k),
+                "kl": a.kl_per_dim.cpu().numpy().reshape(-1),
+                "activity": a.activity.cpu().numpy().reshape(-1),
+                "active": (a.activity > o.threshold).cpu().numpy().reshape(-1)})
+        return ProbeResult(rows, tables)
+
+
+# ------------------------------------------------------------------------------- pictures
+
+
+class Images(ProbeBase):
+    """Test images and their reconstructions μ_θ(E_q[z]) under the method's own q, decoder
+    samples μ_θ(z), z ~ N(0, I), and for H = 2 the manifold μ_θ(Φ⁻¹(u)) over a
+    ``manifold`` x ``manifold`` grid of u in (0, 1)²; one image a row, pixels as columns."""
+
+    name = "images"
+    tables = ("images",)
+
+    @dataclass(frozen=True)
+    class Options:
+        n_recon: int = 16
+        n_samples: int = 16
+        manifold: int = 12
+
+        def validate(self, config: RunConfig) -> None:
+            for name in ("n_recon", "n_samples", "manifold"):
+                _positive(name, getattr(self, name), 1000)
+
+    def __call__(self, ctx: ProbeContext) -> ProbeResult:
+        o = self.options
+        random = ctx.random(self.name)
+        dec, h = ctx.method.decoder, ctx.method.decoder.latent_dim
+        x = ctx.x["test"][:, :o.n_recon]
+        k_members, d = x.shape[0], dec.data_dim
+        labels = ctx.labels.get("test")
+        lam, _ = ctx.method.infer(x, random)
+        with torch.no_grad():
+            recon = dec.mean_and_variance(lam[..., :h].detach())[0]
+            z = random.randn((o.n_samples, h), 0, dtype=x.dtype)
+            parts = [("data", x, None), ("reconstruction", recon, None),
+                     ("sample", dec.mean_and_variance(z)[0], None)]
+            if h == 2:
+                m = o.manifold
+                u = torch.linspace(0.5 / m, 1 - 0.5 / m, m, dtype=x.dtype, device=x.device)
+                grid = torch.special.ndtri(u)
+                zz = torch.stack(torch.meshgrid(grid, grid.flip(0), indexing="xy"),
+                                 -1).reshape(-1, 2)
+                zk = zz.expand(k_members, -1, -1).contiguous()
+                parts.append(("manifold", dec.mean_and_variance(zk)[0], zz))
+        side = round(math.sqrt(d))
+        height = side if side * side == d else 1
+        frames = []
+        for kind, images, coords in parts:
+            n = images.shape[1]
+            pixels = images.float().cpu().numpy().reshape(k_members * n, d)
+            cols: dict[str, Any] = {"member": np.repeat(np.arange(k_members), n),
+                                    "kind": kind, "index": np.tile(np.arange(n), k_members)}
+            if kind in ("data", "reconstruction") and labels is not None:
+                cols["label"] = labels[:, :n].reshape(-1).numpy()
+            else:
+                cols["label"] = pd.array([None] * (k_members * n), dtype="Int64")
+            zs = (np.tile(coords.cpu().numpy(), (k_members, 1)) if coords is not None
+                  else np.full((k_members * n, 2), np.nan))
+            cols["z1"], cols["z2"] = zs[:, 0], zs[:, 1]
+            cols["height"], cols["width"] = height, d // height
+            width = len(str(d - 1))
+            frame = pd.DataFrame(cols)
+            pix = pd.DataFrame(pixels, columns=[f"p{j:0{width}d}" for j in range(d)])
+            frames.append(pd.concat([frame, pix], axis=1))
+        out = pd.concat(frames, ignore_index=True)
+        out["label"] = out["label"].astype("Int64")
+        out.insert(1, "epoch", ctx.epoch)
+        return ProbeResult([], {"images": out})
+
+
+class Latents(ProbeBase):
+    """The encoded test set: mean and log-variance of the method's own q per test point, with
+    the digit labels."""
+
+    name = "latents"
+    tables = ("latents",)
+
+    @dataclass(frozen=True)
+    class Options:
+        def validate(self, config: RunConfig) -> None:
+            from vi.data import LABELLED
+
+            if config.data.name not in LABELLED:
+                raise ValueError(f"needs labelled data ({', '.join(LABELLED)}); "
+                                 f"{config.data.name!r} has none")
+
+    def __call__(self, ctx: ProbeContext) -> ProbeResult:
+        x = ctx.x["test"]
+        lam, _ = ctx.method.infer(x, ctx.random(self.name))
+        lam = lam.detach().float().cpu().numpy()
+        k_members, n = x.shape[:2]
+        h = ctx.method.decoder.latent_dim
+        cols: dict[str, Any] = {"member": np.repeat(np.arange(k_members), n),
+                                "epoch": ctx.epoch, "point": np.tile(np.arange(n), k_members),
+                                "label": ctx.labels["test"].reshape(-1).numpy()}
+        for j in range(h):
+            cols[f"mu{j + 1}"] = lam[:, :, j].reshape(-1)
+        for j in range(h):
+            cols[f"logvar{j + 1}"] = lam[:, :, h + j].reshape(-1)
+        return ProbeResult([], {"latents": pd.DataFrame(cols)})
+
+
+# --------------------------------------------------------------------------- variance sweep
+
+
+class VarianceSweep(ProbeBase):
+    """Gradient variance against estimator, KL mode and M (``n_mc``) at the final state, with
+    ``draws`` draws on a fixed training minibatch of ``batch`` points (``vi.gradstats.
+    variance_sweep``; common random numbers across estimators). Table ``variance_sweep``:
+    the measured estimator in ``grad_estimator``/``grad_baseline``/``grad_kl``/``grad_n_mc``
+    (the run's own training estimator stays in ``estimator``)."""
+
+    name = "variance_sweep"
+    fatal = True
+    tables = ("variance_sweep",)
+
+    @dataclass(frozen=True)
+    class Options:
+        n_mc: tuple[int, ...] = (1, 4, 16)
+        draws: int = 100
+        batch: int = 64
+        estimators: tuple[tuple[str, ...], ...] = gradstats.SWEEP_ESTIMATORS
+
+        def validate(self, config: RunConfig) -> None:
+            from vi.estimators import validate_estimator
+            from vi.objectives import KL_MODES
+
+            if not self.n_mc:
+                raise ValueError("n_mc must list at least one sample count")
+            for m in self.n_mc:
+                _positive("n_mc", m, LIMITS["n_mc"])
+            _positive("draws", self.draws, LIMITS["draws"])
+            if self.draws < 2:
+                raise ValueError("draws must be >= 2")
+            _positive("batch", self.batch, LIMITS["batch_size"])
+            for entry in self.estimators:
+                if len(entry) != 3 or entry[2] not in KL_MODES:
+                    raise ValueError(f"estimators entries are [estimator, baseline, kl]; got "
+                                     f"{list(entry)}")
+                validate_estimator(entry[0], entry[1])
+
+    def __call__(self, ctx: ProbeContext) -> ProbeResult:
+        o = self.options
+        idx = _evaluation_batch(ctx, o.batch)
+        members = torch.arange(idx.shape[0], device=idx.device).unsqueeze(1)
+        rows = gradstats.variance_sweep(
+            ctx.method, ctx.x["train"][members, idx], idx,
+            estimators=[tuple(e) for e in o.estimators], n_mcs=list(o.n_mc), draws=o.draws,
+            random=ctx.random(self.name))
+        frame = pd.DataFrame(rows).rename(columns={
+            "estimator": "grad_estimator", "baseline": "grad_baseline", "kl": "grad_kl",
+            "n_mc": "grad_n_mc"})
+        frame.insert(1, "epoch", ctx.epoch)
+        finite = np.isfinite(frame["value"].to_numpy(dtype=float))
+        failed = set(frame.loc[~finite, "member"].astype(int).tolist())
+        return ProbeResult([], {"variance_sweep": frame[finite].reset_index(drop=True)},
+                           failed)
