@@ -5,8 +5,9 @@
                     E-steps on its rows (θ fixed), then ``m_steps`` on θ (rows fixed).
 ``amortized``       The VAE (Kingma & Welling 2014): λ_n = f_φ(x_n), one joint step on (θ, φ).
 ``semi_amortized``  λ⁽⁰⁾ = f_φ(x) refined by K gradient steps (Kim et al., 2018); θ is trained
-                    at the refined λ⁽ᴷ⁾, φ on the ELBO at λ⁽⁰⁾ ("VAE + SVI") or, with
-                    ``refine_through``, through the refinement (SA-VAE).
+                    at the refined λ⁽ᴷ⁾, φ on the ELBO at λ⁽⁰⁾ (Kim et al.'s "VAE + SVI").
+``sa_vae``          as ``semi_amortized``, but φ is trained on the ELBO at λ⁽ᴷ⁾ with gradients
+                    through the refinement (Kim et al.'s SA-VAE).
 
 Every method is an *ensemble* of K members (``vi.nets``) that share one configuration and differ
 in seed and step sizes: data x [K, B, D], posterior parameters λ [K, B, 2H], noise
@@ -39,6 +40,7 @@ from vi.streams import MemberRandom
 
 __all__ = [
     "METHODS",
+    "SAVAE",
     "STEP_SIZE_FIELDS",
     "Amortized",
     "Encoder",
@@ -104,7 +106,6 @@ class MethodSettings:
     m_steps: int = 1
     refine_steps: int = 5
     refine_lr: float = 1e-1
-    refine_through: bool = False
     baseline_decay: float = 0.9
     grad_clip: float | None = None
     heldout: StoppingRule = field(default_factory=StoppingRule)
@@ -240,6 +241,7 @@ class InferenceMethod(nn.Module):
     ``has_encoder``      it has an inference network f_φ (``self.encoder``)
     ``has_local_table``  it keeps a per-datapoint table of λ (``self.local``)
     ``refines``          it refines λ by gradient steps (``refine_steps``, ``refine_lr``)
+    ``refine_through``   its encoder is trained through the refinement
     ``step_sizes``       the ``MethodSettings`` step-size fields it uses
     ``groups``           its parameter groups for gradient statistics
     ``heldout_init``     where inference of a new point starts: ``prior`` (λ = 0) or
@@ -251,6 +253,7 @@ class InferenceMethod(nn.Module):
     has_encoder: ClassVar[bool] = False
     has_local_table: ClassVar[bool] = False
     refines: ClassVar[bool] = False
+    refine_through: ClassVar[bool] = False
     step_sizes: ClassVar[tuple[str, ...]] = ("lr",)
     groups: ClassVar[tuple[str, ...]] = ("variational", "decoder")
     heldout_init: ClassVar[str] = "prior"
@@ -552,9 +555,8 @@ class SemiAmortized(Amortized):
     """Semi-amortized inference (Kim et al., 2018): the encoder's λ⁽⁰⁾ refined by
     ``refine_steps`` plain gradient-ascent steps of size ``refine_lr``.
 
-    θ is trained at the refined λ⁽ᴷ⁾. φ is trained on the ELBO at its own output λ⁽⁰⁾ (Kim et
-    al.'s "VAE + SVI") or, with ``refine_through``, on the ELBO at λ⁽ᴷ⁾ with gradients through
-    the refinement (their SA-VAE).
+    θ is trained at the refined λ⁽ᴷ⁾; φ on the ELBO at its own output λ⁽⁰⁾ (Kim et al.'s
+    "VAE + SVI"; ``SAVAE`` trains φ through the refinement).
     """
 
     name = "semi_amortized"
@@ -566,17 +568,17 @@ class SemiAmortized(Amortized):
 
     def train_step(self, x, idx, random, active):
         s = self.settings
+        through = self.refine_through
         lam0 = self.encoder(x)
         with contextlib.ExitStack() as stack:
-            if not s.refine_through:
+            if not through:
                 stack.enter_context(frozen(self.decoder))
-            lam_k, ok = self.local_ascent(x, lam0 if s.refine_through else lam0.detach(),
-                                          random, s.refine_steps, active=active,
-                                          create_graph=s.refine_through)
+            lam_k, ok = self.local_ascent(x, lam0 if through else lam0.detach(), random,
+                                          s.refine_steps, active=active, create_graph=through)
         dec, enc = self.decoder.params.flat, self.encoder.params.flat
         est = self.estimate(x, lam_k.detach(), random, active=active)  # θ at the refined λ
         (dec_grad,) = torch.autograd.grad(-est.surrogate.mean(1).sum(), [dec])
-        enc_target = lam_k if s.refine_through else lam0
+        enc_target = lam_k if through else lam0
         enc_est = self.estimate(x, enc_target, random, active=active)  # φ at its own λ
         (enc_grad,) = torch.autograd.grad(-enc_est.surrogate.mean(1).sum(), [enc])
         recorded, fine = self._record(est.samples, active & ok)
@@ -592,6 +594,15 @@ class SemiAmortized(Amortized):
         with frozen(self.decoder):
             lam, _ = self.local_ascent(x, lam0, random, self.settings.refine_steps)
         return lam.detach(), None
+
+
+class SAVAE(SemiAmortized):
+    """SA-VAE (Kim et al., 2018): semi-amortized inference whose encoder is trained on the ELBO
+    at the refined λ⁽ᴷ⁾, with gradients through the K refinement steps (second order in θ's
+    ELBO with respect to λ)."""
+
+    name = "sa_vae"
+    refine_through = True
 
 
 def build_method(
