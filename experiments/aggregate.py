@@ -2,15 +2,17 @@
 
 ``aggregate(exp_dir, run_ids)`` rebuilds ``results/<experiment>/``:
 
-``metrics.csv``   every run's rows, concatenated in grid order (SPEC §7 schema)
-``runs.csv``      one row per run: identity, ``status``/``message``, ``lr_source``, provenance,
-                  every configuration field (lists as JSON text), ``seconds_per_epoch`` and
-                  ``final_<metric>_<split>`` — the last value of each metric without a parameter
-                  group (e.g. ``final_elbo_test``)
-``<table>.csv``   each per-run ``tables/<table>.csv`` concatenated (``images``, ``latents``,
-                  ``variance_sweep``, ``gaps``)
-``selected.csv``  (``lr_selection`` only) the chosen step sizes, and ``candidates.csv`` the
-                  score of every candidate
+``metrics.csv``   every run's rows, concatenated in grid order (``experiments.schema``)
+``runs.csv``      one row per run: identity, ``status``/``message``, how training stopped
+                  (``stop_reason``, ``converged``, ``epochs_run``, ``best_epoch``),
+                  ``lr_source``, provenance (code and package versions), every configuration
+                  field under its dotted name (``method.lr``, ``model.hidden``; lists as JSON
+                  text), ``seconds_per_epoch`` and ``final_<metric>_<split>``: each metric
+                  without a parameter group at the run's best (restored) epoch, with
+                  ``final_<metric>_bpd_<split>`` in bits per dimension for image data
+``<table>.csv``   each per-run ``tables/<table>.csv`` concatenated (``gaps``, ``images``, …)
+``selected.csv``  (``lr_selection``) the chosen step sizes, and ``candidates.csv`` every
+                  candidate's score (``experiments.selection``)
 ``manifest.json`` SHA-256 and row count of each CSV above, which ``check`` verifies
 
 It refuses, listing every bad folder, a run folder that is incomplete or inconsistent: no or
@@ -30,75 +32,44 @@ import io
 import json
 import math
 import os
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pandas as pd
 
-from experiments.grids import LR_FIELDS, config_hash, run_id_for
+from experiments.grids import config_hash, run_id_for
 from experiments.schema import (
-    IDENTITY_COLUMNS,
+    BPD_METRICS,
+    TABLE_COLUMNS,
     SchemaError,
     read_metrics,
     read_runs,
     validate_metrics,
     validate_runs,
 )
+from vi.files import atomic_write
 
 __all__ = [
-    "TABLE_COLUMNS",
     "AggregateError",
     "aggregate",
-    "atomic_write_text",
     "check_results",
+    "flatten",
+    "verify_manifest_file",
     "verify_run",
-    "write_selection",
 ]
 
-#: columns each known table must have (more may follow)
-TABLE_COLUMNS: dict[str, tuple[str, ...]] = {
-    "images": (*IDENTITY_COLUMNS, "epoch", "kind", "index", "label", "z1", "z2", "height",
-               "width"),
-    "latents": (*IDENTITY_COLUMNS, "epoch", "point", "label", "mu1", "mu2", "logvar1",
-                "logvar2"),
-    "variance_sweep": (*IDENTITY_COLUMNS, "epoch", "param_group", "grad_estimator",
-                       "grad_baseline", "grad_n_mc", "draws", "metric", "value"),
-    "gaps": (*IDENTITY_COLUMNS, "epoch", "split", "point"),
-    "selected": ("dataset", "method", "estimator", "baseline", *LR_FIELDS, "metric", "split",
-                 "score_mean", "score_sd", "n_seeds", "n_diverged"),
-    "candidates": ("dataset", "method", "estimator", "baseline", *LR_FIELDS, "score_mean",
-                   "score_sd", "n_seeds", "n_diverged", "rank"),
-}
-#: step sizes that matter per method (the others are not recorded as selected)
-RELEVANT_LR = {"vem": ("lr", "local_lr"), "amortized": ("lr",),
-               "semi_amortized": ("lr", "refine_lr")}
-_PROVENANCE_COLUMNS = ("lr_source", "git_commit", "git_dirty", "torch_version", "python_version",
-                       "device", "hostname", "started", "finished", "resumed", "epochs_done",
-                       "run_seconds")
+_PROVENANCE_COLUMNS = (
+    "lr_source", "stop_reason", "converged", "epochs_run", "best_epoch", "git_commit",
+    "git_dirty", "python_version", "torch_version", "numpy_version", "pandas_version",
+    "scipy_version", "scikit_learn_version", "mlxtend_version", "device", "hostname", "command",
+    "started", "finished", "resumed", "run_seconds", "n_train", "n_validation", "n_test",
+    "data_dim", "levels", "ensemble", "ensemble_size")
 _RESERVED = {"metrics", "runs", "manifest"}
 
 
 class AggregateError(ValueError):
     """Run folders that cannot be aggregated; the message lists each one and why."""
-
-
-def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
-    """Write ``text`` to a temporary file beside ``path``, then rename it over ``path``
-    (the same protocol as ``vi.training.atomic_write``, without importing torch)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", newline="") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
 
 
 def _csv_text(frame: pd.DataFrame) -> str:
@@ -111,7 +82,7 @@ def _digest(text: str | bytes) -> str:
 
 def _write_csv(path: Path, frame: pd.DataFrame) -> dict[str, Any]:
     text = _csv_text(frame)
-    atomic_write_text(path, text)
+    atomic_write(path, text)
     return {"sha256": _digest(text), "rows": len(frame)}
 
 
@@ -127,6 +98,17 @@ def _read_json(path: Path) -> tuple[dict | None, str]:
     return value, ""
 
 
+def flatten(values: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """A nested configuration as {dotted name: value} (lists stay lists)."""
+    out: dict[str, Any] = {}
+    for key, value in values.items():
+        if isinstance(value, dict) and value and key not in ("options", "probes"):
+            out |= flatten(value, f"{prefix}{key}.")
+        else:
+            out[prefix + key] = value
+    return out
+
+
 # ------------------------------------------------------------------------------ run folders
 
 
@@ -138,29 +120,31 @@ def verify_run(run_dir: Path) -> tuple[list[str], dict | None]:
     cfg, why = _read_json(run_dir / "config.json")
     if cfg is None:
         return [why], None
-    missing = [k for k in ("run_id", "experiment", "config", "products") if k not in cfg]
+    missing = [k for k in ("run_id", "experiment", "config") if k not in cfg]
     if missing:
         return [f"config.json lacks {', '.join(missing)}"], None
     if cfg["run_id"] != run_dir.name:
         problems.append(f"run_id mismatch: config.json says {cfg['run_id']!r}, the folder is "
                         f"{run_dir.name!r}")
     try:
-        expected = run_id_for(cfg["experiment"], cfg["config"], cfg["products"])
+        expected = run_id_for(cfg["experiment"], cfg["config"])
     except (KeyError, TypeError, ValueError) as err:
         return [*problems, f"config.json is not a full configuration ({err})"], None
     if expected != cfg["run_id"]:
         problems.append(
             f"config hash mismatch: config.json hashes to "
-            f"{config_hash(cfg['experiment'], cfg['config'], cfg['products'])}, the run_id "
-            f"{cfg['run_id']!r} says otherwise (edited, or written by another version)")
+            f"{config_hash(cfg['experiment'], cfg['config'])}, the run_id {cfg['run_id']!r} "
+            f"says otherwise (edited, or written by another version)")
     prov, why = _read_json(run_dir / "provenance.json")
     if prov is None:
         return [*problems, why], None
     status = prov.get("status")
     if status not in ("ok", "diverged", "failed"):
-        return [*problems, f"incomplete (status {status!r}): rerun the experiment to resume "
+        return [*problems, f"unfinished run (status {status!r}): rerun the experiment to resume "
                            f"or finish it"], None
     files = prov.get("files")
+    if status == "failed" and not isinstance(files, dict):
+        return [*problems, f"failed run ({prov.get('message', '')}): rerun the experiment"], None
     if not isinstance(files, dict) or "metrics.csv" not in files:
         return [*problems, "provenance.json records no files (the run never finished writing)"
                 ], None
@@ -194,6 +178,8 @@ def verify_run(run_dir: Path) -> tuple[list[str], dict | None]:
         ids = set(metrics["run_id"].dropna().astype(str)) if "run_id" in metrics else set()
         if ids - {cfg["run_id"]}:
             problems.append(f"metrics.csv holds rows of other run(s) {sorted(ids)[:3]}")
+    if status in ("ok", "diverged") and not (run_dir / "checkpoint.pt").is_file():
+        problems.append("checkpoint.pt missing (the finished model cannot be evaluated again)")
     if problems:
         return problems, None
     tables = {Path(n).stem: f for n, f in frames.items() if n.startswith("tables/")}
@@ -201,29 +187,47 @@ def verify_run(run_dir: Path) -> tuple[list[str], dict | None]:
 
 
 def _cell(value: Any) -> Any:
-    if isinstance(value, (list, dict)):
+    if isinstance(value, list | dict):
         return json.dumps(value, sort_keys=True)
     return value
+
+
+def _bpd(nats: float, data_dim: Any, levels: Any) -> float:
+    """Bits per dimension of the discrete data: −(L − D ln K) / (D ln 2) (``vi.data``)."""
+    return -(nats - int(data_dim) * math.log(int(levels))) / (int(data_dim) * math.log(2))
 
 
 def _runs_row(parts: dict) -> dict[str, Any]:
     cfg, prov, metrics = parts["config"], parts["provenance"], parts["metrics"]
     c = cfg["config"]
-    row: dict[str, Any] = {"run_id": cfg["run_id"], "experiment": cfg["experiment"]}
-    row.update({k: c[k] for k in IDENTITY_COLUMNS if k in c})
-    row.update({"status": prov.get("status"), "message": prov.get("message", "")})
+    row: dict[str, Any] = {
+        "run_id": cfg["run_id"], "experiment": cfg["experiment"], "dataset": c["data"]["name"],
+        "method": c["method"]["name"], "estimator": c["method"]["estimator"],
+        "baseline": c["method"]["baseline"], "kl": c["method"]["kl"],
+        "latent_dim": c["model"]["latent_dim"], "n_mc": c["method"]["n_mc"], "seed": c["seed"],
+        "status": prov.get("status"), "message": prov.get("message", "")}
     row.update({k: prov.get(k, "") for k in _PROVENANCE_COLUMNS})
-    epochs = prov.get("epochs_done") or 0
+    row["selection_round"] = cfg.get("selection_round")
+    epochs = prov.get("epochs_run") or 0
     row["seconds_per_epoch"] = (round(prov["run_seconds"] / epochs, 4)
                                 if epochs and prov.get("run_seconds") is not None else None)
-    for key, value in c.items():
+    for key, value in flatten(c).items():
         row.setdefault(key, _cell(value))
-    row["products"] = ",".join(sorted(cfg["products"]))
+    row["probes"] = ",".join(sorted(c.get("probes", {})))
     if len(metrics):
         plain = metrics[metrics["param_group"].isna()]
-        last = plain.groupby(["metric", "split"], sort=True).tail(1)
+        best = prov.get("best_epoch")
+        at_best = plain[plain["epoch"] == best] if best is not None else plain.iloc[0:0]
+        rest = plain[~plain.set_index(["metric", "split"]).index.isin(
+            at_best.set_index(["metric", "split"]).index)]
+        last = pd.concat([at_best.groupby(["metric", "split"]).tail(1),
+                          rest.groupby(["metric", "split"]).tail(1)])
+        levels = prov.get("levels")
         for _, r in last.sort_values(["metric", "split"]).iterrows():
             row[f"final_{r['metric']}_{r['split']}"] = float(r["value"])
+            if r["metric"] in BPD_METRICS and levels not in (None, ""):
+                row[f"final_{r['metric']}_bpd_{r['split']}"] = _bpd(float(r["value"]),
+                                                                   prov["data_dim"], levels)
         row["last_epoch"] = int(metrics["epoch"].max())
     return row
 
@@ -232,10 +236,11 @@ def aggregate(
     exp_dir: str | os.PathLike,
     run_ids: list[str] | None = None,
     *,
-    select: dict | None = None,
+    extra: dict[str, pd.DataFrame] | None = None,
 ) -> dict[str, Any]:
     """Rebuild an experiment's CSVs from its run folders (``run_ids`` in grid order, or every
-    folder). Raises ``AggregateError`` listing each unusable folder; writes nothing then.
+    folder), plus ``extra`` tables computed from them (e.g. ``selected``). Raises
+    ``AggregateError`` listing each unusable folder; writes nothing then.
 
     Returns {"runs": runs frame, "written": [paths], "stale": [folders not in run_ids]}.
     """
@@ -273,110 +278,98 @@ def aggregate(
             raise AggregateError(f"{exp_dir}: a run table may not be called {name!r}")
         outputs[name] = pd.concat([p["tables"][name] for p in parts if name in p["tables"]],
                                   ignore_index=True)
-    if select is not None:
-        selected, candidates = write_selection(runs, select)
-        outputs["selected"], outputs["candidates"] = selected, candidates
+    for name, frame in (extra or {}).items():
+        outputs[name] = frame
     manifest = {"experiment": exp_dir.name, "runs": len(parts), "files": {}}
     written = []
     for name, frame in outputs.items():
         manifest["files"][f"{name}.csv"] = _write_csv(exp_dir / f"{name}.csv", frame)
         written.append(exp_dir / f"{name}.csv")
-    atomic_write_text(exp_dir / "manifest.json", json.dumps(manifest, indent=2, sort_keys=True)
-                      + "\n")
+    for old in sorted(exp_dir.glob("*.csv")):  # tables of an earlier grid would mislead
+        if old.stem not in outputs:
+            old.unlink()
+    atomic_write(exp_dir / "manifest.json", json.dumps(manifest, indent=2, sort_keys=True)
+                 + "\n")
     return {"runs": runs, "written": written, "stale": stale}
-
-
-# -------------------------------------------------------------------------- lr selection
-
-
-def write_selection(runs: pd.DataFrame, select: dict) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Pick, per (dataset, method, estimator, baseline), the step sizes with the best mean
-    final ``select.metric`` on ``select.split`` over seeds (validation ELBO by default).
-
-    Candidates with fewer diverged (or failed) seeds rank first; among equals the higher mean
-    wins, ties going to the earlier candidate in grid order. Returns (selected, candidates).
-    """
-    metric = select.get("metric", "elbo")
-    split = select.get("split", "validation")
-    column = f"final_{metric}_{split}"
-    group = ["dataset", "method", "estimator", "baseline"]
-    table = runs.copy()
-    if column not in table:
-        table[column] = np.nan
-    table["_score"] = np.where(table["status"] == "ok", table[column].astype(float), np.nan)
-    for name in LR_FIELDS:
-        relevant = table["method"].map(lambda m, n=name: n in RELEVANT_LR.get(m, ()))
-        table[name] = table[name].where(relevant)
-    table["_order"] = np.arange(len(table))
-    keys = group + list(LR_FIELDS)
-    rows = []
-    for key, part in table.groupby(keys, sort=False, dropna=False):
-        scores = part["_score"].dropna()
-        rows.append({**dict(zip(keys, key, strict=True)),
-                     "score_mean": float(scores.mean()) if len(scores) else math.nan,
-                     "score_sd": float(scores.std(ddof=1)) if len(scores) > 1 else math.nan,
-                     "n_seeds": len(part), "n_diverged": int(len(part) - len(scores)),
-                     "_order": int(part["_order"].min())})
-    cand = pd.DataFrame(rows)
-    cand["_key"] = list(zip(cand["n_diverged"], -cand["score_mean"].fillna(-math.inf),
-                            cand["_order"], strict=True))
-    cand = cand.sort_values("_order")
-    cand["rank"] = cand.groupby(group, sort=False)["_key"].rank(method="first").astype(int)
-    best = cand[cand["rank"] == 1].copy()
-    best["metric"], best["split"] = metric, split
-    best["n_candidates"] = best.apply(
-        lambda r: int(((cand[group] == r[group]).all(axis=1)).sum()), axis=1)
-    selected = best[[*group, *LR_FIELDS, "metric", "split", "score_mean", "score_sd", "n_seeds",
-                     "n_diverged", "n_candidates"]].reset_index(drop=True)
-    candidates = cand[[*group, *LR_FIELDS, "score_mean", "score_sd", "n_seeds", "n_diverged",
-                       "rank"]].reset_index(drop=True)
-    return selected, candidates
 
 
 # ------------------------------------------------------------------------------------ check
 
 
-def _check_table(path: Path, frame: pd.DataFrame, name: str) -> list[str]:
-    need = TABLE_COLUMNS.get(name)
-    if need is None:
-        return []
-    missing = [c for c in need if c not in frame.columns]
-    return [f"{path}: missing column(s) {', '.join(missing)}"] if missing else []
+def verify_manifest_file(path: Path) -> str:
+    """"" if ``path`` matches the checksum its experiment's manifest records, else why not."""
+    path = Path(path)
+    manifest, why = _read_json(path.parent / "manifest.json")
+    if manifest is None:
+        return f"{path}: cannot be verified ({why})"
+    record = manifest.get("files", {}).get(path.name)
+    if record is None:
+        return f"{path}: not listed in {path.parent / 'manifest.json'}"
+    if not path.is_file():
+        return f"{path}: missing"
+    if _digest(path.read_bytes()) != record.get("sha256"):
+        return (f"{path}: does not match the checksum in manifest.json (truncated or edited "
+                f"after aggregation)")
+    return ""
 
 
 def check_results(results: str | os.PathLike,
                   experiments: list[str] | None = None,
                   progress: Callable[[Path], None] | None = None) -> tuple[int, list[str]]:
-    """Validate every CSV under ``results`` (or under the named experiments' folders): the
-    schema of metrics/runs tables, the columns of known tables, run folders against their
-    recorded checksums, experiment CSVs against ``manifest.json``, and that every run in an
-    experiment's metrics.csv is in its runs.csv. Returns (files checked, problems)."""
+    """Validate everything under ``results`` (or the named experiments' folders): the schema of
+    every CSV, the columns of known tables, every experiment's CSVs against ``manifest.json``
+    (a missing manifest is a problem), every run folder against its recorded checksums
+    (unfinished runs and finished runs without a readable checkpoint are problems), and that an
+    experiment's metrics.csv and runs.csv come together and name the same runs. Returns
+    (files checked, problems)."""
     results = Path(results)
     roots = [results / e for e in experiments] if experiments else [results]
     problems: list[str] = []
     checked = 0
-    run_dirs: set[Path] = set()
     for root in roots:
         if not root.exists():
             problems.append(f"{root}: no such folder")
             continue
         for path in sorted(root.rglob("*.csv")):
-            if path.name.startswith("."):
+            if path.name.startswith(".") or "runs" in path.relative_to(results).parts:
                 continue
             checked += 1
             if progress is not None:
                 progress(path)
-            if path.parent.parent.name == "runs" or (path.parent.name == "tables"
-                                                      and path.parent.parent.parent.name == "runs"):
-                run_dirs.add(path.parent if path.parent.name != "tables" else path.parent.parent)
             problems += _check_csv(path)
-        for manifest in sorted(root.rglob("manifest.json")):
-            problems += _check_manifest(manifest)
-            problems += _check_crossrefs(manifest.parent)
-    for run_dir in sorted(run_dirs):
-        bad, _ = verify_run(run_dir)
-        problems += [f"{run_dir}: {p}" for p in bad]
+        exp_dirs = sorted({p.parent for p in root.rglob("*.csv")
+                           if "runs" not in p.relative_to(results).parts
+                           and p.parent != results} | {m.parent for m in
+                                                        root.rglob("manifest.json")})
+        for exp_dir in exp_dirs:
+            problems += _check_experiment(exp_dir)
+        for run_dir in sorted({p.parent for p in root.rglob("config.json")
+                               if p.parent.parent.name == "runs"}):
+            checked += 1
+            problems += [f"{run_dir}: {p}" for p in _check_run(run_dir)]
     return checked, problems
+
+
+def _check_run(run_dir: Path) -> list[str]:
+    bad, _ = verify_run(run_dir)
+    if bad:
+        return bad
+    return _check_checkpoint(run_dir / "checkpoint.pt")
+
+
+def _check_checkpoint(path: Path) -> list[str]:
+    """A finished run's checkpoint must be a readable zip archive (torch's format) that names
+    the run; reading it fully would need torch, which ``check`` does without."""
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(path) as archive:
+            bad = archive.testzip()
+    except (OSError, zipfile.BadZipFile) as err:
+        return [f"checkpoint.pt unreadable ({type(err).__name__}: {err})"]
+    if bad is not None:
+        return [f"checkpoint.pt is corrupt (first bad entry {bad})"]
+    return []
 
 
 def _check_csv(path: Path) -> list[str]:
@@ -392,7 +385,10 @@ def _check_csv(path: Path) -> list[str]:
             read_runs(path)
         else:
             frame = pd.read_csv(path)
-            return _check_table(path, frame, path.stem)
+            need = TABLE_COLUMNS.get(path.stem)
+            missing = [c for c in need or () if c not in frame.columns]
+            if missing:
+                return [f"{path}: missing column(s) {', '.join(missing)}"]
     except SchemaError as err:
         return str(err).splitlines()
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as err:
@@ -400,32 +396,39 @@ def _check_csv(path: Path) -> list[str]:
     return []
 
 
-def _check_manifest(path: Path) -> list[str]:
-    manifest, why = _read_json(path)
-    if manifest is None:
-        return [f"{path}: {why}"]
+def _check_experiment(exp_dir: Path) -> list[str]:
     problems = []
-    for name, record in manifest.get("files", {}).items():
-        file = path.parent / name
-        if not file.is_file():
-            problems.append(f"{file}: listed in manifest.json but missing")
-        elif _digest(file.read_bytes()) != record.get("sha256"):
-            problems.append(f"{file}: does not match the checksum in manifest.json (truncated "
-                            f"or edited after aggregation; re-run the experiment to rebuild it)")
-    return problems
-
-
-def _check_crossrefs(exp_dir: Path) -> list[str]:
+    csvs = sorted(p for p in exp_dir.glob("*.csv") if not p.name.startswith("."))
+    manifest = exp_dir / "manifest.json"
+    if csvs and not manifest.is_file():
+        problems.append(f"{manifest}: missing (the CSVs beside it cannot be verified; rerun "
+                        f"the experiment to rebuild them)")
+    if manifest.is_file():
+        record, why = _read_json(manifest)
+        if record is None:
+            problems.append(f"{manifest}: {why}")
+        else:
+            listed = set(record.get("files", {}))
+            for name in sorted(listed):
+                problem = verify_manifest_file(exp_dir / name)
+                if problem:
+                    problems.append(problem)
+            for path in csvs:
+                if path.name not in listed:
+                    problems.append(f"{path}: not listed in manifest.json (left over or added "
+                                    f"by hand)")
     metrics, runs = exp_dir / "metrics.csv", exp_dir / "runs.csv"
-    if not (metrics.is_file() and runs.is_file()):
-        return []
-    try:
-        m = pd.read_csv(metrics, usecols=["run_id", "metric"], dtype={"run_id": str})
-        r = pd.read_csv(runs, usecols=["run_id"], dtype={"run_id": str})
-    except (ValueError, pd.errors.ParserError, pd.errors.EmptyDataError):
-        return []  # reported by the schema checks
-    orphans = sorted(set(m["run_id"].dropna()) - set(r["run_id"].dropna()))
-    problems = []
-    if orphans:
-        problems.append(f"{metrics}: run_id(s) {orphans[:3]} have no row in runs.csv")
+    if metrics.is_file() != runs.is_file():
+        have, lack = (metrics, runs) if metrics.is_file() else (runs, metrics)
+        problems.append(f"{have}: has no {lack.name} beside it (aggregation was interrupted; "
+                        f"rerun the experiment)")
+    elif metrics.is_file():
+        try:
+            m = pd.read_csv(metrics, usecols=["run_id"], dtype={"run_id": str})
+            r = pd.read_csv(runs, usecols=["run_id"], dtype={"run_id": str})
+        except (ValueError, pd.errors.ParserError, pd.errors.EmptyDataError):
+            return problems  # reported by the schema checks
+        orphans = sorted(set(m["run_id"].dropna()) - set(r["run_id"].dropna()))
+        if orphans:
+            problems.append(f"{metrics}: run_id(s) {orphans[:3]} have no row in runs.csv")
     return problems

@@ -1,29 +1,36 @@
-"""``python -m experiments``: the study's command line (issue 6, issue 7).
+"""``python -m experiments``: the study's command line.
 
     list                                   the experiments, what each shows, its default cost
-    run EXPERIMENT [--quick] [--seeds S ...] [--jobs N] [--launcher local|slurm]
-        [--partition P --time MIN --gpus-per-node G] [--results DIR] [--force] [--device D]
-    reproduce [--quick] [--jobs N] [--results DIR] [--force]
+    run EXPERIMENT [--quick | --scale S] [--seeds S ...] [--jobs N] [--no-ensemble]
+        [--launcher local|slurm] [--partition P --time MIN --gpus-per-node G]
+        [--results DIR] [--force] [--device D]
+    reproduce [--quick | --scale S] [--jobs N] [--results DIR] [--force] [--device D]
     figures [--results DIR] [EXPERIMENT ...]
+    references [--results DIR]
+    findings [--results DIR]
     data NAME [--seed S] [--test-fraction F] [--validation-fraction F] [--option K=V ...]
         [--path P] --out FILE.npz
     check [--results DIR] [EXPERIMENT ...]
-    evaluate CHECKPOINT [--gaps] [--test-curve] [--iwae-k K] [--seed S] [--device D] [--out F]
+    evaluate CHECKPOINT [--gaps] [--test-curve] [--iwae-k K] [--device D] [--out F]
 
-Exit status: 0 success; 1 something ran but a result is bad (a failed run, a check problem);
-2 the request itself is wrong (unknown name, bad option or configuration, missing data file) —
-reported in one message before any file or folder is created.
+Exit status: 0 success; 1 something ran but a result is bad (a failed run, a check problem, a
+figure that could not be drawn); 2 the request itself is wrong or cannot run now (unknown name,
+bad option or configuration, missing data file, results folder in use) — reported in one
+message before any file or folder is created; 130 interrupted.
 
-``list``, ``figures`` and ``check`` never import torch or the training code.
+``list``, ``figures``, ``findings`` and ``check`` never import torch or the training code.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
 import time
+import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 __all__ = ["main"]
@@ -46,24 +53,25 @@ class _Parser(argparse.ArgumentParser):
         raise UsageError(message)
 
 
-def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return value
+def _int_at_least(low: int):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {low}, got {text!r}"
+                                             ) from None
+        if value < low or value >= 2**32:
+            raise argparse.ArgumentTypeError(f"expected an integer in [{low}, 2^32), got "
+                                             f"{text!r}")
+        return value
+
+    return parse
 
 
-def _non_negative(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
-    return value
+def _path(text: str) -> Path:
+    if not text.strip():
+        raise argparse.ArgumentTypeError("expected a path, got an empty string")
+    return Path(text)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -76,71 +84,124 @@ def _parser() -> argparse.ArgumentParser:
     r = sub.add_parser("run", help="run one experiment's grid into RESULTS/EXPERIMENT/")
     r.add_argument("experiment", help="an experiment name (see `list`) or a grid .json file")
     _run_options(r)
-    r.add_argument("--seeds", nargs="+", type=_non_negative, metavar="S",
+    r.add_argument("--seeds", nargs="+", type=_int_at_least(0), metavar="S",
                    help="replace the grid's seed axis")
     r.add_argument("--launcher", choices=("local", "slurm"), default="local")
     r.add_argument("--partition", help="SLURM partition (with --launcher slurm)")
-    r.add_argument("--time", type=_positive, metavar="MIN",
-                   help="SLURM time limit per run in minutes (with --launcher slurm)")
-    r.add_argument("--gpus-per-node", type=_non_negative, metavar="G",
+    r.add_argument("--time", type=_int_at_least(1), metavar="MIN",
+                   help="SLURM time limit per job in minutes (with --launcher slurm)")
+    r.add_argument("--gpus-per-node", type=_int_at_least(0), metavar="G",
                    help="GPUs per SLURM job (with --launcher slurm)")
-    r.add_argument("--device", help="run every cell on this device (cpu, cuda, cuda:N)")
 
-    rp = sub.add_parser("reproduce", help="every experiment, every figure, the summary table")
+    rp = sub.add_parser("reproduce", help="every experiment, the references, every figure, the "
+                                          "summary and the findings")
     _run_options(rp, jobs_default=2)
 
     f = sub.add_parser("figures", help="regenerate figures from the CSVs alone")
     f.add_argument("experiments", nargs="*", metavar="EXPERIMENT")
-    f.add_argument("--results", type=Path, default=DEFAULT_RESULTS, metavar="DIR")
+    f.add_argument("--results", type=_path, default=DEFAULT_RESULTS, metavar="DIR")
+
+    rf = sub.add_parser("references", help="the reference models (no-latent Gaussian, factor "
+                                           "analysis, PPCA) of every data split in RESULTS")
+    rf.add_argument("--results", type=_path, default=DEFAULT_RESULTS, metavar="DIR")
+
+    fi = sub.add_parser("findings", help="write RESULTS/FINDINGS.md from the CSVs")
+    fi.add_argument("--results", type=_path, default=DEFAULT_RESULTS, metavar="DIR")
 
     d = sub.add_parser("data", help="write the exact data set a run uses to an .npz")
-    d.add_argument("name", help="digits, ppca, nonlinear, mnist or frey")
-    d.add_argument("--seed", type=_non_negative, default=0, help="data_seed (default 0)")
+    d.add_argument("name", help="digits, mnist5k, ppca, nonlinear, mnist or frey")
+    d.add_argument("--seed", type=_int_at_least(0), default=0, help="data seed (default 0)")
     d.add_argument("--test-fraction", type=float, default=0.2)
-    d.add_argument("--validation-fraction", type=float, default=0.0)
+    d.add_argument("--validation-fraction", type=float, default=0.1)
     d.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
                    help="a data-set option, e.g. --option n=500 (repeatable)")
     d.add_argument("--path", help="data file or folder (mnist, frey)")
-    d.add_argument("--out", required=True, type=Path, metavar="FILE.npz")
+    d.add_argument("--out", required=True, type=_path, metavar="FILE.npz")
 
-    c = sub.add_parser("check", help="validate every CSV under RESULTS against the schema")
+    c = sub.add_parser("check", help="validate every CSV and run folder under RESULTS")
     c.add_argument("experiments", nargs="*", metavar="EXPERIMENT")
-    c.add_argument("--results", type=Path, default=DEFAULT_RESULTS, metavar="DIR")
+    c.add_argument("--results", type=_path, default=DEFAULT_RESULTS, metavar="DIR")
 
-    e = sub.add_parser("evaluate", help="evaluate a saved checkpoint (ELBO; gaps; test curve)")
-    e.add_argument("checkpoint", type=Path)
-    e.add_argument("--gaps", action="store_true", help="the gap decomposition (vi.evaluation)")
+    e = sub.add_parser("evaluate", help="evaluate a saved run (ELBO; gaps; test-time curve)")
+    e.add_argument("checkpoint", type=_path)
+    e.add_argument("--gaps", action="store_true", help="the gap decomposition (probe gaps)")
     e.add_argument("--test-curve", action="store_true", help="held-out ELBO against E-steps")
-    e.add_argument("--iwae-k", type=_positive, metavar="K")
-    e.add_argument("--seed", type=_non_negative, help="evaluation seed (default: the run's)")
+    e.add_argument("--iwae-k", type=_int_at_least(1), metavar="K",
+                   help="importance samples of the gaps' log p(x) (implies --gaps)")
     e.add_argument("--device")
-    e.add_argument("--out", type=Path, metavar="FILE.csv", help="also write the rows here")
+    e.add_argument("--out", type=_path, metavar="FILE.csv", help="also write the rows here")
     return p
 
 
 def _run_options(p: argparse.ArgumentParser, jobs_default: int = 1) -> None:
     p.add_argument("--quick", action="store_true",
-                   help="the seconds-scale version of the same grid(s); default results folder "
-                        f"{QUICK_RESULTS}/")
-    p.add_argument("--jobs", type=_positive, default=jobs_default, metavar="N",
+                   help="the seconds-scale version of the same grid(s) (scale 'quick'); default "
+                        f"results folder {QUICK_RESULTS}/")
+    p.add_argument("--scale", metavar="S", help="another scale a grid defines (e.g. 'paper')")
+    p.add_argument("--jobs", type=_int_at_least(1), default=jobs_default, metavar="N",
                    help=f"worker processes (default {jobs_default})")
-    p.add_argument("--results", type=Path, default=None, metavar="DIR",
+    p.add_argument("--results", type=_path, default=None, metavar="DIR",
                    help=f"results folder (default {DEFAULT_RESULTS}/, or {QUICK_RESULTS}/ with "
                         f"--quick)")
-    p.add_argument("--force", action="store_true", help="rerun completed cells")
+    p.add_argument("--force", action="store_true",
+                   help="rerun completed cells (an interrupted --force resumes when repeated)")
+    p.add_argument("--device", help="run every cell on this device (cpu, cuda, cuda:N)")
+    p.add_argument("--no-ensemble", action="store_true",
+                   help="train every cell on its own instead of batching seeds and step sizes")
+    p.add_argument("--checkpoint-seconds", type=float, default=30.0, metavar="S",
+                   help="checkpoint running cells at most every S seconds (default 30)")
 
 
 # ------------------------------------------------------------------------------- helpers
 
 
+def _scale(args) -> str | None:
+    if args.quick and args.scale not in (None, "quick"):
+        raise UsageError("--quick and --scale name two scales; give one")
+    return "quick" if args.quick else args.scale
+
+
+def _writable_folder(path: Path, what: str) -> None:
+    if path.exists() and not path.is_dir():
+        raise UsageError(f"{what} {path} exists and is not a folder")
+    parent = next((p for p in [path, *path.parents] if p.exists()), Path("."))
+    if not parent.is_dir():
+        raise UsageError(f"{what} {path}: {parent} is a file, not a folder")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise UsageError(f"cannot write under {parent} (for {what} {path})")
+
+
 def _results_dir(args) -> Path:
-    results = args.results or (QUICK_RESULTS if args.quick else DEFAULT_RESULTS)
-    if results.exists() and not results.is_dir():
-        raise UsageError(f"--results {results} exists and is not a folder")
-    parent = next((p for p in [results, *results.parents] if p.exists()), Path("."))
-    if not os.access(parent, os.W_OK):
-        raise UsageError(f"cannot write under {parent} (for --results {results})")
+    results = args.results or (QUICK_RESULTS if _scale(args) == "quick" else DEFAULT_RESULTS)
+    _writable_folder(results, "--results")
     return results
+
+
+@contextlib.contextmanager
+def _locked(results: Path) -> Iterator[None]:
+    """Hold an exclusive lock on the results folder for the whole command: a second `run` on
+    the same folder stops at once with a message. The OS releases the lock when the process
+    ends, however it ends, so a killed run leaves no stale lock."""
+    import fcntl
+
+    results.mkdir(parents=True, exist_ok=True)
+    path = results / ".lock"
+    handle = open(path, "a+")  # held (and locked) for the whole command
+    try:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            handle.seek(0)
+            holder = handle.read().strip() or "another process"
+            raise UsageError(f"{results} is in use by {holder}; wait for it to finish (or run "
+                             f"with another --results folder)") from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"pid {os.getpid()} ({' '.join(sys.argv[:3])})\n")
+        handle.flush()
+        yield
+    finally:
+        handle.close()
 
 
 def _load(name: str):
@@ -152,17 +213,49 @@ def _load(name: str):
         raise UsageError(str(err)) from err
 
 
-def _prepare(grid, results: Path, args, seeds=None, device=None):
+def _prepare(grid, results: Path, args, seeds=None, candidates=None):
+    from experiments.grids import GridError
     from experiments.runner import PrepareError, prepare
 
     try:
-        return prepare(grid, results, quick=args.quick, seeds=seeds, device=device)
-    except PrepareError as err:
+        return prepare(grid, results, scale=_scale(args), seeds=seeds,
+                       device=getattr(args, "device", None), candidates=candidates)
+    except (PrepareError, GridError) as err:
         raise UsageError(str(err)) from err
 
 
-def _execute(grid, cells, results: Path, args, launcher="local", slurm=None, pool=None) -> int:
-    """Run the cells, aggregate, report. Returns the number of failed cells."""
+def _force_session(exp_dir: Path, cells, force: bool) -> Path:
+    """Give every cell the token of the current ``--force`` session (resumed when the same
+    forced command is repeated); refuse a plain run while a forced one is unfinished."""
+    path = exp_dir / ".force.json"
+    ids = sorted(c.run_id for c in cells)
+    pending = None
+    if path.is_file():
+        try:
+            pending = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError, UnicodeDecodeError):
+            pending = None
+    if not force:
+        if pending is not None:
+            raise UsageError(f"{exp_dir.name}: an interrupted `--force` run is unfinished; "
+                             f"repeat it with --force to finish it (or delete {path} to keep "
+                             f"the runs as they are)")
+        return path
+    if pending is not None and pending.get("run_ids") == ids:
+        token = pending["token"]
+    else:
+        from vi.files import atomic_write
+
+        token = uuid.uuid4().hex[:12]
+        atomic_write(path, json.dumps({"token": token, "run_ids": ids}) + "\n")
+    for cell in cells:
+        cell.force_token = token
+    return path
+
+
+def _execute(grid, cells, results: Path, args, *, launcher="local", slurm=None, pool=None,
+             extra_tables=None, quiet=False) -> tuple[int, object]:
+    """Run the cells, aggregate, report. Returns (failed cells, runs frame or None)."""
     from experiments import aggregate as agg
     from experiments.launch import run_cells
     from experiments.runner import base_provenance
@@ -171,13 +264,14 @@ def _execute(grid, cells, results: Path, args, launcher="local", slurm=None, poo
     for cell in cells:
         cell.provenance = prov
     n_sel = sum(c.lr_source == "selected" for c in cells)
-    if grid.lr == "selected" and n_sel < len(cells):
-        print(f"{grid.name}: {len(cells) - n_sel} of {len(cells)} runs use the base step sizes "
-              f"(lr_source=default): no lr_selection result for them in {results}",
+    if grid.lr == "selected" and n_sel < len(cells) and not quiet:
+        print(f"{grid.name}: {len(cells) - n_sel} of {len(cells)} runs use the grid's step "
+              f"sizes (lr_source=default): no lr_selection result for them in {results}",
               file=sys.stderr)
     t0 = time.perf_counter()
-    outcomes = run_cells(cells, jobs=args.jobs, launcher=launcher, force=args.force,
-                         slurm=slurm, pool=pool)
+    outcomes = run_cells(cells, jobs=args.jobs, launcher=launcher, slurm=slurm, pool=pool,
+                         max_members=1 if args.no_ensemble else None,
+                         checkpoint_seconds=args.checkpoint_seconds)
     seconds = time.perf_counter() - t0
     counts: dict[str, int] = {}
     for o in outcomes:
@@ -188,19 +282,74 @@ def _execute(grid, cells, results: Path, args, launcher="local", slurm=None, poo
           f" in {seconds:.0f} s: " + ", ".join(f"{v} {k}" for k, v in sorted(counts.items())),
           flush=True)
     for o in outcomes:
-        if o.status != "ok":
-            print(f"  {o.status}: {o.run_id}: {o.message}")
+        if o.status == "failed":
+            print(f"  failed: {o.run_id}: {o.message}")
+    failed = counts.get("failed", 0)
     try:
-        out = agg.aggregate(exp_dir, [c.run_id for c in cells], select=grid.scaled(
-            args.quick).select)
+        out = agg.aggregate(exp_dir, [c.run_id for c in cells], extra=extra_tables)
     except agg.AggregateError as err:
         _err(str(err))
-        return max(1, counts.get("failed", 0))
-    if out["stale"]:
+        return max(1, failed), None
+    if out["stale"] and not quiet:
         print(f"  note: {len(out['stale'])} run folder(s) in {exp_dir / 'runs'} are not cells "
               f"of this grid and were left out")
+    runs = out["runs"]
+    if "converged" in runs and not quiet:
+        ok = runs[runs["status"] == "ok"]
+        not_conv = int((ok["converged"].astype(str) == "False").sum())
+        if not_conv:
+            print(f"  note: {not_conv} of {len(ok)} finished runs hit max_epochs before their "
+                  f"validation ELBO reached a plateau (converged = False in runs.csv)")
     print(f"  → {', '.join(str(p) for p in out['written'])}", flush=True)
-    return counts.get("failed", 0)
+    return failed, runs
+
+
+def _run_grid(grid, results: Path, args, *, seeds=None, launcher="local", slurm=None,
+              pool=None) -> int:
+    """One experiment, including the extension rounds of a step-size selection. Returns the
+    number of failed cells."""
+    from experiments import selection as sel
+
+    exp_dir = results / grid.name
+    scaled = grid.scaled(_scale(args))
+    candidates: dict[tuple, list] = {}
+    failed = 0
+    while True:
+        cells = _prepare(grid, results, args, seeds=seeds, candidates=candidates)
+        force_file = _force_session(exp_dir, cells, args.force)
+        table = None
+        if scaled.select is None:
+            failed, _ = _execute(grid, cells, results, args, launcher=launcher, slurm=slurm,
+                                 pool=pool)
+            break
+        failed, runs = _execute(grid, cells, results, args, launcher=launcher, slurm=slurm,
+                                pool=pool, quiet=True)
+        if runs is None:
+            break
+        table = sel.candidate_table(runs, scaled.select)
+        grow = sel.extensions(table, scaled.select)
+        if not grow:
+            selected = sel.choose(table, scaled.select)
+            _execute(grid, cells, results, args, launcher=launcher, slurm=slurm, pool=pool,
+                     extra_tables={"selected": selected, "candidates": table})
+            _report_selection(selected)
+            break
+        for key, new in grow.items():
+            rnd = int(table[(table[sel.GROUP] == list(key)).all(axis=1)]["round"].max()) + 1
+            candidates.setdefault(key, []).extend((c, rnd) for c in new)
+        print(f"{grid.name}: {sum(len(v) for v in grow.values())} step-size candidates added "
+              f"where the best sat at the edge of its grid", flush=True)
+    if args.force and not failed:
+        force_file.unlink(missing_ok=True)
+    return failed
+
+
+def _report_selection(selected) -> None:
+    edge = selected[~selected["interior"].astype(bool)]
+    unstable = selected[selected["unstable"].astype(bool)]
+    print(f"  selection: {len(selected)} choices, {len(selected) - len(edge)} interior, "
+          f"{int(selected['at_cap'].astype(bool).sum())} at the extension cap, "
+          f"{len(unstable)} unstable")
 
 
 # ------------------------------------------------------------------------------ commands
@@ -211,7 +360,7 @@ def cmd_list(args) -> int:
 
     for name, path in available().items():
         g = load_grid(path)
-        print(f"{name:<20} {g.cost:>8}  {g.description}")
+        print(f"{name:<22} {g.cost:>8}  {g.description}")
     return 0
 
 
@@ -228,10 +377,12 @@ def cmd_run(args) -> int:
             raise UsageError(SUBMITIT_MISSING)
     results = _results_dir(args)
     grid = _load(args.experiment)
-    cells = _prepare(grid, results, args, seeds=args.seeds, device=args.device)
+    _prepare(grid, results, args, seeds=args.seeds)  # every error before the lock is taken
     slurm = {"partition": args.partition, "time": args.time,
              "gpus_per_node": args.gpus_per_node}
-    failed = _execute(grid, cells, results, args, launcher=args.launcher, slurm=slurm)
+    with _locked(results):
+        failed = _run_grid(grid, results, args, seeds=args.seeds, launcher=args.launcher,
+                           slurm=slurm)
     return 1 if failed else 0
 
 
@@ -242,54 +393,67 @@ def cmd_reproduce(args) -> int:
     grids = [_load(name) for name in available()]
     for g in grids:  # validate everything before the first run starts
         _prepare(g, results, args)
-    _figure_modules()
+    _report_modules()
     from experiments.launch import worker_pool
 
     failed = 0
     t0 = time.perf_counter()
-    pool = worker_pool(args.jobs) if args.jobs > 1 else None
-    try:
-        for g in grids:
-            cells = _prepare(g, results, args)  # after lr_selection: the chosen step sizes
-            failed += _execute(g, cells, results, args, pool=pool)
-    finally:
-        if pool is not None:
-            pool.shutdown(cancel_futures=True)
-    print(f"all experiments: {time.perf_counter() - t0:.0f} s")
-    status = _figures(results, None)
+    with _locked(results):
+        pool = worker_pool(args.jobs) if args.jobs > 1 else None
+        try:
+            for g in grids:
+                failed += _run_grid(g, results, args, pool=pool)
+        finally:
+            if pool is not None:
+                pool.shutdown(cancel_futures=True)
+        print(f"all experiments: {time.perf_counter() - t0:.0f} s")
+        status = _references(results)
+        status |= _figures(results, None)
     return 1 if failed or status else 0
 
 
-def _figure_modules():
+def _report_modules():
     try:
-        from experiments import figures, summary
+        from experiments import figures, findings, summary
     except ImportError as err:
-        raise UsageError(f"figures need experiments.figures and experiments.summary, which this "
+        raise UsageError(f"figures need experiments.figures, summary and findings, which this "
                          f"checkout does not provide ({err})") from err
-    for module, name in ((figures, "make_figures"), (summary, "write_summary")):
-        if not hasattr(module, name):
-            raise UsageError(f"{module.__name__}.{name} is missing in this checkout")
-    return figures, summary
+    return figures, summary, findings
+
+
+def _references(results: Path) -> int:
+    from experiments.references import write_references
+
+    try:
+        path = write_references(results)
+    except (OSError, ValueError) as err:
+        _err(f"references: {type(err).__name__}: {err}")
+        return 1
+    print(f"references → {path}")
+    return 0
 
 
 def _figures(results: Path, experiments: list[str] | None) -> int:
     from experiments.aggregate import check_results
 
-    figures, summary = _figure_modules()
+    figures, summary, findings = _report_modules()
     _, problems = check_results(results, experiments)
     if problems:
         _err(f"the results under {results} fail validation; no figures drawn:\n  "
              + "\n  ".join(problems))
         return 1
     try:
-        paths = figures.make_figures(results, experiments or None)
+        paths, failures = figures.make_figures(results, experiments or None)
         for p in paths:
             print(p)
         if not experiments:
-            table = summary.write_summary(results)
-            print(f"summary → {table}")
+            print(f"summary → {summary.write_summary(results)}")
+            print(f"findings → {findings.write_findings(results)}")
     except Exception as err:  # report, do not hide: the CSVs are intact either way
         _err(f"drawing from {results} failed: {type(err).__name__}: {err}")
+        return 1
+    if failures:
+        _err(f"{len(failures)} figure(s) could not be drawn: " + "; ".join(failures))
         return 1
     return 0
 
@@ -310,6 +474,20 @@ def cmd_figures(args) -> int:
     return _figures(args.results, args.experiments or None)
 
 
+def cmd_references(args) -> int:
+    if not args.results.is_dir():
+        raise UsageError(f"no results folder {args.results}")
+    return _references(args.results)
+
+
+def cmd_findings(args) -> int:
+    if not args.results.is_dir():
+        raise UsageError(f"no results folder {args.results}")
+    _, _, findings = _report_modules()
+    print(f"findings → {findings.write_findings(args.results)}")
+    return 0
+
+
 def cmd_check(args) -> int:
     from experiments.aggregate import check_results
 
@@ -320,12 +498,12 @@ def cmd_check(args) -> int:
         raise UsageError(f"no results for {', '.join(missing)} under {args.results}")
     checked, problems = check_results(args.results, args.experiments or None)
     if problems:
-        print(f"{len(problems)} problem(s) in {checked} CSV file(s) under {args.results}:",
+        print(f"{len(problems)} problem(s) in {checked} file(s) under {args.results}:",
               file=sys.stderr)
         for p in problems:
             print(f"  {p}", file=sys.stderr)
         return 1
-    print(f"{checked} CSV file(s) under {args.results}: no problems")
+    print(f"{checked} file(s) under {args.results}: no problems")
     return 0
 
 
@@ -345,6 +523,7 @@ def cmd_data(args) -> int:
         raise UsageError(f"--out must name an .npz file; got {args.out}")
     if args.out.is_dir():
         raise UsageError(f"--out {args.out} is a folder")
+    _writable_folder(args.out.parent, "--out folder")
     options = dict(_option(o) for o in args.option)
     from vi.data import DataError, load_dataset, save_dataset
 
@@ -360,62 +539,32 @@ def cmd_data(args) -> int:
 
 
 def cmd_evaluate(args) -> int:
-    import pandas as pd
-
     if not args.checkpoint.is_file():
         raise UsageError(f"no checkpoint file {args.checkpoint}")
-    if args.out is not None and args.out.suffix != ".csv":
-        raise UsageError(f"--out must name a .csv file; got {args.out}")
-    from vi.training import load_checkpoint
+    if args.out is not None:
+        if args.out.suffix != ".csv":
+            raise UsageError(f"--out must name a .csv file; got {args.out}")
+        _writable_folder(args.out.parent, "--out folder")
+    from experiments.evaluate import CheckpointError, evaluate
 
     try:
-        if args.gaps or args.test_curve:
-            try:
-                from vi.evaluation import evaluate_checkpoint
-            except ImportError as err:
-                raise UsageError(f"--gaps/--test-curve need vi.evaluation ({err})") from err
-            rows = evaluate_checkpoint(args.checkpoint, gaps=args.gaps,
-                                       test_curve=args.test_curve, iwae_k=args.iwae_k,
-                                       seed=args.seed, device=args.device).rows
-        else:
-            trainer = load_checkpoint(args.checkpoint, device=args.device)
-            rows = trainer.evaluate()
-            if args.iwae_k:
-                rows += _iwae_rows(trainer, args.iwae_k, args.seed)
-    except UsageError:
-        raise
-    except (ValueError, KeyError, RuntimeError, OSError) as err:
-        raise UsageError(f"cannot evaluate {args.checkpoint}: {err}") from err
-    frame = pd.DataFrame(rows)
+        frame = evaluate(args.checkpoint, gaps=args.gaps or args.iwae_k is not None,
+                         test_curve=args.test_curve, iwae_k=args.iwae_k, device=args.device)
+    except CheckpointError as err:
+        raise UsageError(str(err)) from err
     cols = [c for c in ("run_id", "epoch", "split", "param_group", "step", "metric", "value")
             if c in frame.columns]
     print(frame[cols].to_string(index=False))
     if args.out is not None:
-        from experiments.aggregate import atomic_write_text
+        from vi.files import atomic_write
 
-        atomic_write_text(args.out, frame.to_csv(index=False, lineterminator="\n"))
+        atomic_write(args.out, frame.to_csv(index=False, lineterminator="\n"))
     return 0
 
 
-def _iwae_rows(trainer, k: int, seed: int | None) -> list[dict]:
-    import torch
-
-    from vi.objectives import iwae_bound
-
-    gen = torch.Generator(trainer.device).manual_seed(trainer.config.seed if seed is None
-                                                      else seed)
-    rows = []
-    for split in trainer.config.eval_splits:
-        lam = trainer.posterior(split)
-        with torch.no_grad():
-            value = iwae_bound(trainer.decoder, trainer.x[split], lam, k, generator=gen).mean()
-        rows.append(trainer.row(split, "iwae", value))
-    return rows
-
-
 COMMANDS = {"list": cmd_list, "run": cmd_run, "reproduce": cmd_reproduce,
-            "figures": cmd_figures, "data": cmd_data, "check": cmd_check,
-            "evaluate": cmd_evaluate}
+            "figures": cmd_figures, "references": cmd_references, "findings": cmd_findings,
+            "data": cmd_data, "check": cmd_check, "evaluate": cmd_evaluate}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,33 +1,35 @@
 """Experiment grids: small JSON files under ``experiments/grids/``, expanded into runs (cells).
 
-A grid is data (STYLE §9). Its keys:
+A grid is data. Its keys:
 
 ``name``         the experiment's name (the results folder ``results/<name>/``)
 ``description``  one sentence: what the experiment shows
-``cost``         measured wall time of the default scale with ``--jobs 2`` on a 2-core CPU
-``lr``           ``"selected"``: take step sizes from ``results/lr_selection/selected.csv`` when
-                 present (otherwise the base values, recorded as ``lr_source=default``);
-                 ``"grid"``: the grid's own values (``lr_source=grid``)
-``base``         ``TrainConfig`` fields shared by every cell
-``method_base``  optional ``{method: {fields}}`` applied on top of ``base`` for that method
+``cost``         measured wall time at default scale with ``--jobs 2`` on a 2-core CPU
+``order``        where ``reproduce`` runs it (lower first)
+``lr``           ``"selected"``: step sizes from ``results/lr_selection/selected.csv`` when it
+                 has the cell's (dataset, method, estimator, baseline), else the grid's own
+                 (``lr_source`` records which); ``"grid"``: the grid's own values
+``base``         a partial run configuration (``vi.config.RunConfig``) shared by every cell
+``method_base``  optional ``{method name: partial configuration}`` applied on top of ``base``
 ``axes``         ``{axis: [entries]}``; the cells are the Cartesian product of the axes in the
-                 order written. A scalar entry sets the field named by the axis; a dict entry sets
-                 several fields at once (e.g. ``{"estimator": "score", "baseline": "loo",
-                 "n_mc": 4}``), so coupled settings are zipped rather than crossed.
+                 order written. A scalar entry sets the field the axis names (a dotted path such
+                 as ``"model.latent_dim"``); an object entry sets several fields at once (e.g.
+                 ``{"method.estimator": "score", "method.baseline": "loo", "method.n_mc": 4}``),
+                 so coupled settings are zipped rather than crossed
 ``exclude``      optional list of partial configurations; a cell matching one is dropped
-``products``     optional ``{name: {options}}``: extra per-run tables or rows
-                 (``variance_sweep``, ``exact``, ``images``, ``latents``; see ``runner``);
-                 an option ``when`` (a partial configuration) limits a product to the cells
-                 that match it
-``select``       optional (``lr_selection``): how the step sizes are chosen from ``runs.csv``
-``quick``        overrides for ``--quick``: ``base``/``method_base`` are merged, ``axes`` and
-                 ``products`` entries replace the named ones — the same grid, seconds-scale
+``probes``       optional ``{probe: {options}}`` (``vi.probes``); an option ``when`` (a partial
+                 configuration) limits a probe to the cells that match it
+``select``       ``lr_selection`` only: the candidate step sizes and the selection rule
+                 (``experiments.selection``)
+``scales``       optional ``{scale: {base, method_base, axes, probes, exclude, select}}``:
+                 ``--quick`` (scale ``quick``) or ``--scale NAME`` merges ``base``/
+                 ``method_base`` and replaces the named ``axes``/``probes`` entries
 
+Partial configurations may be nested objects or use dotted keys; both are merged deeply.
 Expansion here is pure Python (no torch), so ``list``, ``figures`` and ``check`` stay light;
-``runner.prepare`` fills the ``TrainConfig`` defaults and validates every cell before anything
-runs. A cell's ``run_id`` is readable and stable: ``{dataset}-{method}-{estimator}-{baseline}-
-h{H}-m{M}-s{seed}-{hash8}``, the hash over the experiment name, the full configuration and the
-products (so changing anything that changes the result changes the id).
+``runner.prepare`` fills the defaults and validates every cell before anything runs. A cell's
+``run_id`` is readable and stable: ``{dataset}-{method}-{estimator}-{baseline}-h{H}-m{M}-
+s{seed}-{hash8}``, the hash over the experiment name and the full configuration.
 """
 
 from __future__ import annotations
@@ -43,36 +45,91 @@ from typing import Any
 __all__ = [
     "GRID_DIR",
     "GRID_KEYS",
-    "PRODUCTS",
     "Grid",
     "GridError",
     "available",
     "config_hash",
+    "deep_merge",
+    "expand_dotted",
+    "get_path",
     "load_grid",
+    "matches",
     "run_id_for",
 ]
 
 GRID_DIR = Path(__file__).resolve().parent / "grids"
-GRID_KEYS = ("name", "description", "cost", "lr", "base", "method_base", "axes", "exclude",
-             "products", "select", "quick", "order")
+GRID_KEYS = ("name", "description", "cost", "order", "lr", "base", "method_base", "axes",
+             "exclude", "probes", "select", "scales")
 _REQUIRED = ("name", "description", "cost", "base", "axes")
-_QUICK_KEYS = ("base", "method_base", "axes", "products", "exclude")
-#: per-run extras a grid may ask for, and what each writes
-PRODUCTS = {
-    "variance_sweep": "tables/variance_sweep.csv: gradient variance against n_mc at the final "
-                      "state (vi.gradstats.variance_sweep)",
-    "exact": "rows log_px_exact, approximation_gap (trained linear decoder) each evaluation, and "
-             "log_px_mle, approximation_gap_mle (closed-form PPCA fit) at the end",
-    "images": "tables/images.csv: test images, reconstructions, decoder samples and, for H = 2, "
-              "the latent manifold, one image a row with its pixels as columns",
-    "latents": "tables/latents.csv: the encoded test set (posterior mean and log-variance) with "
-               "digit labels, for H = 2",
-}
-LR_FIELDS = ("lr", "local_lr", "refine_lr")
+_SCALE_KEYS = ("base", "method_base", "axes", "probes", "exclude", "select")
 
 
 class GridError(ValueError):
     """A grid file that cannot be used; the message names the file and the problem."""
+
+
+# ------------------------------------------------------------------ nested partial configs
+
+
+def expand_dotted(values: dict[str, Any]) -> dict[str, Any]:
+    """``{"model.latent_dim": 5}`` → ``{"model": {"latent_dim": 5}}`` (recursively)."""
+    out: dict[str, Any] = {}
+    for key, value in values.items():
+        if isinstance(value, dict) and key != "options" and not key.endswith(".options"):
+            value = expand_dotted(value)
+        parts = key.split(".")
+        target = out
+        for part in parts[:-1]:
+            target = target.setdefault(part, {})
+            if not isinstance(target, dict):
+                raise GridError(f"key {key!r} sets a field inside a non-object")
+        last = parts[-1]
+        if isinstance(value, dict) and isinstance(target.get(last), dict):
+            target[last] = deep_merge(target[last], value)
+        else:
+            target[last] = value
+    return out
+
+
+def deep_merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    """A copy of ``base`` with ``update`` merged in (objects merge, everything else replaces;
+    the ``options`` of a data set and a probe's options replace as a whole)."""
+    out = copy.deepcopy(base)
+    for key, value in expand_dotted(update).items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict) and key != "options":
+            out[key] = deep_merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def get_path(config: dict[str, Any], path: str, default: Any = None) -> Any:
+    """The value at a dotted path of a nested configuration (``default`` when absent)."""
+    value: Any = config
+    for part in path.split("."):
+        if not isinstance(value, dict) or part not in value:
+            return default
+        value = value[part]
+    return value
+
+
+def _leaves(values: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for key, value in values.items():
+        if isinstance(value, dict) and value and key != "options":
+            out |= _leaves(value, f"{prefix}{key}.")
+        else:
+            out[prefix + key] = value
+    return out
+
+
+def matches(config: dict[str, Any], partial: dict[str, Any]) -> bool:
+    """Whether every field of ``partial`` (nested or dotted) has that value in ``config``."""
+    return all(get_path(config, path) == value
+               for path, value in _leaves(expand_dotted(partial)).items())
+
+
+# ------------------------------------------------------------------------------------ grids
 
 
 @dataclass
@@ -87,48 +144,64 @@ class Grid:
     lr: str = "selected"
     method_base: dict[str, dict] = field(default_factory=dict)
     exclude: list[dict] = field(default_factory=list)
-    products: dict[str, dict] = field(default_factory=dict)
+    probes: dict[str, dict] = field(default_factory=dict)
     select: dict[str, Any] | None = None
-    quick: dict[str, Any] = field(default_factory=dict)
+    scales: dict[str, dict] = field(default_factory=dict)
     order: int = 100
     path: Path | None = None
+    scale: str = "default"
 
-    def scaled(self, quick: bool) -> Grid:
-        """This grid, or its ``--quick`` version (same axes names, fewer/cheaper cells)."""
-        if not quick:
+    def scaled(self, scale: str | None) -> Grid:
+        """This grid at another scale (``quick``, ``paper``, …; None or ``default``: itself)."""
+        if scale in (None, "default"):
             return self
+        if scale not in self.scales:
+            raise GridError(f"grid {self.name!r} has no scale {scale!r}; it has: "
+                            f"{', '.join(['default', *self.scales])}")
         g = copy.deepcopy(self)
-        q = self.quick
-        g.base = {**g.base, **q.get("base", {})}
+        q = self.scales[scale]
+        g.base = deep_merge(g.base, q.get("base", {}))
         for method, values in q.get("method_base", {}).items():
-            g.method_base[method] = {**g.method_base.get(method, {}), **values}
+            g.method_base[method] = deep_merge(g.method_base.get(method, {}), values)
         g.axes = {**g.axes, **q.get("axes", {})}
-        g.products = {**g.products, **q.get("products", {})}
+        g.probes = {**g.probes, **q.get("probes", {})}
         if "exclude" in q:
             g.exclude = list(q["exclude"])
+        if "select" in q and g.select is not None:
+            g.select = {**g.select, **q["select"]}
+        g.scale = scale
         return g
 
     def cells(self, seeds: list[int] | None = None) -> list[dict[str, Any]]:
-        """The partial configurations of the grid's cells, in axis order (no defaults filled).
-
-        ``seeds`` replaces the ``seed`` axis (added as the last axis if the grid has none).
-        """
+        """The partial configurations of the grid's cells, nested, in axis order (no defaults
+        filled). ``seeds`` replaces the ``seed`` axis (added last if the grid has none)."""
         axes = dict(self.axes)
         if seeds is not None:
             axes["seed"] = list(seeds)
         out = []
         names = list(axes)
         for combo in itertools.product(*(axes[n] for n in names)):
-            config = copy.deepcopy(self.base)
             settings: dict[str, Any] = {}
             for axis, entry in zip(names, combo, strict=True):
-                settings.update(entry if isinstance(entry, dict) else {axis: entry})
-            method = settings.get("method", config.get("method", "amortized"))
-            config.update(copy.deepcopy(self.method_base.get(method, {})))
-            config.update(copy.deepcopy(settings))
-            if any(all(config.get(k) == v for k, v in ex.items()) for ex in self.exclude):
+                settings = deep_merge(settings, entry if isinstance(entry, dict)
+                                      else {axis: entry})
+            method = get_path(settings, "method.name", get_path(self.base, "method.name",
+                                                                 "amortized"))
+            config = deep_merge(self.base, self.method_base.get(method, {}))
+            config = deep_merge(config, settings)
+            if any(matches(config, ex) for ex in self.exclude):
                 continue
             out.append(config)
+        return out
+
+    def probes_for(self, config: dict[str, Any]) -> dict[str, dict]:
+        """The probes that apply to one cell (``when`` matched), without ``when``."""
+        out = {}
+        for name, options in self.probes.items():
+            options = dict(options)
+            when = options.pop("when", {})
+            if matches(config, when):
+                out[name] = options
         return out
 
 
@@ -145,7 +218,7 @@ def _fail(where: str, message: str) -> GridError:
 def load_grid(source: str | Path) -> Grid:
     """Parse and structurally check a grid: a known experiment name or a path to a .json file.
 
-    Field names and values are checked later, cell by cell, by ``TrainConfig.from_dict``.
+    Field names and values are checked later, cell by cell, by ``vi.config.RunConfig``.
     """
     path = Path(source)
     if path.suffix != ".json":
@@ -162,7 +235,7 @@ def load_grid(source: str | Path) -> Grid:
         raise _fail(where, "no such grid file")
     try:
         raw = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+    except (json.JSONDecodeError, UnicodeDecodeError, OSError) as err:
         raise _fail(where, f"not valid JSON ({err})") from err
     if not isinstance(raw, dict):
         raise _fail(where, f"a grid must be a JSON object; got {type(raw).__name__}")
@@ -185,37 +258,49 @@ def load_grid(source: str | Path) -> Grid:
     _check_axes(where, "axes", raw["axes"])
     _check_method_base(where, "method_base", raw.get("method_base", {}))
     _check_exclude(where, "exclude", raw.get("exclude", []))
-    _check_products(where, "products", raw.get("products", {}))
-    quick = raw.get("quick", {})
-    if not isinstance(quick, dict):
-        raise _fail(where, "'quick' must be an object")
-    bad = sorted(set(quick) - set(_QUICK_KEYS))
-    if bad:
-        raise _fail(where, f"unknown key(s) {', '.join(bad)} in 'quick'; valid: "
-                           f"{', '.join(_QUICK_KEYS)}")
-    _check_mapping(where, "quick.base", quick.get("base", {}))
-    _check_method_base(where, "quick.method_base", quick.get("method_base", {}))
-    if "axes" in quick:
-        _check_axes(where, "quick.axes", quick["axes"], allow_empty=True)
-    _check_exclude(where, "quick.exclude", quick.get("exclude", []))
-    _check_products(where, "quick.products", quick.get("products", {}))
+    _check_probes(where, "probes", raw.get("probes", {}))
+    scales = raw.get("scales", {})
+    if not isinstance(scales, dict):
+        raise _fail(where, "'scales' must be an object {scale: {...}}")
+    for scale, q in scales.items():
+        if not isinstance(q, dict):
+            raise _fail(where, f"scale {scale!r} must be an object")
+        bad = sorted(set(q) - set(_SCALE_KEYS))
+        if bad:
+            raise _fail(where, f"unknown key(s) {', '.join(bad)} in scale {scale!r}; valid: "
+                               f"{', '.join(_SCALE_KEYS)}")
+        _check_mapping(where, f"scales.{scale}.base", q.get("base", {}))
+        _check_method_base(where, f"scales.{scale}.method_base", q.get("method_base", {}))
+        if "axes" in q:
+            _check_axes(where, f"scales.{scale}.axes", q["axes"], allow_empty=True)
+        _check_exclude(where, f"scales.{scale}.exclude", q.get("exclude", []))
+        _check_probes(where, f"scales.{scale}.probes", q.get("probes", {}))
     select = raw.get("select")
     if select is not None:
-        _check_select(where, select)
+        from experiments.selection import check_select
+
+        try:
+            check_select(select)
+        except ValueError as err:
+            raise _fail(where, str(err)) from err
     order = raw.get("order", 100)
     if isinstance(order, bool) or not isinstance(order, int):
         raise _fail(where, f"'order' must be an integer; got {order!r}")
-    return Grid(
-        name=name, description=raw["description"], cost=raw["cost"], base=raw["base"],
-        axes=raw["axes"], lr=raw.get("lr", "selected"), method_base=raw.get("method_base", {}),
-        exclude=raw.get("exclude", []), products=raw.get("products", {}), select=select,
-        quick=quick, order=order, path=path,
-    )
+    try:
+        return Grid(
+            name=name, description=raw["description"], cost=raw["cost"],
+            base=expand_dotted(raw["base"]), axes=raw["axes"], lr=raw.get("lr", "selected"),
+            method_base={k: expand_dotted(v) for k, v in raw.get("method_base", {}).items()},
+            exclude=raw.get("exclude", []), probes=raw.get("probes", {}), select=select,
+            scales=scales, order=order, path=path,
+        )
+    except GridError as err:
+        raise _fail(where, str(err)) from err
 
 
 def _check_mapping(where: str, key: str, value: Any) -> None:
     if not isinstance(value, dict):
-        raise _fail(where, f"{key!r} must be an object of TrainConfig fields; got "
+        raise _fail(where, f"{key!r} must be an object (a partial run configuration); got "
                            f"{type(value).__name__}")
 
 
@@ -243,65 +328,34 @@ def _check_exclude(where: str, key: str, value: Any) -> None:
         raise _fail(where, f"{key!r} must be a list of non-empty objects")
 
 
-def _check_products(where: str, key: str, value: Any) -> None:
+def _check_probes(where: str, key: str, value: Any) -> None:
+    from experiments.schema import PROBES
+
     if not isinstance(value, dict):
-        raise _fail(where, f"{key!r} must be an object {{product: {{options}}}}")
+        raise _fail(where, f"{key!r} must be an object {{probe: {{options}}}}")
     for name, options in value.items():
-        if name not in PRODUCTS:
-            raise _fail(where, f"unknown product {name!r} in {key!r}; valid: "
-                               f"{', '.join(PRODUCTS)}")
+        if name not in PROBES:
+            raise _fail(where, f"unknown probe {name!r} in {key!r}; valid: {', '.join(PROBES)}")
         if not isinstance(options, dict):
-            raise _fail(where, f"options of product {name!r} must be an object")
+            raise _fail(where, f"options of probe {name!r} must be an object")
         if not isinstance(options.get("when", {}), dict):
-            raise _fail(where, f"'when' of product {name!r} must be an object of fields")
-
-
-def _check_select(where: str, select: Any) -> None:
-    from experiments.schema import METRICS, SPLITS
-
-    if not isinstance(select, dict):
-        raise _fail(where, "'select' must be an object")
-    valid = {"metric", "split", "by", "group"}
-    bad = sorted(set(select) - valid)
-    if bad:
-        raise _fail(where, f"unknown key(s) {', '.join(bad)} in 'select'; valid: "
-                           f"{', '.join(sorted(valid))}")
-    metric = select.get("metric", "elbo")
-    if metric not in METRICS:
-        raise _fail(where, f"unknown metric {metric!r} in 'select'; valid: {', '.join(METRICS)}")
-    split = select.get("split", "validation")
-    if split not in SPLITS:
-        raise _fail(where, f"unknown split {split!r} in 'select'; valid: {', '.join(SPLITS)}")
+            raise _fail(where, f"'when' of probe {name!r} must be an object of fields")
 
 
 # ------------------------------------------------------------------------------------ run ids
 
 
-def config_hash(experiment: str, config: dict[str, Any], products: dict[str, Any]) -> str:
-    """First 8 hex digits of SHA-256 over the canonical JSON of (experiment, config, products)."""
-    blob = json.dumps({"experiment": experiment, "config": config, "products": products},
-                      sort_keys=True, separators=(",", ":"), allow_nan=False)
+def config_hash(experiment: str, config: dict[str, Any]) -> str:
+    """First 8 hex digits of SHA-256 over the canonical JSON of (experiment, config)."""
+    blob = json.dumps({"experiment": experiment, "config": config}, sort_keys=True,
+                      separators=(",", ":"), allow_nan=False)
     return hashlib.sha256(blob.encode()).hexdigest()[:8]
 
 
-def run_id_for(experiment: str, config: dict[str, Any], products: dict[str, Any]) -> str:
-    """``{dataset}-{method}-{estimator}-{baseline}-h{H}-m{M}-s{seed}-{hash8}`` of a full config."""
-    c = config
-    return (f"{c['dataset']}-{c['method']}-{c['estimator']}-{c['baseline']}-h{c['latent_dim']}"
-            f"-m{c['n_mc']}-s{c['seed']}-{config_hash(experiment, config, products)}")
-
-
-def products_for(products: dict[str, dict], config: dict[str, Any]) -> dict[str, dict]:
-    """The products that apply to one cell: those whose ``when`` (a partial configuration,
-    e.g. ``{"estimator": "reparam"}``) matches it, and ``latents`` only at H = 2 (the latent
-    space is drawn as a plane). ``when`` itself is not passed on."""
-    out = {}
-    for name, options in products.items():
-        options = dict(options)
-        when = options.pop("when", {})
-        if any(config.get(k) != v for k, v in when.items()):
-            continue
-        if name == "latents" and config["latent_dim"] != 2:
-            continue
-        out[name] = options
-    return out
+def run_id_for(experiment: str, config: dict[str, Any]) -> str:
+    """``{dataset}-{method}-{estimator}-{baseline}-h{H}-m{M}-s{seed}-{hash8}`` of a full
+    (nested) configuration."""
+    d, m = config["data"], config["method"]
+    return (f"{d['name']}-{m['name']}-{m['estimator']}-{m['baseline']}-"
+            f"h{config['model']['latent_dim']}-m{m['n_mc']}-s{config['seed']}-"
+            f"{config_hash(experiment, config)}")

@@ -1,15 +1,20 @@
-"""Running many cells: in this process, in local worker processes, or as a SLURM job array.
+"""Running many ensembles: in this process, in local worker processes, or as a SLURM job array.
 
-Cells are independent and each writes only its own run folder, so the three launchers produce
-the same folders. ``jobs = 1`` runs in this process; ``jobs > 1`` uses a
-``ProcessPoolExecutor`` with the ``spawn`` start method (each worker imports torch afresh and
-runs with one intra-op thread, so N jobs use N cores and results do not depend on N);
-``launcher="slurm"`` submits one ``submitit`` job array (``pip install -e ".[cluster]"``).
-Already complete cells are skipped before anything is launched.
+The unit of work is an ensemble group (``runner.group_ensembles``): cells that train together
+as one batched model. Groups are independent and each writes only its members' run folders,
+so the three launchers produce the same folders. ``jobs = 1`` runs in this process;
+``jobs > 1`` uses a ``ProcessPoolExecutor`` with the ``spawn`` start method (each worker imports
+torch afresh and runs with one intra-op thread, so N jobs use N cores and results do not depend
+on N). A worker dies with its parent (Linux: the parent-death signal), so killing the main
+process never leaves workers writing beside a rerun. ``launcher="slurm"`` submits one
+``submitit`` job array (``pip install -e ".[cluster]"``). Already complete cells are skipped
+before anything is launched.
 """
 
 from __future__ import annotations
 
+import os
+import signal
 import sys
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from multiprocessing import get_context
@@ -18,7 +23,7 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from experiments.runner import Cell, Outcome, _complete, cell_payload, run_cell
+from experiments.runner import Cell, Outcome, cell_payload, complete, group_ensembles, run_ensemble
 
 __all__ = ["SUBMITIT_MISSING", "run_cells", "submitit_available", "worker_pool"]
 
@@ -34,9 +39,29 @@ def submitit_available() -> bool:
     return True
 
 
-def _entry(payload: dict, force: bool) -> Outcome:
+def _entry(payloads: list[dict], checkpoint_seconds: float) -> list[Outcome]:
     """What a worker process or cluster job runs (module level, so it pickles by name)."""
-    return run_cell(payload, force=force, threads=1)
+    return run_ensemble(payloads, threads=1, checkpoint_seconds=checkpoint_seconds)
+
+
+def _die_with_parent(parent: int) -> None:
+    """Worker initialiser: ask the kernel to kill this process when its parent dies (Linux
+    ``prctl(PR_SET_PDEATHSIG)``); elsewhere, at least exit if the parent is already gone."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+    if os.getppid() != parent:
+        os._exit(1)
+
+
+def worker_pool(jobs: int) -> ProcessPoolExecutor:
+    """``jobs`` spawned worker processes that die with this process."""
+    return ProcessPoolExecutor(max_workers=jobs, mp_context=get_context("spawn"),
+                               initializer=_die_with_parent, initargs=(os.getpid(),))
 
 
 def run_cells(
@@ -44,47 +69,52 @@ def run_cells(
     *,
     jobs: int = 1,
     launcher: str = "local",
-    force: bool = False,
     progress: bool | None = None,
     slurm: dict[str, Any] | None = None,
     cluster: str = "slurm",
     log_dir: Path | None = None,
     pool: ProcessPoolExecutor | None = None,
+    checkpoint_seconds: float = 30.0,
+    max_members: int | None = None,
 ) -> list[Outcome]:
-    """Run every cell; returns one ``Outcome`` per cell, in the cells' order.
+    """Run every cell (grouped into ensembles); returns one ``Outcome`` per cell, in order.
 
-    ``slurm``: ``partition``, ``time`` (minutes), ``gpus_per_node``; ``cluster="local"`` runs the
-    same submitit job array with submitit's local executor (used by the tests). ``pool``: an
-    open ``worker_pool`` to reuse (``reproduce`` keeps one for every experiment, so workers
-    import torch once).
+    ``slurm``: ``partition``, ``time`` (minutes), ``gpus_per_node``; ``cluster="local"`` runs
+    the same submitit job array with submitit's local executor (used by the tests). ``pool``: an
+    open ``worker_pool`` to reuse (``reproduce`` keeps one for every experiment).
+    ``max_members`` caps an ensemble's size (1: every run on its own).
     """
     if progress is None:
         progress = sys.stderr.isatty()
     outcomes: dict[str, Outcome] = {}
     pending = []
     for cell in cells:
-        prov = None if force else _complete(Path(cell.run_dir))
+        prov = complete(cell)
         if prov is not None:
             outcomes[cell.run_id] = Outcome(cell.run_id, prov["status"],
                                             prov.get("message", ""), "skipped", 0.0)
         else:
             pending.append(cell)
+    groups = group_ensembles(pending, **({} if max_members is None
+                                         else {"max_members": max_members}))
     name = cells[0].experiment if cells else ""
     bar = tqdm(total=len(cells), initial=len(cells) - len(pending), disable=not progress,
                unit="run", desc=name)
     try:
         if launcher == "slurm":
-            done = _submitit(pending, force, jobs, slurm or {}, cluster, log_dir, bar)
-        elif pool is not None and pending:
-            done = _in_pool(pool, pending, force, bar)
-        elif jobs <= 1 or len(pending) <= 1:
+            done = _submitit(groups, jobs, slurm or {}, cluster, log_dir, bar,
+                             checkpoint_seconds)
+        elif pool is not None and groups:
+            done = _in_pool(pool, groups, bar, checkpoint_seconds)
+        elif jobs <= 1 or len(groups) <= 1:
             done = []
-            for cell in pending:
-                done.append(run_cell(cell, force=force, threads=1))
-                bar.update(1)
+            for group in groups:
+                result = run_ensemble(group, threads=1, checkpoint_seconds=checkpoint_seconds)
+                done += result
+                bar.update(len(result))
         else:
-            with worker_pool(min(jobs, len(pending))) as own:
-                done = _in_pool(own, pending, force, bar)
+            with worker_pool(min(jobs, len(groups))) as own:
+                done = _in_pool(own, groups, bar, checkpoint_seconds)
     finally:
         bar.close()
     for outcome in done:
@@ -92,26 +122,24 @@ def run_cells(
     return [outcomes[c.run_id] for c in cells]
 
 
-def worker_pool(jobs: int) -> ProcessPoolExecutor:
-    """``jobs`` spawned worker processes (fresh interpreters: no state shared with this one)."""
-    return ProcessPoolExecutor(max_workers=jobs, mp_context=get_context("spawn"))
-
-
-def _in_pool(pool: ProcessPoolExecutor, cells: list[Cell], force: bool, bar) -> list[Outcome]:
+def _in_pool(pool: ProcessPoolExecutor, groups: list[list[Cell]], bar,
+             checkpoint_seconds: float) -> list[Outcome]:
     done = []
-    owner = {pool.submit(_entry, cell_payload(c), force): c for c in cells}
+    owner = {pool.submit(_entry, [cell_payload(c) for c in g], checkpoint_seconds): g
+             for g in groups}
     futures = set(owner)
     try:
         while futures:
             finished, futures = wait(futures, return_when=FIRST_COMPLETED)
             for f in finished:
                 try:
-                    done.append(f.result())
+                    result = f.result()
                 except Exception as err:  # the worker died (killed, out of memory): rerun later
-                    done.append(Outcome(owner[f].run_id, "failed",
-                                        f"worker process: {type(err).__name__}: {err}", "ran",
-                                        0.0))
-                bar.update(1)
+                    result = [Outcome(c.run_id, "failed",
+                                      f"worker process: {type(err).__name__}: {err}", "ran", 0.0)
+                              for c in owner[f]]
+                done += result
+                bar.update(len(result))
     except BaseException:
         for f in futures:
             f.cancel()
@@ -119,18 +147,19 @@ def _in_pool(pool: ProcessPoolExecutor, cells: list[Cell], force: bool, bar) -> 
     return done
 
 
-def _submitit(cells: list[Cell], force: bool, jobs: int, slurm: dict, cluster: str,
-              log_dir: Path | None, bar) -> list[Outcome]:
-    if not cells:
+def _submitit(groups: list[list[Cell]], jobs: int, slurm: dict, cluster: str,
+              log_dir: Path | None, bar, checkpoint_seconds: float) -> list[Outcome]:
+    if not groups:
         return []
     try:
         import submitit
     except ImportError as err:
         raise RuntimeError(SUBMITIT_MISSING) from err
-    folder = log_dir or Path(cells[0].run_dir).parents[1] / "submitit"
+    first = groups[0][0]
+    folder = log_dir or Path(first.run_dir).parents[1] / "submitit"
     executor = submitit.AutoExecutor(folder=str(folder), cluster=cluster)
     params: dict[str, Any] = {"timeout_min": int(slurm.get("time") or 60), "cpus_per_task": 1,
-                              "name": cells[0].experiment}
+                              "name": first.experiment}
     if cluster == "slurm":
         params["slurm_array_parallelism"] = max(1, int(jobs))
         if slurm.get("partition"):
@@ -138,14 +167,15 @@ def _submitit(cells: list[Cell], force: bool, jobs: int, slurm: dict, cluster: s
         if slurm.get("gpus_per_node") is not None:
             params["gpus_per_node"] = int(slurm["gpus_per_node"])
     executor.update_parameters(**params)
-    payloads = [cell_payload(c) for c in cells]
-    job_list = executor.map_array(_entry, payloads, [force] * len(payloads))
+    payloads = [[cell_payload(c) for c in g] for g in groups]
+    job_list = executor.map_array(_entry, payloads, [checkpoint_seconds] * len(payloads))
     done = []
-    for cell, job in zip(cells, job_list, strict=True):
+    for group, job in zip(groups, job_list, strict=True):
         try:
-            done.append(job.result())
+            result = job.result()
         except Exception as err:  # the job itself died (killed, out of time, node failure)
-            done.append(Outcome(cell.run_id, "failed", f"cluster job {job.job_id}: {err}",
-                                "ran", 0.0))
-        bar.update(1)
+            result = [Outcome(c.run_id, "failed", f"cluster job {job.job_id}: {err}", "ran", 0.0)
+                      for c in group]
+        done += result
+        bar.update(len(result))
     return done

@@ -20,6 +20,7 @@ gives the nested dict back (JSON round trip). Probe options are validated by ``v
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
 import types
 import typing
@@ -192,6 +193,24 @@ class RunConfig:
         out = dataclasses.replace(self, **sections)
         out.validate()
         return out
+
+    def memory_bytes(self, data_dim: int, n_train: int, n_eval: int, members: int = 1) -> int:
+        """A rough upper estimate of the memory a run needs (bytes), to refuse impossible sizes
+        before anything is allocated: parameters with their gradients, optimiser moments and
+        best-state snapshot, a local table with its per-row state, and the activations of a
+        training step and of a held-out fit over ``n_eval`` points."""
+        m, h = self.model, self.model.latent_dim
+        sizes = [h, *m.hidden, 2 * data_dim] if m.decoder_mean == "mlp" else [h, data_dim]
+        decoder = sum((a + 1) * b for a, b in itertools.pairwise(sizes)) + data_dim
+        enc = [data_dim, *self.method.encoder_hidden, 2 * h]
+        encoder = sum((a + 1) * b for a, b in itertools.pairwise(enc))
+        width = max(data_dim, 2 * h, *m.hidden, *self.method.encoder_hidden)
+        params = 4 * 6 * (decoder + encoder)
+        table = n_train * 2 * h * (3 * 4 + 8)
+        n_mc = self.method.n_mc
+        step = 4 * 8 * n_mc * self.training.batch_size * width
+        heldout = 4 * 8 * n_mc * max(n_eval, 1) * width
+        return int(members * (params + table + step + heldout))
 
     def validate(self) -> None:
         from vi.data import DATASETS

@@ -1,4 +1,4 @@
-"""The data sets of the study, their splits, and index minibatches (SPEC §4–5).
+"""The data sets of the study, their splits, and index minibatches (docs/model.md).
 
 ==============  =====  =====  =================================================================
 name            D      K      what it is
@@ -325,6 +325,16 @@ def _dequantize(v: Tensor, levels: int, gen: torch.Generator) -> Tensor:
     return torch.clamp_(x, max=_BELOW_ONE)
 
 
+#: the most numbers a synthetic data set may hold (N x D), checked before generating it
+MAX_SYNTHETIC = 2**27
+
+
+def _check_size(name: str, n: int, d: int) -> None:
+    if n * d > MAX_SYNTHETIC:
+        raise ValueError(f"dataset {name!r} with n={n} and data_dim={d} would hold {n * d} "
+                         f"numbers; the limit is {MAX_SYNTHETIC}")
+
+
 def _positive_int(name: str, key: str, value: Any) -> int:
     if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < 1:
         raise ValueError(
@@ -366,6 +376,7 @@ def _ppca(
     D = _positive_int("ppca", "data_dim", data_dim)
     H = _positive_int("ppca", "latent_dim", latent_dim)
     n = _positive_int("ppca", "n", n)
+    _check_size("ppca", n, D)
     s = _positive_float("ppca", "noise_std", noise_std)
     W = torch.randn(D, H, generator=gen)
     b = torch.randn(D, generator=gen)
@@ -395,6 +406,7 @@ def _nonlinear(
     H = _positive_int("nonlinear", "latent_dim", latent_dim)
     K = _positive_int("nonlinear", "hidden", hidden)
     n = _positive_int("nonlinear", "n", n)
+    _check_size("nonlinear", n, max(D, K, H))
     s = _positive_float("nonlinear", "noise_std", noise_std)
     w1 = torch.randn(K, H, generator=gen) * (2.0 / math.sqrt(H))
     b1 = torch.randn(K, generator=gen)

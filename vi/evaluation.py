@@ -70,7 +70,7 @@ class ELBOValue:
 
 @torch.no_grad()
 def elbo_value(decoder: GaussianDecoder, x: Tensor, lam: Tensor, *, n_mc: int,
-               random: MemberRandom, chunk_size: int = 256) -> ELBOValue:
+               random: MemberRandom, chunk_size: int | None = None) -> ELBOValue:
     """L(λ; x) per point for reporting: in closed form for linear decoders (exact,
     ``vi.linear_gaussian.elbo_closed_form``); otherwise E_q[log p(x | z)] − KL(q ‖ p) with the KL
     in closed form and the expectation averaged over ``n_mc`` samples (in chunks), SE = sd/√n_mc.
@@ -81,6 +81,9 @@ def elbo_value(decoder: GaussianDecoder, x: Tensor, lam: Tensor, *, n_mc: int,
                                                  psi.unsqueeze(1))
         return ELBOValue(value.to(lam.dtype), torch.zeros_like(lam[..., 0]), True)
     n_mc, h = int(n_mc), decoder.latent_dim
+    if chunk_size is None:  # samples per chunk: activations stay about 2^23 numbers
+        width = max(x.shape[-1], *decoder.net.sizes)
+        chunk_size = max(1, min(n_mc, 2**23 // max(1, x.shape[:-1].numel() * width)))
     total = torch.zeros(lam.shape[:-1], dtype=torch.float64, device=lam.device)
     total_sq = torch.zeros_like(total)
     for start in range(0, n_mc, int(chunk_size)):
@@ -248,9 +251,10 @@ def test_time_curve(
     method's ``curve_inits`` (``prior``: λ = 0; ``encoder``: f_φ(x), where s = 0 is the one-pass
     amortized ELBO).
 
-    An E-step is the method's own held-out E-step (its estimator, M, local optimiser and
-    ``local_lr``; the same update for every start, so curves are comparable). Each s is a
-    separate fit from the start, timed on its own. Returns (init, s, mean ELBO per member [K],
+    An E-step is the held-out E-step (``MethodSettings.heldout_settings``: the
+    reparameterization gradient, M = 1, the method's local optimiser and ``local_lr``; the same
+    update for every start and method, so curves are comparable). Each s is a separate fit from
+    the start, timed on its own. Returns (init, s, mean ELBO per member [K],
     seconds per point) tuples; ELBOs as in ``elbo_value`` with ``n_mc`` samples.
     """
     decoder = method.decoder
@@ -270,10 +274,10 @@ def test_time_curve(
             t0 = time.perf_counter()
             lam = lam0
             if s > 0:
-                lam, _ = fit_local(decoder, x, lam0, settings=method.settings,
+                lam, _ = fit_local(decoder, x, lam0, settings=method.settings.heldout_settings(),
                                    lr=method.local_lr,
                                    rule=StoppingRule(window=s, patience=1, max_steps=s),
-                                   random=random, baseline_value=method.baseline_value())
+                                   random=random)
             per_point = (t_init + time.perf_counter() - t0) / (n * k_members)
             value = elbo_value(decoder, x, lam.detach(), n_mc=n_mc, random=random).value
             out.append((init, s, value.double().mean(1), per_point))

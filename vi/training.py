@@ -119,6 +119,7 @@ class MemberResult:
 
     run_id: str
     config: RunConfig
+    identity: dict[str, Any]
     rows: list[dict]
     tables: dict[str, pd.DataFrame]
     status: str  # ok | diverged
@@ -128,6 +129,7 @@ class MemberResult:
     best_epoch: int
     elapsed: float
     state: dict
+    data_info: dict[str, Any] = field(default_factory=dict)
 
     @property
     def converged(self) -> bool | None:
@@ -491,10 +493,19 @@ class Trainer:
                 self.status[k] = "ok"
 
     def _result(self, k: int, reason: str, state: dict, tables: dict) -> MemberResult:
-        return MemberResult(self.run_ids[k], self.configs[k], self.rows[k], tables,
+        return MemberResult(self.run_ids[k], self.configs[k], self.identity(k), self.rows[k],
+                            tables,
                             "diverged" if self.status[k] == "diverged" else "ok",
                             self.message[k], "diverged" if self.status[k] == "diverged"
-                            else reason, self.epoch, self.best_epoch[k], self.elapsed[k], state)
+                            else reason, self.epoch, self.best_epoch[k], self.elapsed[k], state,
+                            self.data_info)
+
+    @property
+    def data_info(self) -> dict[str, Any]:
+        """The data's sizes (the same for every member) and quantization levels."""
+        return {"n_train": self.x["train"].shape[1], "n_validation": self.x["validation"].shape[1],
+                "n_test": self.x["test"].shape[1], "data_dim": self.x["train"].shape[-1],
+                "levels": self.levels}
 
     def fit(
         self,
@@ -568,6 +579,14 @@ class Trainer:
                     self.rows[k] += rows[k]
         if finishing:
             self._finish(finishing, probes)
+
+    def measure(self, probes: Sequence[Probe], *, epoch: int | None = None
+                ) -> tuple[list[list[dict]], list[dict]]:
+        """The probes on the current state as an end-of-run measurement (e.g. of a loaded
+        checkpoint, with ``epoch`` its best epoch): rows and tables per member."""
+        ctx = self._context(final=True, evaluating=True, epoch=epoch)
+        rows, tables, _ = self._run_probes(probes, ctx)
+        return rows, tables
 
     # -- members: select, checkpoint, resume ----------------------------------------------
     def _subset(self, keep: Sequence[int]) -> Trainer:

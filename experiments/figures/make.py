@@ -25,10 +25,11 @@ log = logging.getLogger(__name__)
 
 
 def make_figures(results: str | Path, experiments: list[str] | None = None, *,
-                 strict: bool = False) -> list[Path]:
+                 strict: bool = False) -> tuple[list[Path], list[str]]:
     """Validate the CSVs, then draw every figure of every experiment that has results.
 
-    Returns the files written (PNG and PDF per figure, and the registered tables, e.g.
+    Returns the files written and the figures that failed ("experiment: function: error").
+    Files written: PNG and PDF per figure, and the registered tables, e.g.
     gradient_variance's ``variance_ratio.csv``/``.md``). Raises ``registry.RegistryError`` if an
     experiment with a grid has no figure module, and ``schema.SchemaError`` if a CSV breaks the
     contract, both before drawing anything. A figure whose inputs are missing is skipped with a
@@ -42,6 +43,7 @@ def make_figures(results: str | Path, experiments: list[str] | None = None, *,
     check_registry()
     loaded = validate_results(results, experiments)
     written: list[Path] = []
+    failures: list[str] = []
     with sns.axes_style("whitegrid"), sns.plotting_context("paper", font_scale=1.0), \
             plt.rc_context({"figure.max_open_warning": 0}):
         for name, res in loaded.items():
@@ -54,11 +56,12 @@ def make_figures(results: str | Path, experiments: list[str] | None = None, *,
                         mine += save_figure(fig, folder, stem)
                 except SkipFigure as why:
                     log.info("%s: skipping %s: %s", name, make.__name__, why)
-                except Exception:
+                except Exception as err:
                     plt.close("all")
                     if strict:
                         raise
                     failed = True
+                    failures.append(f"{name}: {make.__name__}: {type(err).__name__}: {err}")
                     log.error("%s: %s failed; other figures go on\n%s", name, make.__name__,
                               traceback.format_exc())
             if not failed and folder.is_dir():
@@ -68,4 +71,4 @@ def make_figures(results: str | Path, experiments: list[str] | None = None, *,
                         old.unlink()
             log.info("%s: %d figure files in %s", name, len(mine), folder)
             written += mine
-    return written
+    return written, failures

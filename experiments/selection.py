@@ -1,0 +1,202 @@
+"""Step-size selection that brackets the optimum (the ``lr_selection`` experiment).
+
+Every method × estimator (× data set) trains each candidate combination of its step sizes for
+several seeds under the same stopping rule as the experiments that use the choice, and is
+scored by the final ``metric`` on ``split`` (the validation ELBO, a split carved from the
+training data). Per group:
+
+* a candidate's score is the **median** over its seeds (one catastrophic seed cannot decide);
+* a candidate is **unstable** when a seed diverged or failed, or ended more than
+  ``unstable_gap`` nats below the candidate's median; an unstable candidate is chosen only
+  when no stable one exists (and the choice is then flagged);
+* the best candidate must be **interior**: if its value of a step size is the smallest (or
+  largest) tried, that step size is extended by ``extend_factor`` beyond the edge (crossed with
+  the other step sizes' values) and the new candidates are trained; this repeats up to
+  ``max_extensions`` times per group, after which a choice still at an edge is flagged
+  ``at_cap``.
+
+Pure pandas (no torch). ``candidate_table`` and ``choose`` turn ``runs.csv`` into
+``candidates.csv`` and ``selected.csv``; ``extensions`` says which candidates to add.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+__all__ = ["GROUP", "STEP_SIZE_FIELDS", "candidate_table", "check_select", "choose",
+           "extensions", "initial_candidates", "select_rule"]
+
+GROUP = ["dataset", "method", "estimator", "baseline"]
+#: the step-size fields, as runs.csv names them
+STEP_SIZE_FIELDS = ("method.lr", "method.encoder_lr", "method.local_lr", "method.refine_lr")
+DEFAULTS = {"metric": "elbo", "split": "validation", "unstable_gap": 20.0,
+            "extend_factor": 3.0, "max_extensions": 2}
+_KEYS = (*DEFAULTS, "candidates")
+
+
+def check_select(select: Any) -> None:
+    """Raise ``ValueError`` for a malformed ``select`` block of a grid."""
+    if not isinstance(select, dict):
+        raise ValueError("'select' must be an object")
+    bad = sorted(set(select) - set(_KEYS))
+    if bad:
+        raise ValueError(f"unknown key(s) {', '.join(bad)} in 'select'; valid: "
+                         f"{', '.join(_KEYS)}")
+    candidates = select.get("candidates")
+    if not isinstance(candidates, dict) or not candidates:
+        raise ValueError("'select.candidates' must be an object {method: {step size: [values]}}")
+    for method, fields in candidates.items():
+        if not isinstance(fields, dict) or not fields:
+            raise ValueError(f"select.candidates.{method} must be an object of value lists")
+        for name, values in fields.items():
+            if f"method.{name}" not in STEP_SIZE_FIELDS:
+                raise ValueError(f"select.candidates.{method}: {name!r} is not a step size; "
+                                 f"valid: {', '.join(f.split('.')[1] for f in STEP_SIZE_FIELDS)}")
+            if not isinstance(values, list) or not values or not all(
+                    isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
+                    and v > 0 for v in values):
+                raise ValueError(f"select.candidates.{method}.{name} must be a list of "
+                                 f"positive numbers")
+    rule = select_rule(select)
+    if not rule["extend_factor"] > 1 or not rule["unstable_gap"] > 0:
+        raise ValueError("select.extend_factor must be > 1 and select.unstable_gap > 0")
+    m = rule["max_extensions"]
+    if isinstance(m, bool) or not isinstance(m, int) or not 0 <= m <= 10:
+        raise ValueError("select.max_extensions must be an integer in [0, 10]")
+
+
+def select_rule(select: dict) -> dict:
+    """The selection settings with their defaults filled in."""
+    return {**DEFAULTS, **{k: v for k, v in select.items() if k != "candidates"}}
+
+
+def initial_candidates(select: dict, method: str) -> list[dict[str, float]]:
+    """The first round's step-size combinations of a method ({"lr": .., "local_lr": ..})."""
+    fields = select["candidates"].get(method)
+    if not fields:
+        raise ValueError(f"select.candidates has no step sizes for method {method!r}")
+    names = list(fields)
+    return [dict(zip(names, combo, strict=True))
+            for combo in itertools.product(*(fields[n] for n in names))]
+
+
+def _fields(select: dict, method: str) -> list[str]:
+    """The step sizes selected for a method (runs.csv names), in a fixed order."""
+    chosen = {f"method.{n}" for n in select["candidates"].get(method, {})}
+    return [f for f in STEP_SIZE_FIELDS if f in chosen]
+
+
+def candidate_table(runs: pd.DataFrame, select: dict) -> pd.DataFrame:
+    """One row per group × candidate: the median (and mean, sd) of the seeds' scores, the
+    diverged count, ``unstable``, and the rank within the group (stable first, then by median,
+    ties to the smaller step sizes)."""
+    rule = select_rule(select)
+    column = f"final_{rule['metric']}_{rule['split']}"
+    table = runs.copy()
+    if column not in table:
+        table[column] = np.nan
+    table["_score"] = np.where(table["status"] == "ok", table[column].astype(float), np.nan)
+    rows = []
+    for key, part in table.groupby(GROUP, sort=False, dropna=False):
+        fields = _fields(select, key[1])
+        for values, cand in part.groupby(fields, sort=True, dropna=False):
+            values = values if isinstance(values, tuple) else (values,)
+            scores = cand["_score"].dropna()
+            median = float(scores.median()) if len(scores) else math.nan
+            n_bad = int(len(cand) - len(scores))
+            far = bool(len(scores) and (scores < median - rule["unstable_gap"]).any())
+            rows.append({**dict(zip(GROUP, key, strict=True)),
+                         **dict(zip(fields, values, strict=True)),
+                         "score": median,
+                         "score_mean": float(scores.mean()) if len(scores) else math.nan,
+                         "score_sd": float(scores.std(ddof=1)) if len(scores) > 1 else math.nan,
+                         "score_min": float(scores.min()) if len(scores) else math.nan,
+                         "n_seeds": len(cand), "n_diverged": n_bad,
+                         "unstable": bool(n_bad > 0 or far),
+                         "round": int(cand["selection_round"].max())
+                         if "selection_round" in cand else 0})
+    cand = pd.DataFrame(rows)
+    if cand.empty:
+        return cand
+    order = cand.assign(_stable=~cand["unstable"], _neg=-cand["score"].fillna(-math.inf))
+    sort_by = ["_stable", "_neg", *[f for f in STEP_SIZE_FIELDS if f in cand]]
+    order = order.sort_values(sort_by, ascending=[False, True] + [True] * (len(sort_by) - 2),
+                              kind="stable")
+    order["rank"] = order.groupby(GROUP, sort=False, dropna=False).cumcount() + 1
+    front = [*GROUP, *[f for f in STEP_SIZE_FIELDS if f in cand]]
+    cols = front + [c for c in order.columns if c not in front and not c.startswith("_")]
+    return order[cols].sort_values([*GROUP, "rank"], kind="stable").reset_index(drop=True)
+
+
+def _edges(group: pd.DataFrame, best: pd.Series, select: dict) -> dict[str, str]:
+    """{field: "low" | "high"} where the best candidate sits at the edge of what was tried."""
+    edges = {}
+    for f in _fields(select, best["method"]):
+        values = sorted(group[f].dropna().unique())
+        if len(values) and best[f] == values[0]:
+            edges[f] = "low"
+        if len(values) and best[f] == values[-1]:
+            edges[f] = "high" if f not in edges else "both"
+    return edges
+
+
+def choose(candidates: pd.DataFrame, select: dict) -> pd.DataFrame:
+    """``selected.csv``: per group the rank-1 candidate with its score, whether it is interior
+    in every step size (``edge`` names the ones that are not), ``at_cap`` (still at an edge
+    after the last extension) and ``unstable``."""
+    rule = select_rule(select)
+    rows = []
+    for _, group in candidates.groupby(GROUP, sort=False, dropna=False):
+        best = group[group["rank"] == 1].iloc[0]
+        edges = _edges(group, best, select)
+        rounds = int(group["round"].max())
+        row = {k: best[k] for k in group.columns if k not in ("rank",)}
+        row.update({"metric": rule["metric"], "split": rule["split"],
+                    "n_candidates": len(group), "rounds": rounds + 1,
+                    "interior": not edges,
+                    "edge": ",".join(f"{f.split('.')[1]}:{side}"
+                                     for f, side in sorted(edges.items())),
+                    "at_cap": bool(edges) and rounds >= rule["max_extensions"]})
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def extensions(candidates: pd.DataFrame, select: dict) -> dict[tuple, list[dict[str, float]]]:
+    """New step-size combinations per group (``GROUP`` values as a tuple) for the groups whose
+    best candidate sits at an edge and that have extensions left."""
+    rule = select_rule(select)
+    out: dict[tuple, list[dict[str, float]]] = {}
+    for key, group in candidates.groupby(GROUP, sort=False, dropna=False):
+        if int(group["round"].max()) >= rule["max_extensions"]:
+            continue
+        best = group[group["rank"] == 1].iloc[0]
+        edges = _edges(group, best, select)
+        fields = _fields(select, best["method"])
+        if not edges:
+            continue
+        values = {f: sorted(group[f].dropna().unique().tolist()) for f in fields}
+        factor = rule["extend_factor"]
+        for f, side in edges.items():
+            grown = []
+            if side in ("low", "both"):
+                grown.append(_round(values[f][0] / factor))
+            if side in ("high", "both"):
+                grown.append(_round(values[f][-1] * factor))
+            values[f] = sorted(set(values[f]) | set(grown))
+        tried = {tuple(r[f] for f in fields) for _, r in group.iterrows()}
+        new = [combo for combo in itertools.product(*(values[f] for f in fields))
+               if combo not in tried]
+        if new:
+            out[tuple(key)] = [{f.split(".")[1]: v for f, v in zip(fields, combo, strict=True)}
+                               for combo in new]
+    return out
+
+
+def _round(value: float) -> float:
+    """Step sizes to 3 significant digits (0.001/3 → 0.000333), so grids stay readable."""
+    return float(f"{value:.3g}")
