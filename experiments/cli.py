@@ -263,7 +263,7 @@ def _execute(grid, cells, results: Path, args, *, launcher="local", slurm=None, 
     prov = base_provenance()
     for cell in cells:
         cell.provenance = prov
-    n_sel = sum(c.lr_source == "selected" for c in cells)
+    n_sel = sum(c.lr_source in ("selected", "shared") for c in cells)
     if grid.lr == "selected" and n_sel < len(cells) and not quiet:
         print(f"{grid.name}: {len(cells) - n_sel} of {len(cells)} runs use the grid's step "
               f"sizes (lr_source=default): no lr_selection result for them in {results}",

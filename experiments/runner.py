@@ -145,7 +145,8 @@ def _apply_selection(config: dict, table: pd.DataFrame | None) -> str:
         column = f"method.{name}"
         if column in row and pd.notna(row[column]):
             config["method"][name] = float(row[column])
-    return "selected"
+    shared = row.get("shared_from")
+    return "shared" if isinstance(shared, str) and shared else "selected"
 
 
 def _defaults() -> dict[str, Any]:

@@ -93,9 +93,10 @@ TABLE_COLUMNS: dict[str, tuple[str, ...]] = {
              "amortization_gap"),
     "activity": (*IDENTITY_COLUMNS, "epoch", "split", "dim", "kl", "activity", "active"),
     "selected": ("dataset", "method", "estimator", "baseline", "metric", "split", "score",
-                 "n_seeds", "n_diverged", "interior", "at_cap", "unstable"),
+                 "n_seeds", "n_diverged", "interior", "at_cap", "unstable", "unconverged",
+                 "shared_from"),
     "candidates": ("dataset", "method", "estimator", "baseline", "score", "n_seeds",
-                   "n_diverged", "unstable", "rank", "round"),
+                   "n_diverged", "unstable", "unconverged", "rank", "round"),
 }
 #: bits per dimension of the discrete data sets (dequantization bound), by metric
 BPD_METRICS = ("elbo", "iwae", "log_px_exact")

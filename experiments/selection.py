@@ -7,13 +7,19 @@ training data). Per group:
 
 * a candidate's score is the **median** over its seeds (one catastrophic seed cannot decide);
 * a candidate is **unstable** when a seed diverged or failed, or ended more than
-  ``unstable_gap`` nats below the candidate's median; an unstable candidate is chosen only
-  when no stable one exists (and the choice is then flagged);
+  ``unstable_gap`` nats below the candidate's median, and **unconverged** when a seed reached
+  the epoch cap before its validation ELBO plateaued (its step size is too small for the budget
+  the experiments have); candidates that are stable and converged rank first, then stable
+  ones, and a flagged candidate is chosen only when nothing better exists (the choice is then
+  flagged);
 * the best candidate must be **interior**: if its value of a step size is the smallest (or
   largest) tried, that step size is extended by ``extend_factor`` beyond the edge (crossed with
   the other step sizes' values) and the new candidates are trained; this repeats up to
   ``max_extensions`` times per group, after which a choice still at an edge is flagged
   ``at_cap``.
+
+``share`` rules give groups that were not selected the choice of a group that was (e.g. STL
+the step sizes chosen for reparam); ``selected.csv`` names the source in ``shared_from``.
 
 Pure pandas (no torch). ``candidate_table`` and ``choose`` turn ``runs.csv`` into
 ``candidates.csv`` and ``selected.csv``; ``extensions`` says which candidates to add.
@@ -36,7 +42,7 @@ GROUP = ["dataset", "method", "estimator", "baseline"]
 STEP_SIZE_FIELDS = ("method.lr", "method.encoder_lr", "method.local_lr", "method.refine_lr")
 DEFAULTS = {"metric": "elbo", "split": "validation", "unstable_gap": 20.0,
             "extend_factor": 3.0, "max_extensions": 2}
-_KEYS = (*DEFAULTS, "candidates")
+_KEYS = (*DEFAULTS, "candidates", "share")
 
 
 def check_select(select: Any) -> None:
@@ -62,6 +68,13 @@ def check_select(select: Any) -> None:
                     and v > 0 for v in values):
                 raise ValueError(f"select.candidates.{method}.{name} must be a list of "
                                  f"positive numbers")
+    share = select.get("share", [])
+    if not isinstance(share, list) or not all(
+            isinstance(r, dict) and set(r) == {"from", "to"} and isinstance(r["from"], dict)
+            and isinstance(r["to"], dict) and set(r["from"]) == set(r["to"])
+            and set(r["from"]) <= set(GROUP) for r in share):
+        raise ValueError("'select.share' must be a list of {from: {...}, to: {...}} over the "
+                         f"same keys among {', '.join(GROUP)}")
     rule = select_rule(select)
     if not rule["extend_factor"] > 1 or not rule["unstable_gap"] > 0:
         raise ValueError("select.extend_factor must be > 1 and select.unstable_gap > 0")
@@ -72,7 +85,7 @@ def check_select(select: Any) -> None:
 
 def select_rule(select: dict) -> dict:
     """The selection settings with their defaults filled in."""
-    return {**DEFAULTS, **{k: v for k, v in select.items() if k != "candidates"}}
+    return {**DEFAULTS, **{k: v for k, v in select.items() if k not in ("candidates", "share")}}
 
 
 def initial_candidates(select: dict, method: str) -> list[dict[str, float]]:
@@ -110,6 +123,8 @@ def candidate_table(runs: pd.DataFrame, select: dict) -> pd.DataFrame:
             median = float(scores.median()) if len(scores) else math.nan
             n_bad = int(len(cand) - len(scores))
             far = bool(len(scores) and (scores < median - rule["unstable_gap"]).any())
+            capped = cand["stop_reason"].eq("max_epochs") if "stop_reason" in cand else \
+                pd.Series(False, index=cand.index)
             rows.append({**dict(zip(GROUP, key, strict=True)),
                          **dict(zip(fields, values, strict=True)),
                          "score": median,
@@ -118,15 +133,17 @@ def candidate_table(runs: pd.DataFrame, select: dict) -> pd.DataFrame:
                          "score_min": float(scores.min()) if len(scores) else math.nan,
                          "n_seeds": len(cand), "n_diverged": n_bad,
                          "unstable": bool(n_bad > 0 or far),
+                         "unconverged": bool(capped.any()),
                          "round": int(cand["selection_round"].max())
                          if "selection_round" in cand else 0})
     cand = pd.DataFrame(rows)
     if cand.empty:
         return cand
-    order = cand.assign(_stable=~cand["unstable"], _neg=-cand["score"].fillna(-math.inf))
-    sort_by = ["_stable", "_neg", *[f for f in STEP_SIZE_FIELDS if f in cand]]
-    order = order.sort_values(sort_by, ascending=[False, True] + [True] * (len(sort_by) - 2),
-                              kind="stable")
+    order = cand.assign(_stable=~cand["unstable"], _converged=~cand["unconverged"],
+                        _neg=-cand["score"].fillna(-math.inf))
+    sort_by = ["_stable", "_converged", "_neg", *[f for f in STEP_SIZE_FIELDS if f in cand]]
+    order = order.sort_values(sort_by, ascending=[False, False, True] +
+                              [True] * (len(sort_by) - 3), kind="stable")
     order["rank"] = order.groupby(GROUP, sort=False, dropna=False).cumcount() + 1
     front = [*GROUP, *[f for f in STEP_SIZE_FIELDS if f in cand]]
     cols = front + [c for c in order.columns if c not in front and not c.startswith("_")]
@@ -162,8 +179,24 @@ def choose(candidates: pd.DataFrame, select: dict) -> pd.DataFrame:
                     "edge": ",".join(f"{f.split('.')[1]}:{side}"
                                      for f, side in sorted(edges.items())),
                     "at_cap": bool(edges) and rounds >= rule["max_extensions"]})
+        row["shared_from"] = ""
         rows.append(row)
-    return pd.DataFrame(rows)
+    selected = pd.DataFrame(rows)
+    for rule_ in select.get("share", []):
+        have = {tuple(r[k] for k in GROUP) for _, r in selected.iterrows()}
+        extra = []
+        for _, r in selected.iterrows():
+            if all(r[k] == v for k, v in rule_["from"].items()):
+                copy = r.copy()
+                for k, v in rule_["to"].items():
+                    copy[k] = v
+                if tuple(copy[k] for k in GROUP) not in have:
+                    source = r["shared_from"] or f"{r['method']}/{r['estimator']}+{r['baseline']}"
+                    copy["shared_from"] = source
+                    extra.append(copy)
+        if extra:
+            selected = pd.concat([selected, pd.DataFrame(extra)], ignore_index=True)
+    return selected
 
 
 def extensions(candidates: pd.DataFrame, select: dict) -> dict[tuple, list[dict[str, float]]]:

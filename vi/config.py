@@ -73,7 +73,9 @@ class DataConfig:
 @dataclass(frozen=True)
 class ModelConfig:
     """The decoder p_θ(x | z) (docs/model.md). ``var_floor`` None: chosen from the data's
-    quantization (``vi.data.variance_floor``)."""
+    quantization (``vi.data.variance_floor``). ``init_from_data``: start at the no-latent
+    Gaussian of the training data (output bias = its mean, learned σ² = its variance; else
+    σ² = ``init_var``)."""
 
     latent_dim: int = 5
     decoder_mean: str = "mlp"
@@ -84,6 +86,7 @@ class ModelConfig:
     var_floor: float | None = None
     fixed_var: float = 1.0
     init_var: float = 1.0
+    init_from_data: bool = True
 
     def validate(self) -> None:
         _in_range("model.latent_dim", self.latent_dim, 1, LIMITS["latent_dim"])
@@ -107,8 +110,8 @@ class StoppingConfig:
     converged), and the best state is restored."""
 
     check_every: int = 5
-    patience: int = 8
-    min_delta: float = 0.05
+    patience: int = 6
+    min_delta: float = 0.1
 
     def validate(self) -> None:
         _in_range("training.stopping.check_every", self.check_every, 1, LIMITS["epochs"])

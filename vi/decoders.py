@@ -123,6 +123,24 @@ class GaussianDecoder(nn.Module):
         return self.net.params
 
     @torch.no_grad()
+    def init_from_data(self, x: Tensor) -> None:
+        """Start every member at the no-latent Gaussian of its training data x [K, N, D]: the
+        output bias at the data's mean and learned variances at its per-dimension variance
+        (floored; one shared value if isotropic). The model then starts from the reference
+        every latent-variable model should beat, instead of spending its first hundreds of
+        steps shrinking σ² from ``init_var``; the weights keep their random initialisation."""
+        p = self.params.views()
+        last = len(self.net.sizes) - 2
+        mean = x.mean(1).to(p[f"b{last}"])
+        p[f"b{last}"][..., :self.data_dim].copy_(mean)
+        if self.variance_kind == "learned":
+            var = x.var(1, correction=0).to(p["raw_var"])
+            if self.isotropic:
+                var = var.mean(-1, keepdim=True)
+            floor = max(self.var_floor, 1e-12)
+            p["raw_var"].copy_(torch.log((var - self.var_floor).clamp_min(floor)))
+
+    @torch.no_grad()
     def reset_parameters(self, generators: Sequence[torch.Generator] | None = None) -> None:
         """Initialise every member (member k from ``generators[k]``)."""
         for k in range(self.members):

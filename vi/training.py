@@ -231,6 +231,8 @@ class Trainer:
             activation=m.activation, var_floor=self.var_floor, fixed_var=m.fixed_var,
             init_var=m.init_var, generators=gens,
         ).to(self.device, self.dtype)
+        if m.init_from_data and init:
+            decoder.init_from_data(self.x["train"])
         return build_method(decoder, [cfg.method for cfg in configs], self.x["train"].shape[1],
                             gens)
 
