@@ -24,6 +24,7 @@ if _ROOT not in sys.path:
 
 from vi import linear_gaussian  # noqa: E402
 from vi.decoders import GaussianDecoder  # noqa: E402
+from vi.streams import MemberRandom  # noqa: E402
 
 DTYPE = torch.float64
 ALPHA = 1e-3
@@ -68,6 +69,12 @@ def assert_unbiased(draws: torch.Tensor, target: torch.Tensor, alpha: float = AL
     )
 
 
+def member_random(*seeds: int, key: str = "test") -> MemberRandom:
+    """Member streams (one generator per seed) for the stream ``key``: the ``random`` argument
+    of the library's functions."""
+    return MemberRandom.from_seeds(list(seeds) or [0], key)
+
+
 @pytest.fixture
 def generator() -> torch.Generator:
     """A fresh, seeded CPU generator for each test."""
@@ -78,9 +85,12 @@ def generator() -> torch.Generator:
 def linear_model() -> SimpleNamespace:
     """A small float64 linear-Gaussian model (D=4, H=2) with 3 data points drawn from it.
 
-    The decoder is ``GaussianDecoder(mean="linear", variance="learned")`` with per-dimension
-    noise ψ (factor analysis) loaded from (W, b, ψ). ``lam`` is the exact diagonal optimum λ*
-    moved off by a fixed perturbation, so that every ELBO gradient is non-zero.
+    The decoder is a one-member ``GaussianDecoder(mean="linear", variance="learned")`` with
+    per-dimension noise ψ (factor analysis) loaded from (W, b, ψ). ``lam`` is the exact diagonal
+    optimum λ* moved off by a fixed perturbation, so that every ELBO gradient is non-zero.
+
+    The closed forms take plain tensors (``W`` [D, H], ``x`` [B, D], ``lam`` [B, 2H]); the
+    decoder and the objectives take a member axis first: ``x1`` [1, B, D], ``lam1`` [1, B, 2H].
     """
     g = torch.Generator().manual_seed(7)
     d, h, n = 4, 2, 3
@@ -95,4 +105,4 @@ def linear_model() -> SimpleNamespace:
     lam_opt = linear_gaussian.optimal_diagonal_posterior(x, W, b, psi)
     lam = lam_opt + 0.4 * torch.randn(n, 2 * h, generator=g, dtype=DTYPE)
     return SimpleNamespace(decoder=decoder, W=W, b=b, psi=psi, x=x, lam=lam, lam_opt=lam_opt,
-                           D=d, H=h, B=n)
+                           x1=x.unsqueeze(0), lam1=lam.unsqueeze(0), D=d, H=h, B=n)

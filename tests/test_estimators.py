@@ -1,4 +1,4 @@
-"""Gradient estimators as surrogates (SPEC §3): unbiasedness on textbook integrands, single-draw
+"""Gradient estimators as surrogates: unbiasedness on textbook integrands, single-draw
 variances against closed forms, the exact score-function surrogate, and the argument checks.
 
 Unbiasedness is tested by drawing R independent estimates in one call: λ is replicated into R
@@ -306,15 +306,31 @@ def test_draw_noise_is_reproducible():
 
 
 def test_running_mean():
-    rm = RunningMean(decay=0.9)
-    assert rm.value == 0.0
-    rm.update(torch.tensor([1.0, 3.0]))
-    assert rm.value == pytest.approx(2.0)  # bias correction: the first value is the batch mean
-    rm.update(torch.tensor([4.0]))
-    assert rm.value == pytest.approx((0.9 * 0.1 * 2.0 + 0.1 * 4.0) / (1 - 0.9**2))
-    other = RunningMean(decay=0.5)
+    """Bias-corrected running average per member: ``value`` [K, 1] starts at 0, the first
+    update gives the member's batch mean, later ones the corrected exponential average; a
+    member outside ``active`` neither moves nor counts a step; state round-trips."""
+    rm = RunningMean(members=2, decay=0.9)
+    assert rm.value.shape == (2, 1) and torch.equal(rm.value, torch.zeros(2, 1, dtype=DTYPE))
+    # samples [M, K, B]: member 0 averages 2, member 1 averages 10
+    rm.update(torch.tensor([[[1.0, 3.0], [9.0, 11.0]]]))
+    assert rm.value[:, 0].tolist() == pytest.approx([2.0, 10.0])  # the batch means
+    rm.update(torch.tensor([[[4.0, 4.0], [0.0, 0.0]]]), active=torch.tensor([True, False]))
+    assert rm.value[0, 0] == pytest.approx((0.9 * 0.1 * 2.0 + 0.1 * 4.0) / (1 - 0.9**2))
+    assert rm.value[1, 0] == pytest.approx(10.0)  # inactive: untouched
+    assert rm.steps.tolist() == [2.0, 1.0]
+    # a member that has not started yet keeps the plain score function (value 0)
+    late = RunningMean(members=2)
+    late.update(torch.tensor([[[5.0], [7.0]]]), active=torch.tensor([False, True]))
+    assert late.value[:, 0].tolist() == pytest.approx([0.0, 7.0])
+    # the value broadcasts against per-point values [..., K, B]
+    assert (torch.zeros(4, 2, 3, dtype=DTYPE) + rm.value).shape == (4, 2, 3)
+
+    other = RunningMean(members=2, decay=0.9)
     other.load_state_dict(rm.state_dict())
-    assert other.value == rm.value and other.decay == 0.9
+    assert torch.equal(other.value, rm.value)
+    state = rm.state_dict()
+    state["avg"].add_(1.0)  # the state is a copy, not a view of the live buffers
+    assert torch.equal(other.value, rm.value)
     with pytest.raises(ValueError, match=r"decay must lie in \[0, 1\)"):
         RunningMean(decay=1.0)
 

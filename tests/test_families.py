@@ -1,5 +1,5 @@
-"""The diagonal-Gaussian family q(z; λ), λ = (μ, log σ²) (SPEC §2), against scipy and closed
-forms."""
+"""The diagonal-Gaussian family q(z; λ), λ = (μ, log σ²), against scipy and closed forms; the
+same functions serve a stacked ensemble's λ [K, B, 2H]."""
 
 from __future__ import annotations
 
@@ -86,6 +86,25 @@ def test_distribution_objects_have_the_right_shapes(lam):
     assert q.batch_shape == (5,) and q.event_shape == (3,)
     p = families.standard_normal(3, lam)
     assert p.event_shape == (3,) and p.mean.dtype == DTYPE
+
+
+def test_stacked_members_are_independent_batches(generator):
+    """λ [K, B, 2H] of an ensemble with noise [M, K, B, H]: every function acts per (member,
+    point), exactly as on each member's [B, 2H] alone."""
+    k, b, h, m = 3, 4, 2, 5
+    lam = torch.randn(k, b, 2 * h, generator=generator, dtype=DTYPE)
+    eps = torch.randn(m, k, b, h, generator=generator, dtype=DTYPE)
+    z = families.sample(lam, eps)
+    assert z.shape == (m, k, b, h)
+    assert families.log_prob(lam, z).shape == (m, k, b)
+    assert families.score(lam, eps).shape == (m, k, b, 2 * h)
+    assert families.kl_to_standard_normal(lam).shape == families.entropy(lam).shape == (k, b)
+    for j in range(k):
+        torch.testing.assert_close(z[:, j], families.sample(lam[j], eps[:, j]), rtol=0, atol=0)
+        torch.testing.assert_close(families.log_prob(lam, z)[:, j],
+                                   families.log_prob(lam[j], z[:, j]), rtol=0, atol=0)
+        torch.testing.assert_close(families.kl_to_standard_normal(lam)[j],
+                                   families.kl_to_standard_normal(lam[j]), rtol=0, atol=0)
 
 
 def test_odd_or_empty_lambda_raises():

@@ -1,6 +1,7 @@
-"""Closed forms of the linear-Gaussian model (SPEC §1, §5), checked against independent routes:
-scipy densities, Gaussian conditioning of the joint, Bayes' rule, torch.distributions KLs and a
-numerical maximisation of the PPCA likelihood."""
+"""Closed forms of the linear-Gaussian model, checked against independent routes: scipy
+densities, Gaussian conditioning of the joint, Bayes' rule, torch.distributions KLs and a
+numerical maximisation of the PPCA likelihood. The ELBO's closed form is also batched over
+ensemble members."""
 
 from __future__ import annotations
 
@@ -54,7 +55,8 @@ def test_exact_posterior_satisfies_bayes_rule(linear_model, generator):
     m = linear_model
     z = 2 * torch.randn(7, m.B, m.H, generator=generator, dtype=DTYPE)
     lhs = lg.exact_posterior(m.x, m.W, m.b, m.psi).log_prob(z)
-    rhs = log_joint(m.decoder, m.x, z) - lg.exact_log_marginal(m.x, m.W, m.b, m.psi)
+    joint = log_joint(m.decoder, m.x1, z.unsqueeze(1))[:, 0]  # the decoder's member axis
+    rhs = joint - lg.exact_log_marginal(m.x, m.W, m.b, m.psi)
     torch.testing.assert_close(lhs, rhs, rtol=1e-11, atol=1e-11)
 
 
@@ -87,7 +89,8 @@ def test_elbo_closed_form_matches_expected_log_joint_by_quadrature(linear_model)
     eps = torch.tensor(np.stack([e1.ravel(), e2.ravel()], -1), dtype=DTYPE)  # [25, H]
     w = torch.tensor(np.outer(weights, weights).ravel() / weights.sum() ** 2, dtype=DTYPE)
     z = families.sample(m.lam, eps[:, None, :].expand(-1, m.B, -1))
-    expected = (w[:, None] * log_joint(m.decoder, m.x, z)).sum(0) + families.entropy(m.lam)
+    joint = log_joint(m.decoder, m.x1, z.unsqueeze(1))[:, 0]
+    expected = (w[:, None] * joint).sum(0) + families.entropy(m.lam)
     torch.testing.assert_close(lg.elbo_closed_form(m.x, m.lam, m.W, m.b, m.psi), expected,
                                rtol=1e-11, atol=1e-11)
 
@@ -136,6 +139,26 @@ def _ppca_data(n=400, d=5, h=2, seed=3):
     return b + z @ W.T + 0.5 * torch.randn(n, d, generator=g, dtype=DTYPE)
 
 
+def test_elbo_closed_form_is_batched_over_members(linear_model, generator):
+    """x [K, N, D], λ [K, N, 2H], W [K, D, H], b and ψ [K, 1, D] give member k's closed form in
+    row k, and the decoder's own (W, b, Ψ) plug in directly."""
+    m, k = linear_model, 3
+    W = torch.randn(k, m.D, m.H, generator=generator, dtype=DTYPE)
+    b = torch.randn(k, m.D, generator=generator, dtype=DTYPE)
+    psi = 0.2 + torch.rand(k, m.D, generator=generator, dtype=DTYPE)
+    x = torch.randn(k, m.B, m.D, generator=generator, dtype=DTYPE)
+    lam = torch.randn(k, m.B, 2 * m.H, generator=generator, dtype=DTYPE)
+    got = lg.elbo_closed_form(x, lam, W, b.unsqueeze(1), psi.unsqueeze(1))
+    assert got.shape == (k, m.B)
+    for j in range(k):
+        torch.testing.assert_close(got[j], lg.elbo_closed_form(x[j], lam[j], W[j], b[j], psi[j]),
+                                   rtol=1e-13, atol=1e-13)
+    W1, b1, psi1 = m.decoder.linear_parameters()
+    torch.testing.assert_close(
+        lg.elbo_closed_form(m.x1, m.lam1, W1, b1.unsqueeze(1), psi1.unsqueeze(1))[0],
+        lg.elbo_closed_form(m.x, m.lam, m.W, m.b, m.psi), rtol=1e-13, atol=1e-13)
+
+
 def test_ppca_mle_matches_numerical_maximisation():
     """Tipping & Bishop's closed form against L-BFGS on the exact log-likelihood from a random
     start. W is identifiable only up to rotation, so compare W Wᵀ, s², b and the likelihood."""
@@ -176,7 +199,7 @@ def test_ppca_mle_is_a_stationary_point_and_loads_into_a_decoder():
 
     dec = GaussianDecoder(5, h, mean="linear", variance="learned", isotropic=True).to(DTYPE)
     dec.set_linear_parameters(W.detach(), b.detach(), s2.detach())
-    W2, b2, psi2 = dec.linear_parameters()
+    W2, b2, psi2 = (t[0] for t in dec.linear_parameters())  # the one member
     torch.testing.assert_close(lg.exact_log_marginal(x, W2, b2, psi2),
                                lg.exact_log_marginal(x, W, b, s2).detach())
 
@@ -210,7 +233,9 @@ def test_bad_arguments_raise(linear_model):
         lg.ppca_mle(x, 0)
     with pytest.raises(ValueError, match="must be positive"):
         lg.exact_log_marginal(m.x, m.W, m.b, torch.zeros(m.D, dtype=DTYPE))
-    with pytest.raises(ValueError, match=r"expected W \[D, H\] and b \[D\]"):
+    with pytest.raises(ValueError, match=r"expected W \[\.\.\., D, H\] and b \[\.\.\., D\]"):
         lg.exact_posterior(m.x, m.W, m.b[:2], m.psi)
+    with pytest.raises(ValueError, match=r"expected W \[\.\.\., D, H\]"):
+        lg.elbo_closed_form(m.x, m.lam, m.W[0], m.b, m.psi)
     with pytest.raises(ValueError, match="even, non-zero last axis"):
         lg.elbo_closed_form(m.x, m.lam[:, :3], m.W, m.b, m.psi)
