@@ -181,17 +181,12 @@ def test_nonlinear_teacher_loads_into_gaussian_decoder() -> None:
     d = load_dataset("nonlinear", data_dim=6, latent_dim=2, hidden=8, n=20)
     t = d.ground_truth
     dec = GaussianDecoder(6, 2, hidden=(8,), activation="tanh", variance="fixed")
-    dec.load_state_dict(
-        {
-            "net.0.weight": t["w1"],
-            "net.0.bias": t["b1"],
-            "net.2.weight": t["w2"],
-            "net.2.bias": t["b2"],
-        }
-    )
-    z = torch.randn(5, 2, generator=torch.Generator().manual_seed(0))
+    for name, value in (("w0", t["w1"].T), ("b0", t["b1"]), ("w1", t["w2"].T), ("b1", t["b2"])):
+        dec.params.fill(0, name, value)
+    z = torch.randn(1, 5, 2, generator=torch.Generator().manual_seed(0))
     mean, _ = dec.mean_and_variance(z)
-    torch.testing.assert_close(mean, torch.tanh(z @ t["w1"].T + t["b1"]) @ t["w2"].T + t["b2"])
+    torch.testing.assert_close(mean[0], torch.tanh(z[0] @ t["w1"].T + t["b1"]) @ t["w2"].T
+                               + t["b2"])
 
 
 # -------------------------------------------------------------------------------- MNIST, Frey

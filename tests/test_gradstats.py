@@ -210,8 +210,6 @@ def test_statistics_formulas_per_member():
     assert st["n_deterministic"].tolist() == [2.0, 0.0]
 
 
-@pytest.mark.xfail(strict=True, reason="gradient_statistics takes torch.nanmedian, the lower of "
-                   "the two middle values for an even count, not the median")
 def test_snr_median_of_an_even_number_of_coordinates():
     """The median of an even number of SNRs is the mean of the two middle ones (numpy's and
     pandas' median, and the statistic before the ensemble redesign)."""

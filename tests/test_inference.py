@@ -346,8 +346,6 @@ def test_vem_inactive_member_does_not_move():
     assert torch.equal(random.generators[1].get_state(), stream)
 
 
-@pytest.mark.xfail(strict=True, reason="MemberRandom.randn with one generator ignores "
-                   "`active`: a lone inactive member still draws noise")
 @pytest.mark.parametrize("name", ["vem", "amortized"])
 def test_inactive_lone_member_does_not_draw(name):
     """The same contract for a one-member ensemble: outside ``active`` a member draws nothing,

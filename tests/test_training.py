@@ -511,8 +511,6 @@ def test_trainer_rows_use_the_results_contract_columns() -> None:
     assert training.IDENTITY_COLUMNS == schema.IDENTITY_COLUMNS
 
 
-@pytest.mark.xfail(strict=True, reason="the final probes re-measure the best epoch when the "
-                   "probe already ran there, so a run holds two rows of one measurement")
 def test_no_measurement_is_recorded_twice():
     """One row per measurement: no two rows of a run share (epoch, step, split, param_group,
     metric). The ELBO evaluation at the best epoch is skipped where it was already done; the
@@ -604,8 +602,6 @@ def test_config_rejects_bad_values(key, value, match):
         RunConfig.from_dict(_nested(key, value))
 
 
-@pytest.mark.xfail(strict=True, reason="vi.config._build names a nested section with a "
-                   "trailing dot ('model. must be an object')")
 def test_config_names_a_bad_section_by_its_path():
     with pytest.raises(ValueError, match=r"^model must be an object; got list$"):
         RunConfig.from_dict({"model": [1, 2]})

@@ -288,7 +288,7 @@ def _plain(value: Any) -> Any:
 
 def _build(cls: type, values: Any, where: str) -> Any:
     if not isinstance(values, dict):
-        raise ValueError(f"{where or 'a configuration'} must be an object; got "
+        raise ValueError(f"{where.rstrip('.') or 'a configuration'} must be an object; got "
                          f"{type(values).__name__}")
     hints = typing.get_type_hints(cls)
     known = {f.name for f in dataclasses.fields(cls)}

@@ -18,6 +18,10 @@ member.) Parameter groups, the gradient of the ELBO:
 ``encoder``      methods with an encoder: ∇_φ (1/B) Σ_n L_n(f_φ(x_n)).
 ``decoder``      ∇_θ (1/B) Σ_n L_n at λ (refined once for a refining method).
 
+(For ``sa_vae``, whose encoder is trained through the refinement, ``encoder`` is still measured
+at λ⁽⁰⁾, the gradient ``semi_amortized`` uses: the study measures variances of the three
+first-order methods.)
+
 These follow each method's training step: the sum over the minibatch for λ, the mean for θ
 and φ, the estimator, baseline, KL mode and M. Nothing of the method is mutated.
 
@@ -296,7 +300,7 @@ def gradient_statistics(g: Tensor) -> dict[str, Tensor]:
         "grad_var_total": total,
         "grad_var_relative": torch.where(norm2 > 0, total / norm2.clamp_min(1e-300), nan),
         "grad_snr_mean": torch.where(count > 0, torch.nansum(snr, 1) / count.clamp_min(1), nan),
-        "grad_snr_median": torch.where(count > 0, torch.nanmedian(snr, 1).values, nan),
+        "grad_snr_median": torch.where(count > 0, torch.nanquantile(snr, 0.5, dim=1), nan),
         "grad_mean_norm": norm2.sqrt(),
         "n_deterministic": (~random).sum(1).double(),
     }

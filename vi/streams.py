@@ -79,6 +79,9 @@ class MemberRandom:
               active: Tensor | None = None, dtype: torch.dtype = torch.float32) -> Tensor:
         """Standard-normal draws of ``shape`` per member, stacked at ``member_dim``."""
         if len(self.generators) == 1:
+            if active is not None and not bool(active.reshape(-1)[0]):
+                return torch.zeros(tuple(shape), device=self.device, dtype=dtype).unsqueeze(
+                    member_dim)
             out = torch.randn(tuple(shape), generator=self.generators[0], device=self.device,
                               dtype=dtype)
             return out.unsqueeze(member_dim)

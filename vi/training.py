@@ -197,6 +197,7 @@ class Trainer:
         self.elapsed = [0.0] * k
         self.rows: list[list[dict]] = [[] for _ in range(k)]
         self.evaluated: list[set[tuple[int, str]]] = [set() for _ in range(k)]
+        self.probed: list[set[tuple[int, str]]] = [set() for _ in range(k)]
         self.status = ["running"] * k
         self.message = [""] * k
         self.best = [-math.inf] * k
@@ -314,9 +315,15 @@ class Trainer:
             result = probe(ctx)
             if probe.fatal:
                 bad |= result.failed
+            # a final measurement of the state a periodic one already measured adds no rows
+            repeat = {k for k in range(self.members) if (ctx.epoch, probe.name) in self.probed[k]}
+            for k in range(self.members):
+                self.probed[k].add((ctx.epoch, probe.name))
             for r in result.rows:
                 walls = r.get("wall_s")
                 for k, value in enumerate(r["value"]):
+                    if k in repeat:
+                        continue
                     v = float(value)
                     if not math.isfinite(v):
                         if probe.fatal:
@@ -618,7 +625,8 @@ class Trainer:
         self.best_state = best
         self.data_random = self.data_random.select(keep) if keep else self.data_random
         self.noise = self.noise.select(keep) if keep else self.noise
-        for name in ("run_ids", "elapsed", "rows", "evaluated", "status", "message", "best",
+        for name in ("run_ids", "elapsed", "rows", "evaluated", "probed", "status", "message",
+                     "best",
                      "best_epoch", "best_step", "best_elapsed", "bad"):
             values = getattr(self, name)
             setattr(self, name, [values[k] for k in keep])
@@ -633,7 +641,7 @@ class Trainer:
             "experiment": self.experiment, "config": self.configs[k].to_dict(),
             "epoch": self.epoch, "step": self.step, "elapsed": self.elapsed[k],
             "rows": list(self.rows[k]), "status": self.status[k], "message": self.message[k],
-            "evaluated": sorted(self.evaluated[k]),
+            "evaluated": sorted(self.evaluated[k]), "probed": sorted(self.probed[k]),
             "stop": {"best": self.best[k], "best_epoch": self.best_epoch[k],
                      "best_step": self.best_step[k], "best_elapsed": self.best_elapsed[k],
                      "bad": self.bad[k]},
@@ -676,6 +684,7 @@ class Trainer:
         trainer.elapsed = [s["elapsed"] for s in states]
         trainer.rows = [list(s["rows"]) for s in states]
         trainer.evaluated = [{tuple(e) for e in s["evaluated"]} for s in states]
+        trainer.probed = [{tuple(e) for e in s.get("probed", [])} for s in states]
         trainer.status = [s["status"] for s in states]
         trainer.message = [s["message"] for s in states]
         for name in ("best", "best_epoch", "best_step", "best_elapsed", "bad"):
