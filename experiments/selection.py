@@ -12,11 +12,13 @@ training data). Per group:
   the experiments have); candidates that are stable and converged rank first, then stable
   ones, and a flagged candidate is chosen only when nothing better exists (the choice is then
   flagged);
-* the best candidate must be **interior**: if its value of a step size is the smallest (or
-  largest) tried, that step size is extended by ``extend_factor`` beyond the edge (crossed with
-  the other step sizes' values) and the new candidates are trained; this repeats up to
-  ``max_extensions`` times per group, after which a choice still at an edge is flagged
-  ``at_cap``.
+* the candidates start as a cross around a centre per method: the centre, and each step size
+  alone multiplied and divided by ``extend_factor`` (for two step sizes, five candidates);
+* the best candidate must be **interior**: for each step size, a smaller and a larger value must
+  have been tried with the other step sizes at the best's values. Where one is missing, the
+  best's step size is moved by ``extend_factor`` in that direction and trained (a pattern
+  search); this repeats up to ``max_extensions`` times per group, after which a choice still at
+  an edge is flagged ``at_cap``.
 
 ``share`` rules give groups that were not selected the choice of a group that was (e.g. STL
 the step sizes chosen for reparam); ``selected.csv`` names the source in ``shared_from``.
@@ -27,7 +29,6 @@ Pure pandas (no torch). ``candidate_table`` and ``choose`` turn ``runs.csv`` int
 
 from __future__ import annotations
 
-import itertools
 import math
 from typing import Any
 
@@ -55,19 +56,18 @@ def check_select(select: Any) -> None:
                          f"{', '.join(_KEYS)}")
     candidates = select.get("candidates")
     if not isinstance(candidates, dict) or not candidates:
-        raise ValueError("'select.candidates' must be an object {method: {step size: [values]}}")
+        raise ValueError("'select.candidates' must be an object {method: {step size: centre}}")
     for method, fields in candidates.items():
         if not isinstance(fields, dict) or not fields:
-            raise ValueError(f"select.candidates.{method} must be an object of value lists")
-        for name, values in fields.items():
+            raise ValueError(f"select.candidates.{method} must be an object of centre values")
+        for name, value in fields.items():
             if f"method.{name}" not in STEP_SIZE_FIELDS:
                 raise ValueError(f"select.candidates.{method}: {name!r} is not a step size; "
                                  f"valid: {', '.join(f.split('.')[1] for f in STEP_SIZE_FIELDS)}")
-            if not isinstance(values, list) or not values or not all(
-                    isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
-                    and v > 0 for v in values):
-                raise ValueError(f"select.candidates.{method}.{name} must be a list of "
-                                 f"positive numbers")
+            if isinstance(value, bool) or not isinstance(value, int | float) or not (
+                    math.isfinite(value) and value > 0):
+                raise ValueError(f"select.candidates.{method}.{name} must be a positive number "
+                                 f"(the centre of the cross)")
     share = select.get("share", [])
     if not isinstance(share, list) or not all(
             isinstance(r, dict) and set(r) == {"from", "to"} and isinstance(r["from"], dict)
@@ -89,13 +89,17 @@ def select_rule(select: dict) -> dict:
 
 
 def initial_candidates(select: dict, method: str) -> list[dict[str, float]]:
-    """The first round's step-size combinations of a method ({"lr": .., "local_lr": ..})."""
-    fields = select["candidates"].get(method)
-    if not fields:
+    """The first round's step-size combinations of a method ({"lr": .., "local_lr": ..}): the
+    centre and, for each step size alone, the centre times and divided by ``extend_factor``."""
+    centre = select["candidates"].get(method)
+    if not centre:
         raise ValueError(f"select.candidates has no step sizes for method {method!r}")
-    names = list(fields)
-    return [dict(zip(names, combo, strict=True))
-            for combo in itertools.product(*(fields[n] for n in names))]
+    factor = select_rule(select)["extend_factor"]
+    out = [dict(centre)]
+    for name, value in centre.items():
+        for moved in (_round(value / factor), _round(value * factor)):
+            out.append({**centre, name: moved})
+    return out
 
 
 def _fields(select: dict, method: str) -> list[str]:
@@ -151,14 +155,20 @@ def candidate_table(runs: pd.DataFrame, select: dict) -> pd.DataFrame:
 
 
 def _edges(group: pd.DataFrame, best: pd.Series, select: dict) -> dict[str, str]:
-    """{field: "low" | "high"} where the best candidate sits at the edge of what was tried."""
+    """{field: "low" | "high" | "both"}: the directions in which no smaller (larger) value of a
+    step size was tried with the other step sizes at the best's values."""
+    fields = _fields(select, best["method"])
     edges = {}
-    for f in _fields(select, best["method"]):
-        values = sorted(group[f].dropna().unique())
-        if len(values) and best[f] == values[0]:
-            edges[f] = "low"
-        if len(values) and best[f] == values[-1]:
-            edges[f] = "high" if f not in edges else "both"
+    for f in fields:
+        others = [g for g in fields if g != f]
+        line = group
+        for g in others:
+            line = line[np.isclose(line[g].astype(float), float(best[g]))]
+        values = line[f].astype(float)
+        low = not bool((values < float(best[f]) * (1 - 1e-9)).any())
+        high = not bool((values > float(best[f]) * (1 + 1e-9)).any())
+        if low or high:
+            edges[f] = "both" if low and high else ("low" if low else "high")
     return edges
 
 
@@ -201,32 +211,28 @@ def choose(candidates: pd.DataFrame, select: dict) -> pd.DataFrame:
 
 def extensions(candidates: pd.DataFrame, select: dict) -> dict[tuple, list[dict[str, float]]]:
     """New step-size combinations per group (``GROUP`` values as a tuple) for the groups whose
-    best candidate sits at an edge and that have extensions left."""
+    best candidate is not bracketed and that have extensions left: the best moved by
+    ``extend_factor`` along each open direction."""
     rule = select_rule(select)
     out: dict[tuple, list[dict[str, float]]] = {}
     for key, group in candidates.groupby(GROUP, sort=False, dropna=False):
         if int(group["round"].max()) >= rule["max_extensions"]:
             continue
         best = group[group["rank"] == 1].iloc[0]
-        edges = _edges(group, best, select)
         fields = _fields(select, best["method"])
-        if not edges:
-            continue
-        values = {f: sorted(group[f].dropna().unique().tolist()) for f in fields}
         factor = rule["extend_factor"]
-        for f, side in edges.items():
-            grown = []
-            if side in ("low", "both"):
-                grown.append(_round(values[f][0] / factor))
-            if side in ("high", "both"):
-                grown.append(_round(values[f][-1] * factor))
-            values[f] = sorted(set(values[f]) | set(grown))
-        tried = {tuple(r[f] for f in fields) for _, r in group.iterrows()}
-        new = [combo for combo in itertools.product(*(values[f] for f in fields))
-               if combo not in tried]
+        tried = {tuple(round(float(r[f]), 12) for f in fields) for _, r in group.iterrows()}
+        new = []
+        for f, side in _edges(group, best, select).items():
+            moves = ([1 / factor] if side in ("low", "both") else []) + \
+                ([factor] if side in ("high", "both") else [])
+            for m in moves:
+                combo = {g.split(".")[1]: float(best[g]) for g in fields}
+                combo[f.split(".")[1]] = _round(float(best[f]) * m)
+                if tuple(round(combo[g.split(".")[1]], 12) for g in fields) not in tried:
+                    new.append(combo)
         if new:
-            out[tuple(key)] = [{f.split(".")[1]: v for f, v in zip(fields, combo, strict=True)}
-                               for combo in new]
+            out[tuple(key)] = new
     return out
 
 

@@ -33,7 +33,7 @@ package; a missing or malformed file (or package) raises :class:`DataError`.
 
 Training code consumes data as (x, index) pairs (:func:`indexed_batches`): per-datapoint
 variational EM needs the index n of each point to address its row λ_n of the local table
-(STYLE §4).
+(docs/algorithms.md).
 """
 
 from __future__ import annotations

@@ -124,13 +124,17 @@ class GaussianDecoder(nn.Module):
 
     @torch.no_grad()
     def init_from_data(self, x: Tensor) -> None:
-        """Start every member at the no-latent Gaussian of its training data x [K, N, D]: the
-        output bias at the data's mean and learned variances at its per-dimension variance
-        (floored; one shared value if isotropic). The model then starts from the reference
-        every latent-variable model should beat, instead of spending its first hundreds of
-        steps shrinking σ² from ``init_var``; the weights keep their random initialisation."""
+        """Start every member near the no-latent Gaussian of its training data x [K, N, D]: the
+        output bias at the data's mean, learned variances at its per-dimension variance
+        (floored; one shared value if isotropic) and, for an MLP, the last layer's weights
+        scaled by 0.01 (small enough that μ_θ(z) starts within 1 % of the mean, not zero, so
+        the symmetry between latent directions stays broken). The model then starts from the
+        reference every latent-variable model should beat, instead of spending its first
+        hundreds of steps shrinking σ² from ``init_var``."""
         p = self.params.views()
         last = len(self.net.sizes) - 2
+        if self.mean_kind == "mlp":
+            p[f"w{last}"].mul_(0.01)
         mean = x.mean(1).to(p[f"b{last}"])
         p[f"b{last}"][..., :self.data_dim].copy_(mean)
         if self.variance_kind == "learned":

@@ -1,4 +1,5 @@
-"""Gradient estimators of ∇_λ E_{q(z;λ)}[f(z; λ)] as surrogate objectives (SPEC §3).
+"""Gradient estimators of ∇_λ E_{q(z;λ)}[f(z; λ)] as surrogate objectives
+(docs/estimators.md).
 
 Every estimator has one signature (after DeepMind's ``mc_gradients``)::
 

@@ -1,4 +1,5 @@
-"""The variational family: a diagonal Gaussian in the ``(μ, log σ²)`` parameterization (SPEC §2).
+"""The variational family: a diagonal Gaussian in the ``(μ, log σ²)`` parameterization
+(docs/model.md).
 
     q(z; λ) = N(z; μ, diag σ²),   λ = (μ, log σ²) ∈ R^{2H}
 

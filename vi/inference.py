@@ -84,7 +84,9 @@ class MethodSettings:
 
     Step sizes: ``lr`` for the decoder θ; ``encoder_lr`` for the encoder φ (None: ``lr``);
     ``local_lr`` for vem's local λ and every held-out E-step; ``refine_lr`` for the
-    semi-amortized refinement. ``e_steps`` E-steps per minibatch, or with ``e_tol`` at most
+    semi-amortized refinement, whose per-point gradient norm is clipped at ``refine_clip`` (Kim
+    et al. 2018 clip it too: plain gradient steps diverge where σ²_θ is small). ``e_steps``
+    E-steps per minibatch, or with ``e_tol`` at most
     ``e_steps``, stopping once the minibatch's mean ELBO estimate changes by less than
     ``e_tol`` nats between E-steps. ``heldout`` is the rule of every held-out E-step fit.
     """
@@ -106,6 +108,7 @@ class MethodSettings:
     m_steps: int = 1
     refine_steps: int = 5
     refine_lr: float = 1e-1
+    refine_clip: float | None = 5.0
     baseline_decay: float = 0.9
     grad_clip: float | None = None
     heldout: StoppingRule = field(default_factory=StoppingRule)
@@ -132,6 +135,10 @@ class MethodSettings:
             raise ValueError(f"{self.name} needs refine_steps >= 1 (0 is the plain VAE)")
         if not (math.isfinite(self.refine_lr) and self.refine_lr > 0):
             raise ValueError(f"refine_lr must be finite and positive; got {self.refine_lr}")
+        if self.refine_clip is not None and not (math.isfinite(self.refine_clip)
+                                                 and self.refine_clip > 0):
+            raise ValueError(f"refine_clip must be a positive number or null; got "
+                             f"{self.refine_clip}")
         if self.grad_clip is not None and not (math.isfinite(self.grad_clip)
                                                and self.grad_clip > 0):
             raise ValueError(f"grad_clip must be a positive number or null; got "
@@ -333,8 +340,10 @@ class InferenceMethod(nn.Module):
     def local_ascent(self, x: Tensor, lam: Tensor, random: MemberRandom, steps: int, *,
                      active: Tensor | None = None, create_graph: bool = False
                      ) -> tuple[Tensor, Tensor]:
-        """K plain gradient-ascent steps λ ← λ + α_k ĝ_λ (the refinement; α_k per member).
-        Returns (λ⁽ᴷ⁾, per-member finiteness of the refinement gradients)."""
+        """K plain gradient-ascent steps λ ← λ + α_k clip(ĝ_λ) (the refinement; α_k per
+        member; each point's gradient rescaled to norm at most ``refine_clip``). Returns
+        (λ⁽ᴷ⁾, per-member finiteness of the refinement gradients)."""
+        clip = self.settings.refine_clip
         ok = torch.ones(lam.shape[0], dtype=torch.bool, device=lam.device)
         with torch.enable_grad():
             for _ in range(steps):
@@ -343,7 +352,11 @@ class InferenceMethod(nn.Module):
                 est = self.estimate(x, lam, random, active=active)
                 (g,) = torch.autograd.grad(est.surrogate.sum(), lam, create_graph=create_graph)
                 ok = ok & finite_members(g)
-                lam = lam + self.refine_lr * torch.nan_to_num(g)
+                g = torch.nan_to_num(g)
+                if clip is not None:
+                    norm = g.norm(dim=-1, keepdim=True)
+                    g = g * (clip / norm.clamp_min(clip))
+                lam = lam + self.refine_lr * g
         return lam, ok
 
     # -- interface ----------------------------------------------------------------------------

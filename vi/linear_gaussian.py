@@ -6,7 +6,7 @@ With isotropic ψ = s² 1 this is probabilistic PCA (Tipping & Bishop, 1999); wi
 analysis. The posterior is Gaussian with precision P = I + Wᵀ Ψ⁻¹ W and mean
 P⁻¹ Wᵀ Ψ⁻¹ (x − b); the best diagonal Gaussian (minimising KL(q ‖ p(z | x))) keeps that mean and
 takes variances 1 / P_hh, and its approximation gap KL(q* ‖ p(z | x)) = ½ (Σ_h log P_hh − log det P)
-is the same for every x (SPEC §1, §5; Cremer et al., 2018).
+is the same for every x (docs/model.md; Cremer et al., 2018).
 """
 
 from __future__ import annotations

@@ -1,4 +1,5 @@
-"""The ELBO and the IWAE bound of the Gaussian-decoder model (SPEC §3, §5).
+"""The ELBO and the IWAE bound of the Gaussian-decoder model (docs/estimators.md,
+docs/evaluation.md).
 
     L(λ, θ; x) = E_q[log p_θ(x, z) − log q(z; λ)]                  (``kl="mc"``)
                = E_q[log p_θ(x | z)] − KL(q(z; λ) ‖ p(z))           (``kl="analytic"``)
