@@ -124,7 +124,9 @@ class StoppingConfig:
 @dataclass(frozen=True)
 class TrainingConfig:
     """The training loop. Evaluations (ELBO of every split in ``eval_splits``, ``eval_n_mc``
-    samples a point) happen at epoch 0, at ``eval_per_decade`` log-spaced epochs per factor of
+    samples a point, over the first ``eval_points`` points of each split when set: the splits
+    are random permutations, so that is a random subset, the same at every evaluation) happen
+    at epoch 0, at ``eval_per_decade`` log-spaced epochs per factor of
     ten (dense early, sparse late), every ``eval_every`` epochs if set, and at the restored
     best epoch. ``stopping`` None trains exactly ``max_epochs`` epochs."""
 
@@ -133,6 +135,7 @@ class TrainingConfig:
     stopping: StoppingConfig | None = field(default_factory=StoppingConfig)
     eval_splits: tuple[str, ...] = ("train", "validation", "test")
     eval_n_mc: int = 10
+    eval_points: int | None = None
     eval_per_decade: int = 8
     eval_every: int | None = None
 
@@ -143,6 +146,8 @@ class TrainingConfig:
         _in_range("training.eval_per_decade", self.eval_per_decade, 0, 1000)
         if self.eval_every is not None:
             _in_range("training.eval_every", self.eval_every, 1, LIMITS["epochs"])
+        if self.eval_points is not None:
+            _in_range("training.eval_points", self.eval_points, 1, LIMITS["batch_size"])
         bad = sorted(set(self.eval_splits) - {"train", "validation", "test"})
         if bad or not self.eval_splits:
             raise ValueError(f"training.eval_splits must name train, validation and/or test; "

@@ -290,8 +290,9 @@ class Trainer:
         for split in splits:
             random = MemberRandom.from_seeds(self.seeds, "elbo", split, epoch,
                                              device=self.device)
-            value, steps = split_elbo(self.method, self.x[split],
-                                      n_mc=self.configs[0].training.eval_n_mc, random=random)
+            t = self.configs[0].training
+            x = self.x[split] if t.eval_points is None else self.x[split][:, :t.eval_points]
+            value, steps = split_elbo(self.method, x, n_mc=t.eval_n_mc, random=random)
             values = value.tolist()
             for k in wanted:
                 if not math.isfinite(values[k]):
