@@ -1,4 +1,4 @@
-"""The two environment files pin the same dependencies (STYLE §10: a pinned environment).
+"""The two environment files pin the same dependencies (a pinned environment).
 
 pyproject.toml's runtime dependencies plus its ``dev`` extra must be exactly the ``pip:``
 section of environment.yml (apart from the editable install of the project itself), with the
