@@ -43,7 +43,6 @@ import importlib
 import json
 import math
 import os
-import tempfile
 import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -53,6 +52,8 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import numpy as np
 import torch
 from torch import Tensor
+
+from vi.files import atomic_write
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -720,17 +721,11 @@ def save_dataset(dataset: Dataset, path: str | os.PathLike[str]) -> Path:
         arrays[f"truth_{key}"] = value.detach().cpu().numpy()
     arrays["name"] = np.array(dataset.name)
     arrays["info"] = np.array(json.dumps(dataset.info, sort_keys=True))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as f:  # a file object: np.savez would add ".npz" to a name
             np.savez(f, **arrays)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+
+    atomic_write(path, write)
     return path
 
 

@@ -44,6 +44,7 @@ from vi import gradstats, linear_gaussian
 from vi.config import LIMITS, RunConfig, _build
 from vi.evaluation import gap_decomposition, latent_activity, test_time_curve
 from vi.inference import StoppingRule
+from vi.streams import generator
 from vi.training import ProbeContext, ProbeResult
 
 __all__ = ["PROBES", "ProbeBase", "build_probes", "probe_metrics"]
@@ -127,8 +128,7 @@ def _evaluation_batch(ctx: ProbeContext, size: int) -> Tensor:
     n = ctx.x["train"].shape[1]
     rows = []
     for seed in ctx.seeds:
-        g = torch.Generator().manual_seed(int(np.random.SeedSequence([seed, 4]).generate_state(
-            1)[0]))
+        g = generator(seed, "probe", "gradient batch")
         rows.append(torch.randperm(n, generator=g)[:min(size, n)].sort().values)
     return torch.stack(rows).to(ctx.x["train"].device)
 
