@@ -64,13 +64,15 @@ __all__ = [
 SUPPORTED, NOT_SUPPORTED, INCONCLUSIVE, NOT_MEASURED = (
     "supported", "not supported", "inconclusive", "not measured")
 VERDICTS = (SUPPORTED, NOT_SUPPORTED, INCONCLUSIVE, NOT_MEASURED)
-#: cell judgements
-SUPPORTS, CONTRADICTS, UNCLEAR = "supports", "contradicts", "unclear"
+#: cell judgements (``SINGLE``: fewer than two units, no interval: shown, never judged)
+SUPPORTS, CONTRADICTS, UNCLEAR, SINGLE = "supports", "contradicts", "unclear", "single seed"
 
 RULE_TAIL = ("A cell supports the claim when its 95 % t-interval lies above the threshold, "
              "contradicts it when the interval lies below the contradiction threshold, and is "
-             "unclear otherwise (always with fewer than 2 units). Verdict: supported when every "
-             "cell supports; not supported when any cell contradicts; otherwise inconclusive.")
+             "unclear otherwise; a cell with fewer than 2 units has no interval and is shown but "
+             "not judged. Verdict over the judged cells: supported when every one supports; "
+             "not supported when any contradicts; otherwise (or with no judged cell) "
+             "inconclusive.")
 
 
 @dataclass
@@ -117,8 +119,11 @@ class Finding:
         if t is None or "judgement" not in t or not len(t):
             return ""
         j = t["judgement"].value_counts()
-        return (f"{len(t)} cell(s): {int(j.get(SUPPORTS, 0))} support, "
-                f"{int(j.get(CONTRADICTS, 0))} contradict, {int(j.get(UNCLEAR, 0))} unclear.")
+        out = (f"{len(t)} cell(s): {int(j.get(SUPPORTS, 0))} support, "
+               f"{int(j.get(CONTRADICTS, 0))} contradict, {int(j.get(UNCLEAR, 0))} unclear")
+        if j.get(SINGLE, 0):
+            out += f", {int(j.get(SINGLE, 0))} without an interval (one unit; not judged)"
+        return out + "."
 
 
 # ---------------------------------------------------------------------------------- helpers
@@ -190,12 +195,14 @@ def _cells(units: pd.DataFrame, by: list[str], value: str = "d") -> pd.DataFrame
 def _judge(cells: pd.DataFrame, support: float = 0.0, contradict: float | None = None
            ) -> pd.DataFrame:
     """Add ``judgement``: supports when lo > support, contradicts when hi < contradict
-    (default: = support), else unclear (always when n < 2)."""
+    (default: = support), else unclear; ``single seed`` (not judged) when n < 2."""
     contradict = support if contradict is None else contradict
     out = []
     for r in cells.itertuples(index=False):
         lo, hi, n = float(r.lo), float(r.hi), int(r.n)
-        if n < 2 or not (np.isfinite(lo) and np.isfinite(hi)):
+        if n < 2:
+            out.append(SINGLE)
+        elif not (np.isfinite(lo) and np.isfinite(hi)):
             out.append(UNCLEAR)
         elif lo > support:
             out.append(SUPPORTS)
@@ -207,9 +214,14 @@ def _judge(cells: pd.DataFrame, support: float = 0.0, contradict: float | None =
 
 
 def _overall(judgements) -> str:
+    """supported / not supported / inconclusive over the judged cells (``single seed`` cells
+    are not judged; with none judged: inconclusive); not measured without cells."""
     j = list(judgements)
     if not j:
         return NOT_MEASURED
+    j = [v for v in j if v != SINGLE]
+    if not j:
+        return INCONCLUSIVE
     if all(v == SUPPORTS for v in j):
         return SUPPORTED
     if any(v == CONTRADICTS for v in j):
@@ -764,10 +776,10 @@ def f_refinement_improves_elbo(st: _Study) -> Finding:
     return f
 
 
-def f_beats_factor_analysis(st: _Study) -> Finding:
+def _beats_factor_analysis(st: _Study, dataset: str) -> Finding:
     f = Finding(
-        "beats_factor_analysis",
-        "Converged nonlinear models vs factor analysis at the same H",
+        f"beats_factor_analysis_{dataset}",
+        f"Converged nonlinear models vs factor analysis at the same H ({dataset})",
         "A nonlinear Gaussian-decoder model trained to convergence beats factor analysis — the "
         "linear-Gaussian model with diagonal noise, fitted by maximum likelihood, which the "
         "decoder family nearly contains — at the same latent dimension: its test ELBO (a lower "
@@ -776,23 +788,21 @@ def f_beats_factor_analysis(st: _Study) -> Finding:
         "1999; Kingma & Welling 2014)",
         "effect per converged run = test ELBO − factor-analysis test log p(x) at the same H and "
         "data seed (same points; nats per point, bits/dim shown for images); cells = experiment "
-        "× data set × method × H for the reparam-trained models (other estimators shown below, "
+        "× method × H for the reparam-trained models (other estimators summarised below, "
         "not tested); threshold 0. A negative bound does not prove the model's likelihood is "
         "below factor analysis's (the bound misses the inference gap). " + RULE_TAIL,
-        ("elbo_curves/runs.csv", "mnist_curves/runs.csv", "references.csv"))
-    parts, lefts = [], 0
-    for exp in ("elbo_curves", "mnist_curves"):
-        w, left = st.final_values(exp, ["test_elbo_minus_fa", "test_elbo_bpd",
-                                        "test_ref_factor_analysis_bpd"])
-        lefts += left
-        if len(w) and "test_elbo_minus_fa" in w:
-            parts.append(w)
-    if not parts:
+        (f"{_FA_EXPERIMENTS[dataset]}/runs.csv", "references.csv"))
+    w, lefts = st.final_values(_FA_EXPERIMENTS[dataset], [
+        "test_elbo_minus_fa", "test_elbo_bpd", "test_ref_factor_analysis_bpd"])
+    if len(w):
+        w = w[w["dataset"] == dataset]
+    if w.empty or "test_elbo_minus_fa" not in w:
         ref = (st.root / "references.csv").is_file()
-        f.evidence = ("not measured: " + ("no converged runs with a test ELBO." if ref else
-                                          "no references.csv.") + _left_out(lefts))
+        f.evidence = ("not measured: " + (f"no converged {dataset} runs with a test ELBO and "
+                                          f"a reference." if ref else "no references.csv.")
+                      + _left_out(lefts))
         return f
-    w = pd.concat(parts, ignore_index=True)
+    w = w.copy()
     w["d"] = w["test_elbo_minus_fa"]
     if {"test_elbo_bpd", "test_ref_factor_analysis_bpd"} <= set(w.columns):
         w["bpd"] = w["test_elbo_bpd"] - w["test_ref_factor_analysis_bpd"]
@@ -829,6 +839,18 @@ def f_beats_factor_analysis(st: _Study) -> Finding:
         lambda r: _iv(r["mean"], r["lo"], r["hi"], r["n"])) + " nats per point (negative "
         "bits/dim = better)." + _left_out(lefts))
     return f
+
+
+#: the experiment whose converged models are compared with factor analysis, by data set
+_FA_EXPERIMENTS = {"digits": "elbo_curves", "mnist5k": "mnist_curves"}
+
+
+def f_beats_factor_analysis_digits(st: _Study) -> Finding:
+    return _beats_factor_analysis(st, "digits")
+
+
+def f_beats_factor_analysis_mnist5k(st: _Study) -> Finding:
+    return _beats_factor_analysis(st, "mnist5k")
 
 
 # ----------------------------------------------------------------------- test-time inference
@@ -932,9 +954,10 @@ def f_test_time_cost(st: _Study) -> Finding:
         "(infinite when vem never reaches it within the measured steps; vem counts as faster "
         "when its prior start needs no E-step; a pair whose times are both below the CSV's "
         "resolution is undecided). A cell (encoder method "
-        "× estimator) supports the claim when vem is slower in every pair (at least 2), "
-        "contradicts it when vem is faster in every pair, else is unclear. Verdict: supported "
-        "when every cell supports; not supported when any contradicts; otherwise inconclusive.",
+        "× estimator) supports the claim when vem is slower in every pair, contradicts it when "
+        "vem is faster in every pair, else is unclear (a sign rule; one pair: not judged). "
+        "Verdict over the judged cells: supported when every one supports; not supported when "
+        "any contradicts; otherwise inconclusive.",
         ("elbo_curves/metrics.csv", "elbo_curves/runs.csv"))
     c = _test_curves(st)
     if c is None:
@@ -974,7 +997,7 @@ def f_test_time_cost(st: _Study) -> Finding:
     cells = []
     for (m, lab), g in p.groupby(["method", "estimator_label"]):
         n, slower, faster = len(g), int(g["slower"].sum()), int(g["faster"].sum())
-        j = (SUPPORTS if n >= 2 and slower == n else CONTRADICTS if n >= 2 and faster == n
+        j = (SINGLE if n < 2 else SUPPORTS if slower == n else CONTRADICTS if faster == n
              else UNCLEAR)
         gain = S.t_interval(g["gain"])
         finite = g["t_vem"][np.isfinite(g["t_vem"])]
@@ -1304,13 +1327,15 @@ def f_posterior_collapse(st: _Study) -> Finding:
     f = Finding(
         "posterior_collapse",
         "Posterior collapse: active units against the latent dimension",
-        "Active units stop growing with H: at the largest latent dimension some units are "
-        "inactive (their posterior mean does not vary with x), i.e. AU < H.",
+        "In the amortized VAE, active units stop growing with H: at the largest latent "
+        "dimension some units are inactive (their posterior mean does not vary with x), i.e. "
+        "AU < H.",
         "Burda, Grosse & Salakhutdinov 2016 (active units); Lucas et al. 2019; He et al. 2019",
         "effect per converged run at the experiment's largest H = H − active units (test "
         "split; a unit is active when Cov_x(E_q[z_h]) > 0.01); cells = experiment × data set × "
-        "method × estimator; support threshold 0, contradiction threshold 0.5 (fewer than half "
-        "a unit inactive on average). " + RULE_TAIL,
+        "estimator for the amortized method (the other methods are shown, not tested); support "
+        "threshold 0, contradiction threshold 0.5 (fewer than half a unit inactive on "
+        "average). " + RULE_TAIL,
         ("elbo_curves/runs.csv", "mnist_curves/runs.csv"))
     w, left = _units(st)
     if w.empty:
@@ -1321,8 +1346,9 @@ def f_posterior_collapse(st: _Study) -> Finding:
     top = top.assign(d=top["H"] - top["test_active_units"])
     by = ["experiment", "dataset", "method", "estimator_label"]
     cells = _judge(_cells(top, by), support=0.0, contradict=0.5)
-    f.table = cells
-    f.verdict = _overall(cells["judgement"])
+    tested = cells[cells["method"] == "amortized"]
+    f.table = tested
+    f.verdict = _overall(tested["judgement"])
     f.contradicts = f.verdict == NOT_SUPPORTED
     au = w.groupby([*by, "H"])["test_active_units"].mean().unstack("H")
     disp = _judged_display(cells, {"experiment": "experiment", "dataset": "data set",
@@ -1332,10 +1358,15 @@ def f_posterior_collapse(st: _Study) -> Finding:
     for h in [c for c in au.columns if c not in by]:
         disp.insert(len(disp.columns) - 2, f"AU at H={_key_text(h)}",
                     [_num(v, 1) for v in au[h]])
+    disp.loc[cells["method"].to_numpy() != "amortized", "judgement"] = "(not tested)"
     _with_display(f, disp)
-    f.evidence = ("Inactive units at the largest H " + _extremes(
-        cells, by, lambda r: _iv(r["mean"], r["lo"], r["hi"], r["n"], 1)) + "; the AU columns "
-        "give the mean active units at each H." + _left_out(left))
+    if tested.empty:
+        f.verdict = NOT_MEASURED
+        f.evidence = "not measured: no amortized runs with active units." + _left_out(left)
+        return f
+    f.evidence = ("Inactive units of the amortized VAE at the largest H " + _extremes(
+        tested, by, lambda r: _iv(r["mean"], r["lo"], r["hi"], r["n"], 1)) + "; the AU columns "
+        "give the mean active units at each H, for every method." + _left_out(left))
     return f
 
 
@@ -1385,9 +1416,10 @@ def f_collapse_by_method(st: _Study) -> Finding:
 FINDINGS: tuple[Callable[[_Study], Finding], ...] = (
     f_score_vs_reparam_variance, f_variance_ratio_vs_h, f_baselines, f_stl_near_optimum,
     f_amortization_gap_train_test, f_refinement_reduces_gap, f_refinement_improves_elbo,
-    f_beats_factor_analysis, f_encoder_start, f_test_time_cost, f_score_cost_epochs,
-    f_score_cost_seconds, f_vem_e_steps_epochs, f_vem_e_steps_seconds, f_sa_vae_vs_semi,
-    f_more_refine_steps, f_posterior_collapse, f_collapse_by_method,
+    f_beats_factor_analysis_digits, f_beats_factor_analysis_mnist5k, f_encoder_start,
+    f_test_time_cost, f_score_cost_epochs, f_score_cost_seconds, f_vem_e_steps_epochs,
+    f_vem_e_steps_seconds, f_sa_vae_vs_semi, f_more_refine_steps, f_posterior_collapse,
+    f_collapse_by_method,
 )
 
 

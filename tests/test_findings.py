@@ -175,6 +175,21 @@ def write_results(root: Path, effect: float, converged: bool = True) -> Path:
                          "log_px": base - 20, "log_px_se": 0.1, "log_px_bpd": 3.5})
     _write(root, "elbo_curves", "runs", runs)
     _write(root, "elbo_curves", "metrics", rows)
+
+    # ---- mnist_curves: the same relations at H = 3
+    runs = []
+    for method in ("vem", "amortized"):
+        for s in SEEDS:
+            ident = _ident("mnist_curves", "mnist5k", method, "reparam", 3, s)
+            inactive = ({1: 2, -1: 0}.get(int(np.sign(e)), (0, 1, 0)[s])
+                        if method == "amortized" else 1)
+            runs.append(_run(ident, converged=converged, final_elbo_test=500.0 + n[s],
+                             final_active_units_test=3 - inactive, data_dim=784, levels=256))
+    for s in SEEDS:
+        refs.append({"dataset": "mnist5k", "data_seed": s, "model": "factor_analysis",
+                     "latent_dim": 3, "split": "test", "n_points": 50,
+                     "log_px": 500.0 - 5 * e, "log_px_se": 1.0, "log_px_bpd": 6.0})
+    _write(root, "mnist_curves", "runs", runs)
     pd.DataFrame(refs).to_csv(root / "references.csv", index=False)
 
     # ---- vem_e_steps: 1 vs 5 E-steps per minibatch
@@ -224,7 +239,8 @@ EXPECTED = {1: F.SUPPORTED, -1: F.NOT_SUPPORTED, 0: F.INCONCLUSIVE}
 KEYS = ["score_vs_reparam_variance", "variance_ratio_vs_latent_dim", "score_baselines",
         "stl_near_optimum", "amortization_gap_train_vs_test",
         "refinement_reduces_amortization_gap", "refinement_improves_test_elbo",
-        "beats_factor_analysis", "test_time_encoder_start", "test_time_cost",
+        "beats_factor_analysis_digits", "beats_factor_analysis_mnist5k",
+        "test_time_encoder_start", "test_time_cost",
         "score_training_cost_epochs", "score_training_cost_seconds", "vem_e_steps_epochs",
         "vem_e_steps_seconds", "sa_vae_vs_semi_amortized", "more_refinement_steps",
         "posterior_collapse", "active_units_by_method"]
@@ -254,7 +270,8 @@ def test_verdict_follows_the_effect(judged, key: str) -> None:
 
 def test_contradictions_of_the_literature_are_flagged(judged) -> None:
     effect, found = judged
-    design = {"beats_factor_analysis", "vem_e_steps_epochs", "vem_e_steps_seconds"}
+    design = {"beats_factor_analysis_digits", "beats_factor_analysis_mnist5k",
+              "vem_e_steps_epochs", "vem_e_steps_seconds"}
     for key, f in found.items():
         assert f.contradicts == (effect == -1 and key not in design), key
 
@@ -274,7 +291,7 @@ def test_effect_sizes_are_the_constructed_ones(tmp_path: Path) -> None:
     t = found["variance_ratio_vs_latent_dim"].table
     assert t["mean"].tolist() == pytest.approx([1.0] * len(t))
     # test ELBO − FA = 5 for the reparam-trained amortized model; Δ bits/dim shown
-    md = found["beats_factor_analysis"].markdown(1)
+    md = found["beats_factor_analysis_digits"].markdown(1)
     assert "Δ bits/dim" in md and "5.00 [" in md
 
 
@@ -297,13 +314,16 @@ def test_judgements_and_overall_rule() -> None:
                           "sd": [1, 1, 1, np.nan, 0], "lo": [0.5, -3, -1, np.nan, 0.5],
                           "hi": [3.5, -0.5, 1, np.nan, 0.5]})
     j = F._judge(cells)["judgement"].tolist()
-    assert j == [F.SUPPORTS, F.CONTRADICTS, F.UNCLEAR, F.UNCLEAR, F.SUPPORTS]
+    assert j == [F.SUPPORTS, F.CONTRADICTS, F.UNCLEAR, F.SINGLE, F.SUPPORTS]
     # separate thresholds: support above 1, contradict below 0.6
     j = F._judge(cells, support=1.0, contradict=0.6)["judgement"].tolist()
-    assert j == [F.UNCLEAR, F.CONTRADICTS, F.UNCLEAR, F.UNCLEAR, F.CONTRADICTS]
+    assert j == [F.UNCLEAR, F.CONTRADICTS, F.UNCLEAR, F.SINGLE, F.CONTRADICTS]
     assert F._overall([F.SUPPORTS, F.SUPPORTS]) == F.SUPPORTED
     assert F._overall([F.SUPPORTS, F.CONTRADICTS, F.UNCLEAR]) == F.NOT_SUPPORTED
     assert F._overall([F.SUPPORTS, F.UNCLEAR]) == F.INCONCLUSIVE
+    # a single-seed cell has no interval: shown, never judged, never a veto
+    assert F._overall([F.SUPPORTS, F.SINGLE]) == F.SUPPORTED
+    assert F._overall([F.SINGLE, F.SINGLE]) == F.INCONCLUSIVE
     assert F._overall([]) == F.NOT_MEASURED
 
 
@@ -321,7 +341,7 @@ def test_unconverged_runs_are_left_out_of_final_comparisons(tmp_path: Path) -> N
     root = write_results(tmp_path, 1, converged=False)
     found = {f.key: f for f in F.findings(root)}
     for key in ("stl_near_optimum", "amortization_gap_train_vs_test",
-                "refinement_improves_test_elbo", "beats_factor_analysis",
+                "refinement_improves_test_elbo", "beats_factor_analysis_digits",
                 "sa_vae_vs_semi_amortized", "posterior_collapse"):
         assert found[key].verdict == F.NOT_MEASURED, key
         assert "left out as not converged" in found[key].evidence, key
@@ -330,7 +350,7 @@ def test_unconverged_runs_are_left_out_of_final_comparisons(tmp_path: Path) -> N
                 "test_time_encoder_start"):
         assert found[key].verdict == F.SUPPORTED, key
     everything = {f.key: f for f in F.findings(root, converged_only=False)}
-    assert everything["beats_factor_analysis"].verdict == F.SUPPORTED
+    assert everything["beats_factor_analysis_digits"].verdict == F.SUPPORTED
     assert "every finished run" in F.findings_markdown(root, converged_only=False)
 
 
@@ -368,7 +388,8 @@ def test_missing_tables_affect_only_their_findings(tmp_path: Path) -> None:
     (root / "amortization_gap" / "gaps.csv").write_text("not,a\n\"broken")  # unreadable
     found = {f.key: f for f in F.findings(root)}
     for key in ("score_vs_reparam_variance", "variance_ratio_vs_latent_dim", "score_baselines",
-                "beats_factor_analysis", "sa_vae_vs_semi_amortized", "more_refinement_steps",
+                "beats_factor_analysis_digits", "beats_factor_analysis_mnist5k",
+                "sa_vae_vs_semi_amortized", "more_refinement_steps",
                 "amortization_gap_train_vs_test", "refinement_reduces_amortization_gap"):
         assert found[key].verdict == F.NOT_MEASURED, key
     for key in ("stl_near_optimum", "test_time_cost", "vem_e_steps_epochs",
@@ -399,3 +420,17 @@ def test_markdown_sections(tmp_path: Path) -> None:
     assert "`gradient_variance/variance_sweep.csv`" in text
     assert "(contradicts the literature)" in text  # the overview marks them too
     assert not list(root.glob(".FINDINGS.md.tmp*"))
+
+
+def test_single_seed_cells_are_shown_but_not_judged(tmp_path: Path) -> None:
+    root = write_results(tmp_path, 1)
+    runs = pd.read_csv(root / "mnist_curves" / "runs.csv")
+    runs[runs["seed"] == 0].to_csv(root / "mnist_curves" / "runs.csv", index=False)
+    found = {f.key: f for f in F.findings(root)}
+    mnist = found["beats_factor_analysis_mnist5k"]
+    assert mnist.verdict == F.INCONCLUSIVE
+    assert set(mnist.table["judgement"]) == {F.SINGLE}
+    assert "without an interval" in mnist.markdown(1) and "(n = 1)" in mnist.markdown(1)
+    # the one-seed mnist cell does not veto the digits cells' verdict
+    assert found["posterior_collapse"].verdict == F.SUPPORTED
+    assert F.SINGLE in set(found["posterior_collapse"].table["judgement"])
