@@ -12,26 +12,40 @@ from pathlib import Path
 
 import pandas as pd
 
-__all__ = ["CheckpointError", "evaluate"]
+__all__ = ["CheckpointError", "evaluate", "load_checkpoint_file", "load_error"]
 
 
 class CheckpointError(ValueError):
     """A file that is not a readable run checkpoint of this version (the message says why)."""
 
 
-def _load(path: Path) -> dict:
-    import pickle
-    import zipfile
+def load_error(err: BaseException) -> str:
+    """A short reason why ``torch.load`` failed: the error's type and its own first line, never
+    torch's advice to retry with ``weights_only=False`` (which would run arbitrary code)."""
+    text = str(err)
+    if "WeightsUnpickler error:" in text:  # torch wraps the real reason in paragraphs of advice
+        text = text.split("WeightsUnpickler error:", 1)[1]
+    lines = [line.strip() for line in text.splitlines()
+             if line.strip() and "weights_only" not in line and "torch.load" not in line]
+    reason = lines[0][:160] if lines else ""
+    return f"{type(err).__name__}: {reason}" if reason else type(err).__name__
 
+
+def load_checkpoint_file(path: str | Path) -> dict:
+    """The state saved in a run's ``checkpoint.pt``, loaded safely (tensors and plain values
+    only); ``CheckpointError`` with a one-line reason for anything else (an empty file, a CSV,
+    random bytes, a file that holds a tensor or a list)."""
     import torch
 
+    path = Path(path)
     try:
+        if path.stat().st_size == 0:
+            raise CheckpointError(f"{path} is not a run checkpoint (an empty file)")
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, zipfile.BadZipFile, RuntimeError, EOFError, OSError,
-            ValueError, TypeError, AttributeError) as err:
-        first = (str(err).strip().splitlines() or [type(err).__name__])[0][:160]
-        raise CheckpointError(f"{path} is not a run checkpoint ({type(err).__name__}: "
-                              f"{first})") from None
+    except CheckpointError:
+        raise
+    except Exception as err:  # torch.load on arbitrary bytes raises nearly anything
+        raise CheckpointError(f"{path} is not a run checkpoint ({load_error(err)})") from None
     if not isinstance(state, dict) or "format" not in state or "config" not in state:
         kind = type(state).__name__
         raise CheckpointError(f"{path} is not a run checkpoint (it holds a {kind}, not the "
@@ -46,11 +60,12 @@ def evaluate(path: str | Path, *, gaps: bool = False, test_curve: bool = False,
     from vi.training import Trainer
 
     path = Path(path)
-    state = _load(path)
+    state = load_checkpoint_file(path)
     try:
         trainer = Trainer.from_states([state], device=device)
-    except (ValueError, KeyError, RuntimeError) as err:
-        raise CheckpointError(f"cannot rebuild the run saved in {path}: {err}") from err
+    except Exception as err:  # a dict that looks like a checkpoint but is not a whole one
+        raise CheckpointError(f"cannot rebuild the run saved in {path} ({type(err).__name__}: "
+                              f"{err})") from None
     config = trainer.configs[0]
     epoch = trainer.best_epoch[0] if state.get("status") != "running" else trainer.epoch
     rows, _ = trainer.evaluate(list(config.training.eval_splits), epoch=epoch)

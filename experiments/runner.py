@@ -392,7 +392,7 @@ def _clear(run_dir: Path) -> None:
 
 def _resume_state(cell: Cell) -> tuple[dict | None, str]:
     """The member state of an unfinished run of this cell, if a valid checkpoint is there."""
-    import torch
+    from experiments.evaluate import CheckpointError, load_checkpoint_file
 
     run_dir = Path(cell.run_dir)
     ckpt = run_dir / "checkpoint.pt"
@@ -402,12 +402,9 @@ def _resume_state(cell: Cell) -> tuple[dict | None, str]:
     if cell.force_token is not None and prov.get("force_token") != cell.force_token:
         return None, "restarted: --force"
     try:
-        state = torch.load(ckpt, map_location="cpu", weights_only=True)
-    except Exception as err:  # an unreadable checkpoint is not worth losing the sweep
-        reason = str(err).splitlines()[0][:200] if str(err) else type(err).__name__
-        return None, f"restarted: checkpoint unreadable ({type(err).__name__}: {reason})"
-    if not isinstance(state, dict) or state.get("format") is None:
-        return None, "restarted: the checkpoint is not a run checkpoint"
+        state = load_checkpoint_file(ckpt)
+    except (CheckpointError, OSError) as err:  # not worth losing the sweep: start afresh
+        return None, f"restarted: checkpoint unreadable: {err}"
     if state.get("run_id") != cell.run_id or state.get("config") != cell.config:
         return None, "restarted: the checkpoint belongs to another configuration"
     if state.get("status") != "running":
