@@ -25,9 +25,12 @@ and configuration) and continues. Because the rows, the random streams and every
 are in it, the final ``metrics.csv`` equals an uninterrupted run's on CPU, ``wall_s`` aside.
 
 Divergence is a result: a non-finite loss, gradient or parameter ends a member ``diverged``;
-the others go on. Any other exception ends the unfinished members of its ensemble ``failed``
-(message and traceback in provenance), including a write that fails (disk full, a file-size
-limit); failed cells are rerun next time.
+the others go on. A write that fails (disk full, a file-size limit, a read-only folder) makes
+that member ``failed`` with the OS error in its message: a run folder that cannot be prepared
+fails before training, results that cannot be written fail when the member finishes, and a
+periodic checkpoint that cannot be saved is noted in provenance while training goes on. Any
+other exception ends the unfinished members of its ensemble ``failed`` (message and traceback
+in provenance). Failed cells are rerun next time.
 """
 
 from __future__ import annotations
@@ -463,6 +466,7 @@ def _train(cells: list[Cell], checkpoint_seconds: float) -> list[Outcome]:
     ensemble = hashlib.sha256(" ".join(sorted(by_id)).encode()).hexdigest()[:8]
     provs: dict[str, dict] = {}
     cpu0, t0 = time.process_time(), time.perf_counter()
+    outcomes: dict[str, Outcome] = {}
     fresh, resumed = [], []
     for cell in cells:
         run_dir = Path(cell.run_dir)
@@ -482,10 +486,13 @@ def _train(cells: list[Cell], checkpoint_seconds: float) -> list[Outcome]:
                 prov["note"] = note
             _write_json(run_dir / "provenance.json", prov)
             provs[cell.run_id] = prov
-        except OSError as err:
-            return [_failed_all(cells, provs, f"{type(err).__name__}: {err}", "")]
+        except OSError as err:  # this folder cannot be written: this cell fails, the rest run
+            message = f"preparing the run folder failed: {type(err).__name__}: {err}"
+            _failed_all([cell], provs, message, "")
+            outcomes[cell.run_id] = Outcome(cell.run_id, "failed", message, "ran",
+                                            time.perf_counter() - t0)
+            continue
         (resumed if state else fresh).append((cell, state))
-    outcomes: dict[str, Outcome] = {}
     groups: list[list[tuple[Cell, dict | None]]] = []
     if fresh:
         groups.append(fresh)
@@ -504,7 +511,13 @@ def _train(cells: list[Cell], checkpoint_seconds: float) -> list[Outcome]:
                 return
             for k in range(trainer.members):
                 cell = by_id[trainer.run_ids[k]]
-                _save_checkpoint(Path(cell.run_dir) / "checkpoint.pt", trainer.member_state(k))
+                try:
+                    _save_checkpoint(Path(cell.run_dir) / "checkpoint.pt",
+                                     trainer.member_state(k))
+                except OSError as err:  # a checkpoint only saves time: train on, note it
+                    provs[cell.run_id].setdefault(
+                        "note", f"checkpoint not saved at epoch {trainer.epoch}: "
+                                f"{type(err).__name__}: {err}")
             last_save[0] = time.perf_counter()
 
         def on_done(results, action=action) -> None:
@@ -558,14 +571,18 @@ def _write_member(cell: Cell, prov: dict, result, action: str, cpu0: float, t0: 
     from vi.training import ROW_COLUMNS
 
     run_dir = Path(cell.run_dir)
+    writing = "metrics.csv"  # the file being written, named if the write fails
     try:
         files = {"metrics.csv": write_csv(run_dir / "metrics.csv",
                                           pd.DataFrame(result.rows, columns=list(ROW_COLUMNS)))}
         for name, frame in result.tables.items():
+            writing = f"tables/{name}.csv"
             ident = pd.DataFrame([result.identity] * len(frame))
             table = pd.concat([ident, frame.reset_index(drop=True)], axis=1)
-            files[f"tables/{name}.csv"] = write_csv(run_dir / "tables" / f"{name}.csv", table)
+            files[writing] = write_csv(run_dir / writing, table)
+        writing = "checkpoint.pt"
         _save_checkpoint(run_dir / "checkpoint.pt", result.state)
+        writing = "provenance.json"
         prov.update({"status": result.status, "message": result.message, "finished": _now(),
                      "stop_reason": result.stop_reason, "converged": result.converged,
                      "epochs_run": result.epochs_run, "best_epoch": result.best_epoch,
@@ -575,7 +592,7 @@ def _write_member(cell: Cell, prov: dict, result, action: str, cpu0: float, t0: 
                      "files": files})
         _write_json(run_dir / "provenance.json", prov)
     except (OSError, SchemaError) as err:
-        message = f"writing the results failed: {type(err).__name__}: {err}"
+        message = f"writing {writing} failed: {type(err).__name__}: {err}"
         prov.update({"status": "failed", "message": message, "finished": _now()})
         try:
             _write_json(run_dir / "provenance.json", prov)
