@@ -260,7 +260,7 @@ def _execute(grid, cells, results: Path, args, *, launcher="local", slurm=None, 
     from experiments.launch import run_cells
     from experiments.runner import base_provenance
 
-    prov = base_provenance()
+    prov = base_provenance(getattr(args, "argv", None))
     for cell in cells:
         cell.provenance = prov
     n_sel = sum(c.lr_source in ("selected", "shared") for c in cells)
@@ -570,6 +570,8 @@ COMMANDS = {"list": cmd_list, "run": cmd_run, "reproduce": cmd_reproduce,
 def main(argv: list[str] | None = None) -> int:
     try:
         args = _parser().parse_args(argv)
+        # the command line recorded in every run's provenance: this call's, not the host's
+        args.argv = None if argv is None else ["python", "-m", "experiments", *argv]
         return COMMANDS[args.command](args)
     except UsageError as err:
         _err(str(err))
