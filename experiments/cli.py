@@ -224,11 +224,14 @@ def _prepare(grid, results: Path, args, seeds=None, candidates=None):
         raise UsageError(str(err)) from err
 
 
-def _force_session(exp_dir: Path, cells, force: bool) -> Path:
+def _force_session(exp_dir: Path, cells, force: bool, session: list[str]) -> Path:
     """Give every cell the token of the current ``--force`` session (resumed when the same
-    forced command is repeated); refuse a plain run while a forced one is unfinished."""
+    forced command is repeated); refuse a plain run while a forced one is unfinished.
+
+    ``session``: the run_ids of the command's first round of cells; they name the session, so
+    that the extension rounds of a step-size selection (more cells) stay in it."""
     path = exp_dir / ".force.json"
-    ids = sorted(c.run_id for c in cells)
+    ids = sorted(session)
     pending = None
     if path.is_file():
         try:
@@ -314,9 +317,11 @@ def _run_grid(grid, results: Path, args, *, seeds=None, launcher="local", slurm=
     scaled = grid.scaled(_scale(args))
     candidates: dict[tuple, list] = {}
     failed = 0
+    session: list[str] = []
     while True:
         cells = _prepare(grid, results, args, seeds=seeds, candidates=candidates)
-        force_file = _force_session(exp_dir, cells, args.force)
+        session = session or [c.run_id for c in cells]
+        force_file = _force_session(exp_dir, cells, args.force, session)
         table = None
         if scaled.select is None:
             failed, _ = _execute(grid, cells, results, args, launcher=launcher, slurm=slurm,
