@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import math
 import os
 import sys
 import time
@@ -66,6 +67,17 @@ def _int_at_least(low: int):
         return value
 
     return parse
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value >= 0):
+        raise argparse.ArgumentTypeError(f"expected a finite number of seconds >= 0, got "
+                                         f"{text!r}")
+    return value
 
 
 def _path(text: str) -> Path:
@@ -148,7 +160,7 @@ def _run_options(p: argparse.ArgumentParser, jobs_default: int = 1) -> None:
     p.add_argument("--device", help="run every cell on this device (cpu, cuda, cuda:N)")
     p.add_argument("--no-ensemble", action="store_true",
                    help="train every cell on its own instead of batching seeds and step sizes")
-    p.add_argument("--checkpoint-seconds", type=float, default=30.0, metavar="S",
+    p.add_argument("--checkpoint-seconds", type=_seconds, default=30.0, metavar="S",
                    help="checkpoint running cells at most every S seconds (default 30)")
 
 
