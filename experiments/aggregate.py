@@ -13,7 +13,9 @@
 ``<table>.csv``   each per-run ``tables/<table>.csv`` concatenated (``gaps``, ``images``, …)
 ``selected.csv``  (``lr_selection``) the chosen step sizes, and ``candidates.csv`` every
                   candidate's score (``experiments.selection``)
-``manifest.json`` SHA-256 and row count of each CSV above, which ``check`` verifies
+``manifest.json`` SHA-256 and row count of each CSV above, which ``check`` verifies; while
+                  the CSVs are being rewritten it says ``"complete": false``, so an
+                  interrupted aggregation is reported as such
 
 It refuses, listing every bad folder, a run folder that is incomplete or inconsistent: no or
 unreadable ``config.json``/``provenance.json``, a ``run_id`` that differs from the folder's name
@@ -280,7 +282,11 @@ def aggregate(
                                   ignore_index=True)
     for name, frame in (extra or {}).items():
         outputs[name] = frame
-    manifest = {"experiment": exp_dir.name, "runs": len(parts), "files": {}}
+    # first mark the folder as being rewritten: an interruption between the CSVs below leaves a
+    # manifest that says so, rather than new CSVs beside an old manifest (or none)
+    atomic_write(exp_dir / "manifest.json", json.dumps(
+        {"experiment": exp_dir.name, "complete": False, "files": {}}, indent=2) + "\n")
+    manifest = {"experiment": exp_dir.name, "complete": True, "runs": len(parts), "files": {}}
     written = []
     for name, frame in outputs.items():
         manifest["files"][f"{name}.csv"] = _write_csv(exp_dir / f"{name}.csv", frame)
@@ -296,12 +302,24 @@ def aggregate(
 # ------------------------------------------------------------------------------------ check
 
 
+def _interrupted(manifest: dict) -> bool:
+    """Whether a manifest marks an aggregation that never finished (``complete`` false;
+    manifests written before the flag existed are complete)."""
+    return manifest.get("complete", True) is False
+
+
+_INTERRUPTED = ("the aggregation that was rewriting these CSVs was interrupted; rerun the "
+                "experiment to finish it")
+
+
 def verify_manifest_file(path: Path) -> str:
     """"" if ``path`` matches the checksum its experiment's manifest records, else why not."""
     path = Path(path)
     manifest, why = _read_json(path.parent / "manifest.json")
     if manifest is None:
         return f"{path}: cannot be verified ({why})"
+    if _interrupted(manifest):
+        return f"{path}: cannot be verified ({_INTERRUPTED})"
     record = manifest.get("files", {}).get(path.name)
     if record is None:
         return f"{path}: not listed in {path.parent / 'manifest.json'}"
@@ -407,6 +425,8 @@ def _check_experiment(exp_dir: Path) -> list[str]:
         record, why = _read_json(manifest)
         if record is None:
             problems.append(f"{manifest}: {why}")
+        elif _interrupted(record):
+            problems.append(f"{manifest}: {_INTERRUPTED}")
         else:
             listed = set(record.get("files", {}))
             for name in sorted(listed):
@@ -420,8 +440,8 @@ def _check_experiment(exp_dir: Path) -> list[str]:
     metrics, runs = exp_dir / "metrics.csv", exp_dir / "runs.csv"
     if metrics.is_file() != runs.is_file():
         have, lack = (metrics, runs) if metrics.is_file() else (runs, metrics)
-        problems.append(f"{have}: has no {lack.name} beside it (aggregation was interrupted; "
-                        f"rerun the experiment)")
+        problems.append(f"{have}: has no {lack.name} beside it (the two are written together; "
+                        f"rerun the experiment to rebuild both)")
     elif metrics.is_file():
         try:
             m = pd.read_csv(metrics, usecols=["run_id"], dtype={"run_id": str})
