@@ -237,13 +237,18 @@ class RunConfig:
                 raise ValueError(f"unknown model.{kind} {value!r}; valid: {', '.join(valid)}")
         if m.decoder_mean == "linear" and m.decoder_variance == "heteroscedastic":
             raise ValueError("a linear decoder has no heteroscedastic variant; use fixed/learned")
-        self.method.validate()
+        # sizes and step sizes first, by their configuration names; then the method's own rules
         _in_range("method.n_mc", self.method.n_mc, 1, LIMITS["n_mc"])
         for name in ("e_steps", "m_steps", "refine_steps"):
             _in_range(f"method.{name}", getattr(self.method, name), 0, LIMITS["steps"])
         _in_range("method.heldout.max_steps", self.method.heldout.max_steps, 1, LIMITS["steps"])
         for w in self.method.encoder_hidden:
             _in_range("method.encoder_hidden width", w, 1, LIMITS["width"])
+        for name in STEP_SIZE_FIELDS:
+            value = getattr(self.method, name)
+            if value is not None and not (math.isfinite(value) and value > 0):
+                raise ValueError(f"method.{name} must be a finite positive number; got {value}")
+        self.method.validate()
         self.training.validate()
         if self.training.stopping is not None and self.data.validation_fraction <= 0:
             raise ValueError("the plateau rule (training.stopping) watches the validation "
