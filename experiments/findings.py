@@ -1138,7 +1138,8 @@ def f_score_cost_seconds(st: _Study) -> Finding:
     return _score_cost(st, "seconds")
 
 
-def _e_steps_setting(runs: pd.DataFrame) -> pd.Series:
+def _e_steps_setting(runs: pd.DataFrame) -> tuple[pd.Series, pd.Series]:
+    """Each run's E-step setting as text, and a rank (E-steps, + 0.5 with a tolerance)."""
     steps = pd.to_numeric(runs.get("method.e_steps", pd.Series(np.nan, index=runs.index)),
                           errors="coerce")
     tol = pd.to_numeric(runs.get("method.e_tol", pd.Series(np.nan, index=runs.index)),
