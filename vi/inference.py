@@ -86,9 +86,10 @@ class MethodSettings:
     ``local_lr`` for vem's local λ and every held-out E-step; ``refine_lr`` for the
     semi-amortized refinement, whose per-point gradient norm is clipped at ``refine_clip`` (Kim
     et al. 2018 clip it too: plain gradient steps diverge where σ²_θ is small). ``e_steps``
-    E-steps per minibatch, or with ``e_tol`` at most
-    ``e_steps``, stopping once the minibatch's mean ELBO estimate changes by less than
-    ``e_tol`` nats between E-steps. ``heldout`` is the rule of every held-out E-step fit.
+    E-steps per minibatch, or with ``e_tol`` at most ``e_steps``, stopping once an E-step
+    improves the minibatch's mean ELBO by less than ``e_tol`` nats per point (measured on the
+    step's own noise before and after it, so Monte Carlo noise does not decide). ``heldout``
+    is the rule of every held-out E-step fit.
     """
 
     name: str = "amortized"
@@ -497,19 +498,23 @@ class VariationalEM(InferenceMethod):
         s = self.settings
         ok = active.clone()
         e_active = active.clone()
-        previous = None
+        h = self.decoder.latent_dim
         with frozen(self.decoder):
             for _ in range(s.e_steps):  # E-step: ascent on the minibatch's rows only
                 lam = self.local[self._members, idx].requires_grad_()
-                est = self.estimate(x, lam, random, active=e_active)
+                eps = random.randn((s.n_mc, lam.shape[1], h), 1, active=e_active,
+                                   dtype=lam.dtype)
+                est = elbo(self.decoder, x, lam, eps, estimator=s.estimator,
+                           baseline=s.baseline, kl=s.kl, baseline_value=self.baseline_value())
                 (g,) = torch.autograd.grad(-est.surrogate.sum(), lam)
                 ok = ok & finite_members(g)
-                self.local_opt.step(idx, torch.nan_to_num(g), e_active & ok)
+                moved = self.local_opt.step(idx, torch.nan_to_num(g), e_active & ok)
                 if s.e_tol is not None:
-                    current = est.samples.detach().mean(dim=(0, 2))
-                    if previous is not None:
-                        e_active = e_active & ((current - previous).abs() >= s.e_tol)
-                    previous = current
+                    # the step's gain on the same noise: no Monte Carlo noise between the two
+                    with torch.no_grad():
+                        after = elbo(self.decoder, x, moved, eps, kl=s.kl).samples
+                    gain = (after - est.samples).mean(dim=(0, 2))
+                    e_active = e_active & (gain >= s.e_tol)
                     if not bool(e_active.any()):
                         break
         lam = self.local[self._members, idx]
