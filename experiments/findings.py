@@ -37,7 +37,8 @@ landing); Cremer, Li & Duvenaud 2018 (inference suboptimality); Kim, Wiseman, Mi
 Rush 2018 (semi-amortized VAEs); Krishnan, Liang & Hoffman 2018; Neal & Hinton 1998
 (incremental EM); Hoffman, Blei, Wang & Paisley 2013 (stochastic VI); Burda, Grosse &
 Salakhutdinov 2016 (active units); Lucas, Tucker, Grosse & Norouzi 2019; He, Spokoyny, Neubig &
-Berg-Kirkpatrick 2019; Tipping & Bishop 1999 (PPCA).
+Berg-Kirkpatrick 2019; Tipping & Bishop 1999 (PPCA); Gershman & Goodman 2014 (amortized
+inference); Hjelm et al. 2016 (iterative refinement of an inference network).
 """
 
 from __future__ import annotations
