@@ -546,9 +546,15 @@ def _train(cells: list[Cell], checkpoint_seconds: float) -> list[Outcome]:
 
 
 def _save_checkpoint(path: Path, state: dict) -> None:
+    """Serialise in memory, then write the bytes atomically: a failing write then raises the
+    ``OSError`` itself (torch's zip writer turns ENOSPC or EFBIG into a ``RuntimeError``)."""
+    import io
+
     import torch
 
-    atomic_write(path, lambda tmp: torch.save(state, tmp))
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    atomic_write(path, buffer.getvalue())
 
 
 def _failed_all(cells: Sequence[Cell], provs: dict, message: str, tb: str) -> Outcome:
