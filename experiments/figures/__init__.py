@@ -1,49 +1,60 @@
 """The study's figures, drawn from the results CSVs alone (the contract of ``experiments.schema``).
 
-``make_figures(results)`` validates every CSV it will read (``experiments.schema``), then draws,
-for each experiment that has results, every figure its module registered into
-``results/<experiment>/figures/<name>.{png,pdf}``. Figure code imports numpy, pandas, matplotlib
-(Agg), seaborn, ``experiments.schema`` and ``experiments.grids`` only: never torch or the
-training code (``vi``), so re-plotting works from committed CSVs on any machine.
+``make_figures(results)`` validates every CSV it will read (``experiments.schema``), then, for
+each experiment that has results, writes its registered tables and draws every figure its
+module registered into ``results/<experiment>/figures/<name>.{png,pdf}``. Figure code imports
+numpy, pandas, matplotlib (Agg), seaborn, ``experiments.schema`` and ``experiments.grids`` only:
+never torch or the training code (``vi``), so re-plotting works from committed CSVs anywhere.
 
 Modules
-- ``style``: order, names, colours and markers shared by every figure;
-- ``loading``: reading and validating the CSVs (``ExperimentResults``, ``validate_results``);
-- ``drawing``: panels, bands and curves, the tally of diverged runs, legends, saving;
-- ``registry``: which figures and tables belong to which experiment (``register``,
-  ``register_table``, ``check_registry``);
-- ``make``: ``make_figures``;
-- one module per experiment, named after it, which registers its figures when imported.
-  Adding a figure: a module ``experiments/figures/<experiment>.py`` with functions decorated
-  ``@register("<experiment>")`` that yield ``(file stem, figure)`` pairs, imported below.
+- ``style``: order, names, colours, markers, line styles and the shared marks;
+- ``loading``: reading and validating the CSVs (``ExperimentResults``, ``validate_results``),
+  ``results/references.csv`` included; rows at each run's best epoch (``at_best``);
+- ``drawing``: panels, axes, curves (mean ± sd), final values (mean, 95 % t-interval), saving;
+- ``marks``: counting diverged and unconverged runs (``Tally``) and legends built from the
+  artists actually drawn (``legend``, ``axis_legend``);
+- ``refs``: reference-model lines and the bits-per-dimension axis; ``curves``: grids of ELBO
+  curves; ``pictures``: images, manifold, latent scatter; ``variance``: gradient-variance
+  sweep and ratio;
+- ``registry``: which figures and tables belong to which experiment; ``make``: ``make_figures``;
+- one module per experiment (grid), named after it, which registers its figures on import.
 
 Conventions shared by every figure
-- hue = estimator with its baseline (``estimator_label``: ``reparam``, ``stl``, ``score+none``,
-  ``score+loo``, ...), columns = inference method; colours are fixed per label across figures.
-- Bands are mean ± one standard deviation over seeds of the runs that finished (status ``ok``),
-  computed by seaborn (``errorbar="sd"``; on log axes seaborn averages in log space).
-- Diverged (and failed) runs are results, never dropped silently: their curves are drawn thin
-  and dashed up to the last finite value, which carries an ``×``; every legend entry and panel
-  title counts them ("score+none — 2/6 runs diverged"); where a figure shows final values (bars,
-  tables) they are excluded from the mean and the exclusion is printed on the figure.
-- A figure whose input table or column is missing is skipped with a logged note; nothing else
-  stops the ``figures`` command short of an invalid CSV, which raises ``schema.SchemaError``, or
-  an experiment with a grid but no figure module, which raises ``registry.RegistryError``.
+- Colour and marker = estimator label (``reparam``, ``stl``, ``score+none``, ``score+mean``,
+  ``score+loo``, ``score+cv``), the same in every figure; columns = inference method in the
+  order variational EM, amortized (VAE), semi-amortized (VAE + SVI), SA-VAE.
+- Titles say what is compared: the data set, split, H, the Monte Carlo samples M (of training,
+  or the equal M at which gradient estimators were measured), how long the models trained
+  ("at convergence (best epoch)": every final value is the run's best-epoch value), and over
+  how many seeds. Curves: mean ± sd over seeds; final values: mean and 95 % t-interval, one dot
+  per seed.
+- ELBO and log p(x) figures of digits and mnist5k carry the no-latent Gaussian and factor
+  analysis at the panel's H (from ``results/references.csv``, the mean over the data seeds the
+  runs used); PPCA figures carry the maximum-likelihood target.
+- Diverged runs: thin dashed curves ending in ×, excluded from means; runs that stopped at the
+  epoch cap before a plateau (``converged`` False): curves end in a hollow ▷, seed dots hollow.
+  Both are counted in the legend ("score+none — 1/5 diverged, 2/5 not converged") and panel
+  titles. Legends list only what was drawn.
+- A figure whose input table or column is missing is skipped with a logged note; an invalid
+  CSV raises ``schema.SchemaError`` and an experiment with a grid but no figure module
+  ``registry.RegistryError``, both before anything is drawn.
 
-Figures (``results/<experiment>/figures/<stem>.{png,pdf}``; ``_H<h>`` is added where an
-experiment has several latent dimensions, ``_<dataset>`` where lr_selection has several):
+Figures (``results/<experiment>/figures/<stem>.{png,pdf}``; ``_H<h>`` where an experiment has
+several latent dimensions):
 
-- lr_selection: ``lr_selection`` (validation ELBO vs lr; stars = selected; × = diverged)
-- elbo_curves: ``elbo_vs_epoch_{train,test}``, ``elbo_vs_seconds_{train,test}``
-  (rows = latent dimension, columns = method)
-- gradient_variance: ``grad_variance_vs_epoch[_H]``, ``grad_snr_vs_epoch[_H]``,
-  ``grad_variance_vs_latent_dim``, ``grad_snr_vs_latent_dim``, ``grad_variance_vs_n_mc[_H]``
-  (with a 1/M line), ``variance_ratio_vs_latent_dim``; tables ``variance_ratio.csv``/``.md``
-- amortization_gap: ``gaps_<dataset>`` (bars, train vs test), ``bounds_vs_epoch_<dataset>_<split>``
-  (log p(x), L[q*], L[q_φ] and the gaps over training, when measured at several epochs)
-- ppca_exact: ``elbo_vs_target[_H]`` (ELBO vs epoch, dotted target log p(x) − gap)
-- test_time_inference: ``test_time_inference[_H]`` (held-out ELBO and seconds per point vs E-steps)
-- samples: ``images[_H]``, ``manifold``, ``latent_scatter``
+- lr_selection: ``lr_selection[_<dataset>]``
+- vem_e_steps: ``elbo_vs_epoch_and_seconds``
+- refinement: ``refinement_vs_steps``
+- elbo_curves: ``elbo_vs_{examples,epoch,seconds}_{train,test}``, ``final_elbo_vs_latent_dim``,
+  ``active_units_vs_latent_dim``, ``test_time_inference[_H]``, ``images[_H]``, ``manifold``,
+  ``latent_scatter``
+- gradient_variance: ``grad_{variance,snr}_vs_epoch[_H]``, ``grad_{variance,snr}_vs_latent_dim``,
+  ``grad_variance_vs_n_mc[_H]``, ``grad_variance_per_cost_vs_n_mc[_H]``,
+  ``variance_ratio_vs_latent_dim``; tables ``variance_ratio.csv``/``.md``
+- amortization_gap: ``gaps_<dataset>``; tables ``gaps_table.csv``/``.md``
+- ppca_exact: ``elbo_vs_target[_H]``, ``grad_variance_vs_n_mc[_H]``
+- mnist_curves: ``elbo_vs_examples``, ``final_elbo_vs_latent_dim``,
+  ``active_units_vs_latent_dim``, ``images[_H]``, ``manifold``
 """
 
 from __future__ import annotations
@@ -55,17 +66,29 @@ matplotlib.use("Agg")  # headless; must precede pyplot, which seaborn and the fi
 # Importing an experiment's module registers its figures. Experiments are drawn in this order,
 # the order ``reproduce`` runs them in.
 # isort: off
-from experiments.figures import (lr_selection, elbo_curves, gradient_variance, amortization_gap,
-                                 ppca_exact, test_time_inference, samples)
+from experiments.figures import (lr_selection, vem_e_steps, refinement, elbo_curves,
+                                 gradient_variance, amortization_gap, ppca_exact, mnist_curves)
 # isort: on
-from experiments.figures.amortization_gap import fig_amortization_gap
-from experiments.figures.elbo_curves import fig_elbo_curves
-from experiments.figures.gradient_variance import fig_gradient_variance, variance_ratio
+from experiments.figures.amortization_gap import fig_amortization_gap, gaps_table
+from experiments.figures.elbo_curves import (
+    fig_active_units,
+    fig_elbo_curves,
+    fig_final_elbo,
+    fig_pictures,
+    fig_test_time_inference,
+)
+from experiments.figures.gradient_variance import (
+    fig_gradient_variance,
+    fig_variance_ratio,
+    fig_variance_sweep,
+    variance_ratio,
+)
 from experiments.figures.loading import ExperimentResults, load_experiment, validate_results
-from experiments.figures.loading import _normalise as _normalise
 from experiments.figures.lr_selection import fig_lr_selection
 from experiments.figures.make import make_figures
+from experiments.figures.mnist_curves import fig_mnist_curves
 from experiments.figures.ppca_exact import fig_ppca_exact
+from experiments.figures.refinement import fig_refinement
 from experiments.figures.registry import (
     RegistryError,
     check_registry,
@@ -74,9 +97,8 @@ from experiments.figures.registry import (
     register_table,
     registered,
 )
-from experiments.figures.samples import fig_samples
 from experiments.figures.style import estimator_label
-from experiments.figures.test_time_inference import fig_test_time_inference
+from experiments.figures.vem_e_steps import fig_vem_e_steps
 
 __all__ = [
     "EXPERIMENTS",
@@ -86,13 +108,21 @@ __all__ = [
     "RegistryError",
     "check_registry",
     "estimator_label",
+    "fig_active_units",
     "fig_amortization_gap",
     "fig_elbo_curves",
+    "fig_final_elbo",
     "fig_gradient_variance",
     "fig_lr_selection",
+    "fig_mnist_curves",
+    "fig_pictures",
     "fig_ppca_exact",
-    "fig_samples",
+    "fig_refinement",
     "fig_test_time_inference",
+    "fig_variance_ratio",
+    "fig_variance_sweep",
+    "fig_vem_e_steps",
+    "gaps_table",
     "load_experiment",
     "make_figures",
     "register",
@@ -102,8 +132,8 @@ __all__ = [
 ]
 
 #: the experiment modules, in drawing order
-MODULES = (lr_selection, elbo_curves, gradient_variance, amortization_gap, ppca_exact,
-           test_time_inference, samples)
+MODULES = (lr_selection, vem_e_steps, refinement, elbo_curves, gradient_variance,
+           amortization_gap, ppca_exact, mnist_curves)
 #: the experiments that have figures, in drawing order (as registered on import)
 EXPERIMENTS = registered()
 #: experiment → its figure functions, each yielding (file stem, figure)

@@ -1,131 +1,236 @@
-"""amortization_gap: approximation and amortization gaps (Cremer et al. 2018) per method.
+"""amortization_gap: approximation and amortization gaps (Cremer, Li & Duvenaud 2018) of the
+converged models, per data set, method and estimator, train versus test.
 
-Figures ``gaps_<dataset>`` (bars at the end of training, train vs test) and
-``bounds_vs_epoch_<dataset>_<split>`` (log p(x), L[q*], L[q_φ] and both gaps over training, when
-they were measured at several epochs).
+Figure ``gaps_<dataset>``: bars (mean ± sd over seeds, one dot per seed, hollow where the run did
+not converge) of the approximation gap log p(x) − L[q*] (top) and the amortization gap
+L[q*] − L[q_φ] (bottom), columns = split, x = method, hue = estimator.
+
+Table ``gaps_table.csv`` / ``gaps_table.md`` (``write_gaps_table``; Cremer et al. 2018, Table
+2): per data set × method × estimator × split, log p̂(x), L[q*], L[q_φ] and both gaps (mean ± sd
+over seeds and their number), the fraction of points whose IWAE weights had a low effective
+sample size, and the steps q* took; the Markdown states how q* was fitted.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Iterator
+from pathlib import Path
 
+import numpy as np
 import pandas as pd
-import seaborn as sns
 from matplotlib.figure import Figure
 
 from experiments.figures import style
-from experiments.figures.drawing import (
-    Tally,
-    bottom_xlabels,
-    draw_curves,
-    empty_panel,
-    facet_tally,
-    legend,
-    panel_grid,
-    suptitle,
+from experiments.figures.drawing import atomic_write, empty_panel, panel_grid, suptitle
+from experiments.figures.loading import ExperimentResults, SkipFigure, as_bool, at_best
+from experiments.figures.marks import Tally, legend
+from experiments.figures.registry import register, register_table
+from experiments.figures.style import (
+    LABEL_ORDER,
+    MARKS,
+    METHOD_ORDER,
+    TRAINING_LENGTH,
+    method_name,
+    ordered,
+    seeds_text,
 )
-from experiments.figures.loading import ExperimentResults, final_rows
-from experiments.figures.registry import register
-from experiments.figures.style import METHOD_ORDER, method_name, ordered
 
-__all__ = ["GAP_METRICS", "fig_amortization_gap"]
+__all__ = ["GAPS", "INPUTS", "QUANTITIES", "fig_amortization_gap", "gaps_table",
+           "per_run_gaps", "write_gaps_table"]
 
 log = logging.getLogger(__name__)
 
-GAP_METRICS = (("approximation_gap", "approximation gap\nlog p(x) − L[q*]"),
-               ("amortization_gap", "amortization gap\nL[q*] − L[q_φ]"))
+INPUTS = {"gaps.csv": ("run_id", "split", "epoch", "elbo_qstar", "elbo_qphi",
+                       "approximation_gap", "amortization_gap")}
+#: per-run quantity → heading
+QUANTITIES = {"log_px": "log p̂(x)", "elbo_qstar": "L[q*]", "elbo_qphi": "L[q_φ]",
+              "approximation_gap": "approximation gap", "amortization_gap": "amortization gap"}
+GAPS = (("approximation_gap", "approximation gap\nlog p(x) − L[q*] (nats)"),
+        ("amortization_gap", "amortization gap\nL[q*] − L[q_φ] (nats)"))
 
 
-@register("amortization_gap")
+def per_run_gaps(res: ExperimentResults) -> pd.DataFrame:
+    """One row per run × split with the point means of ``QUANTITIES``, ``low_ess_fraction``,
+    ``qstar_steps``, ``n_points`` and ``log_px_kind`` (exact / IWAE), from ``gaps.csv`` (each
+    run's last measurement) or, without it, from metrics.csv at the best epoch; runs.csv
+    identity, status and convergence joined. Runs without gaps (diverged) keep NaN rows."""
+    if "gaps.csv" in res.tables and len(res.tables["gaps.csv"]):
+        g = res.tables["gaps.csv"]
+        g = g[g["epoch"] == g.groupby(["run_id", "split"])["epoch"].transform("max")]
+        exact = pd.to_numeric(g.get("log_px_exact", np.nan), errors="coerce")
+        iwae = pd.to_numeric(g.get("log_px_iwae", np.nan), errors="coerce")
+        g = g.assign(log_px=exact.where(exact.notna(), iwae), exact=exact.notna(),
+                     low=as_bool(g["iwae_low_ess"]).astype(float) if "iwae_low_ess" in g
+                     else np.nan,
+                     steps=pd.to_numeric(g.get("qstar_steps", np.nan), errors="coerce"))
+        per = g.groupby(["run_id", "split"]).agg(
+            **{q: (q, "mean") for q in QUANTITIES}, low_ess_fraction=("low", "mean"),
+            qstar_steps=("steps", "mean"), n_points=("log_px", "size"),
+            exact=("exact", "all")).reset_index()
+    else:
+        names = ["iwae", "log_px_exact", *list(QUANTITIES)[1:], "qstar_steps"]
+        m = at_best(res, res.metric(*names), ["run_id", "split", "metric"])
+        if m.empty:
+            raise SkipFigure("no gaps.csv and no gap rows in metrics.csv")
+        per = m.pivot_table(index=["run_id", "split"], columns="metric", values="value",
+                            aggfunc="mean").reset_index()
+        exact = per["log_px_exact"] if "log_px_exact" in per else pd.Series(np.nan, per.index)
+        per = per.assign(exact=exact.notna(), log_px=exact.where(
+            exact.notna(), per["iwae"] if "iwae" in per else np.nan), low_ess_fraction=np.nan,
+            n_points=np.nan)
+    per["log_px_kind"] = np.where(per["exact"], "exact", "IWAE")
+    if res.runs is None:
+        return per
+    ident = res.runs[["run_id", "dataset", "method", "estimator_label", "seed", "status",
+                      "converged", *(c for c in ("latent_dim", "method.refine_steps")
+                                     if c in res.runs.columns)]]
+    splits = ordered(per["split"], ("train", "validation", "test"))
+    grid = ident.merge(pd.DataFrame({"split": splits}), how="cross")
+    return grid.merge(per, on=["run_id", "split"], how="left")
+
+
+@register("amortization_gap", inputs=INPUTS)
 def fig_amortization_gap(res: ExperimentResults) -> Iterator[tuple[str, Figure]]:
-    """Approximation and amortization gaps (Cremer et al. 2018), train vs test, per dataset.
-
-    Bars: mean ± sd over seeds at each run's last measurement, dots: individual seeds; diverged
-    runs have no final gaps and are counted under each method. Over training (when gaps were
-    measured at several epochs): log p(x), L[q*], L[q_φ] and both gaps against epoch.
-    """
-    m = res.metrics
-    gaps = res.metric(*(g for g, _ in GAP_METRICS))
-    if gaps.empty:
-        log.info("%s: no gap rows; skipping gap figures", res.name)
-    palette = style.palette(m["estimator_label"])
-    for dataset in ordered(gaps["dataset"]):
-        d = final_rows(gaps[gaps["dataset"] == dataset], ["run_id", "split", "metric"])
-        yield f"gaps_{dataset}", _gap_bars(res, d, dataset, palette)
-    quantities = (("log_px", "log p(x)"), ("elbo_qstar", "L[q*]"), ("elbo_qphi", "L[q_φ]"),
-                  *GAP_METRICS)
-    for dataset in ordered(m["dataset"]):
-        dm = m[m["dataset"] == dataset]
-        lp = "log_px_exact" if (dm["metric"] == "log_px_exact").any() else "iwae"
-        dm = dm.assign(metric=dm["metric"].replace({lp: "log_px"}))
-        dq = dm[dm["metric"].isin([q for q, _ in quantities])]
-        if dq.empty or dq["epoch"].nunique() < 2:
-            continue
-        for split in ordered(dq["split"], ("train", "test")):
-            ds = dq[dq["split"] == split]
-            rows = [(q, name.replace("log p(x)", f"log p(x) [{lp}]")) for q, name in quantities
-                    if (ds["metric"] == q).any()]
-            methods = ordered(ds["method"], METHOD_ORDER)
-            fig, axes = panel_grid(len(rows), len(methods), sharey="row", h=2.4)
-            tally = Tally()
-            for i, (q, name) in enumerate(rows):
-                for j, method in enumerate(methods):
-                    ax = axes[i, j]
-                    cell = ds[(ds["metric"] == q) & (ds["method"] == method)]
-                    t = facet_tally(res, cell, method=method, dataset=dataset)
-                    tally.add(res.runs_where(method=method, dataset=dataset), cell)
-                    ax.set_title((f"{method_name(method)}{t.title_note()}" if i == 0 else ""),
-                                 fontsize=9)
-                    if cell.empty:
-                        empty_panel(ax)
-                        continue
-                    draw_curves(ax, cell, "epoch", palette)
-                    ax.set_xlabel("epoch")
-                    ax.set_ylabel(f"{name} (nats)" if j == 0 else "")
-            bottom_xlabels(axes)
-            suptitle(fig, f"{dataset}: bounds and gaps over training ({split} split)")
-            legend(fig, palette, tally)
-            yield f"bounds_vs_epoch_{dataset}_{split}", fig
+    """Approximation and amortization gaps of the converged models, train vs test, per data
+    set: bars = mean ± sd over finished runs, dots = seeds (hollow: not converged)."""
+    per = per_run_gaps(res)
+    for dataset in ordered(per["dataset"]):
+        yield f"gaps_{dataset}", _gap_bars(per[per["dataset"] == dataset], dataset)
 
 
-def _gap_bars(res: ExperimentResults, d: pd.DataFrame, dataset: str, palette: dict) -> Figure:
+def _gap_bars(d: pd.DataFrame, dataset: str) -> Figure:
     splits = ordered(d["split"], ("train", "test"))
-    methods = ordered(pd.concat([d["method"], res.runs_where(dataset=dataset)["method"]]),
-                      METHOD_ORDER)
-    fig, axes = panel_grid(len(GAP_METRICS), len(splits), sharex=False, sharey="row",
-                           w=1.3 + 1.5 * len(methods), h=3.0)
-    tally = Tally().add(res.runs_where(dataset=dataset), d)
-    hue_order = [lab for lab in palette if lab in set(d["estimator_label"])]
-    for i, (metric, name) in enumerate(GAP_METRICS):
+    methods = ordered(d.loc[d[[g for g, _ in GAPS]].notna().any(axis=1), "method"], METHOD_ORDER)
+    labels = ordered(d["estimator_label"], LABEL_ORDER)
+    palette = style.palette(labels)
+    fig, axes = panel_grid(len(GAPS), len(splits), sharex=False, sharey="row",
+                           w=1.2 + 1.0 * len(methods) * max(len(labels), 1) ** 0.5, h=2.9)
+    width = 0.8 / max(len(labels), 1)
+    for i, (gap, name) in enumerate(GAPS):
         for j, split in enumerate(splits):
             ax = axes[i, j]
-            cell = d[(d["metric"] == metric) & (d["split"] == split)]
-            ok = cell[cell["status"] == "ok"]
+            cell = d[(d["split"] == split) & d["method"].isin(methods)]
+            ok = cell[(cell["status"] == "ok") & cell[gap].notna()]
             if ok.empty:
                 empty_panel(ax, "no finished runs")
-            else:
-                sns.barplot(data=ok, x="method", y="value", hue="estimator_label", order=methods,
-                            hue_order=hue_order, palette=palette, errorbar="sd", ax=ax,
-                            legend=False, alpha=0.8, capsize=0.1, err_kws={"linewidth": 1})
-                sns.stripplot(data=ok, x="method", y="value", hue="estimator_label",
-                              order=methods, hue_order=hue_order, palette=palette, dodge=True,
-                              ax=ax, legend=False, size=3, jitter=False, edgecolor="k",
-                              linewidth=0.5)
-                ax.axhline(0, color="0.3", lw=0.8)
+                continue
+            for k, lab in enumerate(labels):
+                for x, method in enumerate(methods):
+                    v = ok[(ok["method"] == method) & (ok["estimator_label"] == lab)]
+                    if v.empty:
+                        continue
+                    pos = x - 0.4 + width * (k + 0.5)
+                    sd = v[gap].std(ddof=1) if len(v) > 1 else 0.0
+                    ax.bar(pos, v[gap].mean(), width * 0.9, yerr=sd, color=palette[lab],
+                           alpha=0.8, capsize=2, error_kw={"lw": 1}, label=lab)
+                    conv = v["converged"].ne(False).to_numpy()
+                    for mask, face in ((conv, "k"), (~conv, "white")):
+                        if mask.any():
+                            ax.plot(np.full(mask.sum(), pos), v[gap].to_numpy(float)[mask],
+                                    ls="none", marker="o", ms=3.5, mfc=face, mec="k", mew=0.7,
+                                    label=MARKS["seed"])
+            ax.axhline(0, color="0.3", lw=0.8)
             ticks = []
             for method in methods:
-                t = Tally().add(res.runs_where(dataset=dataset, method=method),
-                                cell[cell["method"] == method])
-                n = sum(c["n"] for c in t.counts.values())
-                bad = sum(c["diverged"] + c["failed"] for c in t.counts.values())
-                ticks.append(method_name(method).replace(" (", "\n(")
-                             + (f"\n{bad}/{n} diverged\n(not in bars)" if bad else ""))
-            ax.set_xticks(range(len(methods)), ticks, fontsize=8)
-            ax.set_xlabel("")
+                t = Tally().add(d[(d["method"] == method) & (d["split"] == split)])
+                ticks.append(method_name(method).replace(" (", "\n(") + t.compact())
+            ax.set_xticks(range(len(methods)), ticks, fontsize=7)
             ax.set_title(f"{split} split", fontsize=9)
-            ax.set_ylabel(f"{name} (nats)" if j == 0 else "")
-    suptitle(fig, f"{dataset}: inference gaps at the end of training (Cremer et al. 2018)")
-    legend(fig, {k: v for k, v in palette.items() if k in hue_order}, tally, band=False,
-           diverged_marker=False, title="estimator\n(bar: mean ± sd over seeds; dots: seeds)")
+            ax.set_ylabel(name if j == 0 else "")
+    kinds = ", ".join(ordered(d["log_px_kind"].dropna()))
+    ok = d[d["status"] == "ok"]
+    suptitle(fig, f"{dataset}: inference gaps of the models {TRAINING_LENGTH} (Cremer et al. "
+                  f"2018), train vs test; log p(x) {kinds}; bars: mean ± sd over "
+                  f"{seeds_text(ok['seed'])}, diverged runs counted under each method, not in "
+                  f"the bars")
+    legend(fig, title="estimator (bar: mean ± sd over seeds)",
+           notes=Tally().add(d.drop_duplicates("run_id")).notes())
     return fig
+
+
+# -- the table ------------------------------------------------------------------------------------
+def gaps_table(res: ExperimentResults) -> pd.DataFrame:
+    """Per data set × method × estimator × split: mean, sd and n over the finished runs of each
+    quantity, the mean low-ESS fraction and q* steps, and the runs counted."""
+    per = per_run_gaps(res)
+    keys = ["dataset", "method", "estimator_label", "split"]
+    rows = []
+    for key, grp in per.groupby(keys, sort=False):
+        ok = grp[(grp["status"] == "ok") & grp["elbo_qstar"].notna()]
+        row = dict(zip(keys, key, strict=True))
+        row |= {"n_runs": grp["run_id"].nunique(),
+                "n_diverged": int(grp["status"].isin(["diverged", "failed"]).sum()),
+                "n_unconverged": int(((grp["status"] == "ok") & grp["converged"].eq(False))
+                                     .sum()),
+                "n_seeds": len(ok), "log_px_kind": ", ".join(ordered(ok["log_px_kind"]))}
+        for q in QUANTITIES:
+            row[f"{q}_mean"] = ok[q].mean() if len(ok) else np.nan
+            row[f"{q}_sd"] = ok[q].std(ddof=1) if len(ok) > 1 else np.nan
+        row["low_ess_fraction"] = ok["low_ess_fraction"].mean() if len(ok) else np.nan
+        row["qstar_steps_mean"] = ok["qstar_steps"].mean() if len(ok) else np.nan
+        row["n_points"] = ok["n_points"].mean() if len(ok) else np.nan
+        rows.append(row)
+    out = pd.DataFrame(rows).rename(columns={"estimator_label": "estimator"})
+    rank = {v: i for i, v in enumerate([*METHOD_ORDER, *LABEL_ORDER, "train", "validation",
+                                        "test"])}
+    order = out[["method", "estimator", "split"]].apply(lambda c: c.map(rank).fillna(99))
+    return out.iloc[np.lexsort([order["split"], order["estimator"], order["method"],
+                                out["dataset"].astype(str)])].reset_index(drop=True)
+
+
+def _qstar_rule() -> str:
+    """How q* is fitted, with the grid's settings (default scale)."""
+    try:
+        from experiments.grids import load_grid
+
+        o = load_grid("amortization_gap").probes.get("gaps", {})
+    except Exception:  # no grid: state the rule without its numbers
+        o = {}
+    w, p, s = (o.get(k, "?") for k in ("qstar_window", "qstar_patience", "qstar_max_steps"))
+    k, mix = o.get("iwae_k", "?"), o.get("defensive", "?")
+    return (f"q* is fitted separately for every point by Adam, starting from the method's own "
+            f"q_φ (vem: its local parameters), with the window-and-patience rule of Cremer et "
+            f"al. (2018): stop when the mean ELBO over a window of {w} steps has not improved on "
+            f"the best window for {p} windows, or after {s} steps (the grid's default scale; "
+            f"the steps actually taken are in the last column). log p̂(x) is exact for the "
+            f"linear decoder (ppca), else an IWAE estimate with k = {k} samples from a defensive "
+            f"proposal (mixture weight {mix} on a widened copy of q*); 'low ESS' is the fraction "
+            f"of points whose importance weights have an effective sample size below 1 % of k. "
+            f"Gap = difference of the point means; mean ± sd over seeds (n), models "
+            f"{TRAINING_LENGTH}; diverged runs are counted, not averaged.")
+
+
+def _gaps_markdown(table: pd.DataFrame) -> str:
+    def pm(row: pd.Series, q: str) -> str:
+        m, s = row[f"{q}_mean"], row[f"{q}_sd"]
+        if not np.isfinite(m):
+            return "—"
+        return f"{m:.2f} ± {s:.2f}" if np.isfinite(s) else f"{m:.2f}"
+
+    heads = ["data set", "method", "estimator", "split", *QUANTITIES.values(), "n",
+             "low ESS", "q* steps", "runs (diverged / not converged)"]
+    lines = [_qstar_rule(), "", "| " + " | ".join(heads) + " |", "|" + "---|" * len(heads)]
+    for _, r in table.iterrows():
+        low = "—" if not np.isfinite(r["low_ess_fraction"]) else f"{r['low_ess_fraction']:.0%}"
+        steps = "—" if not np.isfinite(r["qstar_steps_mean"]) else f"{r['qstar_steps_mean']:.0f}"
+        lines.append("| " + " | ".join([
+            str(r["dataset"]), method_name(r["method"]), str(r["estimator"]), str(r["split"]),
+            *(pm(r, q) for q in QUANTITIES), str(int(r["n_seeds"])), low, steps,
+            f"{int(r['n_runs'])} ({int(r['n_diverged'])} / {int(r['n_unconverged'])})"]) + " |")
+    return "\n".join(lines) + "\n"
+
+
+@register_table("amortization_gap", outputs=("gaps_table.csv", "gaps_table.md"))
+def write_gaps_table(res: ExperimentResults) -> list[Path]:
+    """``gaps_table.csv`` and ``gaps_table.md`` beside the CSVs; returns the files written."""
+    try:
+        table = gaps_table(res)
+    except SkipFigure as why:
+        log.info("%s: %s; no gaps table", res.name, why)
+        return []
+    csv = atomic_write(res.folder / "gaps_table.csv",
+                       lambda p: table.to_csv(p, index=False, float_format="%.6g"))
+    md = atomic_write(res.folder / "gaps_table.md",
+                      lambda p: p.write_text(_gaps_markdown(table), encoding="utf-8"))
+    return [csv, md]

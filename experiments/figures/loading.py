@@ -1,16 +1,15 @@
 """Reading and validating an experiment's CSVs, and selecting rows from them.
 
-``validate_results`` reads every table the figures will use (``metrics.csv``, ``runs.csv`` and
-the extra tables each figure module registers), checks them against ``experiments.schema`` and
-raises ``schema.SchemaError`` listing every problem before anything is drawn. Each table comes
-back as an ``ExperimentResults`` with an ``estimator_label`` and a ``status`` column, and with
-the runner's layouts mapped onto the long names the figures use (``_normalise``).
+``validate_results`` reads every table the figures will use (``metrics.csv``, ``runs.csv``, the
+extra tables each figure module registers and ``results/references.csv``), checks them against
+``experiments.schema`` and raises ``schema.SchemaError`` listing every problem before anything
+is drawn. Each table comes back in an ``ExperimentResults`` with the columns the runner wrote
+(nothing renamed) plus ``estimator_label``, ``status`` and ``converged`` (from runs.csv).
 """
 
 from __future__ import annotations
 
 import logging
-import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,10 +22,12 @@ from experiments.figures import registry
 from experiments.figures.style import estimator_label
 
 __all__ = [
-    "RUNNER_NAMES",
+    "REFERENCE_COLUMNS",
     "ExperimentResults",
     "SkipFigure",
     "add_labels",
+    "as_bool",
+    "at_best",
     "dim_suffix",
     "final_rows",
     "latent_dims",
@@ -36,17 +37,21 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-#: per table, the runner's name of a column that ``_normalise`` renames (for messages)
-RUNNER_NAMES = {
-    "images.csv": {"item": "index", "pixel": "p00…", "value": "p00…"},
-    "latents.csv": {"z1": "mu1", "z2": "mu2"},
-    "variance_sweep.csv": {"estimator": "grad_estimator", "baseline": "grad_baseline",
-                           "n_mc": "grad_n_mc"},
-}
+#: the columns of ``results/references.csv`` the reference lines need
+REFERENCE_COLUMNS = ("dataset", "data_seed", "model", "latent_dim", "split", "log_px")
 
 
 class SkipFigure(Exception):
     """A figure that cannot be drawn from the results at hand (logged, not raised)."""
+
+
+def as_bool(values: pd.Series) -> pd.Series:
+    """``True``/``False`` (bool or text) as an object column of True, False and NaN."""
+    text = values.astype(str).str.strip().str.lower()
+    out = pd.Series(np.nan, index=values.index, dtype=object)
+    out[text.isin(["true", "1", "1.0"])] = True
+    out[text.isin(["false", "0", "0.0"])] = False
+    return out
 
 
 def add_labels(df: pd.DataFrame) -> pd.DataFrame:
@@ -63,13 +68,15 @@ def add_labels(df: pd.DataFrame) -> pd.DataFrame:
 # -- loading and validation --------------------------------------------------------------------
 @dataclass
 class ExperimentResults:
-    """One experiment's validated tables, each with ``estimator_label`` and ``status`` columns."""
+    """One experiment's validated tables, each with ``estimator_label``, ``status`` and
+    ``converged`` columns, and the study's reference models (``references``, or None)."""
 
     name: str
     folder: Path
     metrics: pd.DataFrame
     runs: pd.DataFrame | None
     tables: dict[str, pd.DataFrame] = field(default_factory=dict)
+    references: pd.DataFrame | None = None
 
     def table(self, filename: str, columns: Iterable[str] = ()) -> pd.DataFrame:
         """An extra table (e.g. ``variance_sweep.csv``); ``SkipFigure`` naming what is missing."""
@@ -78,17 +85,19 @@ class ExperimentResults:
         df = self.tables[filename]
         missing = [c for c in columns if c not in df.columns]
         if missing:
-            alias = RUNNER_NAMES.get(filename, {})
-            names = [f"{c} ({alias[c]})" if c in alias else c for c in missing]
-            raise SkipFigure(f"{self.folder / filename} lacks column(s) {', '.join(names)}")
+            raise SkipFigure(f"{self.folder / filename} lacks column(s) {', '.join(missing)}")
         return df
+
+    def _from_runs(self, run_ids: pd.Series, column: str, default: object) -> pd.Series:
+        if self.runs is None or column not in self.runs.columns:
+            return pd.Series(default, index=run_ids.index, dtype=object)
+        values = run_ids.map(self.runs.drop_duplicates("run_id").set_index("run_id")[column])
+        return values.astype(object).where(values.notna(), default)
 
     def status_of(self, run_ids: pd.Series) -> pd.Series:
         """Status from runs.csv; a run absent from it counts as ``ok`` (noted once)."""
-        if self.runs is None:
-            return pd.Series("ok", index=run_ids.index)
-        status = run_ids.map(self.runs.set_index("run_id")["status"])
-        if status.isna().any():
+        status = self._from_runs(run_ids, "status", None)
+        if self.runs is not None and status.isna().any():
             log.info("%s: %d run_id(s) in the tables are not in runs.csv; counted as ok",
                      self.name, run_ids[status.isna()].nunique())
         return status.fillna("ok")
@@ -96,7 +105,7 @@ class ExperimentResults:
     def runs_where(self, **keys: object) -> pd.DataFrame:
         """Rows of runs.csv matching identity keys (empty frame when there is no runs.csv)."""
         if self.runs is None:
-            return pd.DataFrame(columns=["run_id", "estimator_label", "status"])
+            return pd.DataFrame(columns=["run_id", "estimator_label", "status", "converged"])
         sel = self.runs
         for key, value in keys.items():
             if key in sel.columns and not (value is None or pd.isna(value)):
@@ -111,48 +120,6 @@ class ExperimentResults:
         return m
 
 
-def _normalise(filename: str, df: pd.DataFrame) -> pd.DataFrame:
-    """Map the runner's table layouts onto the long names the figures use.
-
-    - ``variance_sweep.csv``: ``grad_estimator``/``grad_baseline``/``grad_n_mc`` (the estimator
-      being measured) become ``estimator``/``baseline``/``n_mc``; the estimator the model was
-      trained with becomes ``trained_with`` (an estimator label).
-    - ``images.csv``: wide pixel columns ``p00 … pNN`` (row-major, ``height`` × ``width``) are
-      melted to ``pixel``/``value``; ``index`` → ``item``; kind ``data`` → ``original``.
-    - ``latents.csv``: ``mu1``/``mu2`` → ``z1``/``z2``, ``point`` → ``index``.
-    - ``selected.csv``: ``score_mean`` (validation ELBO of the chosen step sizes) →
-      ``validation_elbo``.
-    Tables already in the long layout pass unchanged.
-    """
-    if filename == "variance_sweep.csv" and "grad_estimator" in df.columns:
-        trained = [estimator_label(e, b) for e, b in
-                   zip(df["estimator"], df.get("baseline", pd.Series("none", index=df.index)),
-                       strict=True)]
-        df = (df.drop(columns=[c for c in ("estimator", "baseline", "n_mc") if c in df.columns])
-              .rename(columns={"grad_estimator": "estimator", "grad_baseline": "baseline",
-                               "grad_n_mc": "n_mc"})
-              .assign(trained_with=trained))
-    elif filename == "images.csv":
-        pixels = [c for c in df.columns if re.fullmatch(r"p\d+", str(c))]
-        if pixels and "pixel" not in df.columns:
-            ids = [c for c in df.columns if c not in pixels]
-            df = df.melt(id_vars=ids, value_vars=pixels, var_name="pixel", value_name="value")
-            df["pixel"] = df["pixel"].str[1:].astype(int)
-        if "item" not in df.columns and "index" in df.columns:
-            df = df.rename(columns={"index": "item"})
-        if "kind" in df.columns:
-            df["kind"] = df["kind"].replace({"data": "original"})
-    elif filename == "latents.csv":
-        if "z1" not in df.columns:
-            df = df.rename(columns={"mu1": "z1", "mu2": "z2"})
-        if "index" not in df.columns and "point" in df.columns:
-            df = df.rename(columns={"point": "index"})
-    elif filename == "selected.csv":
-        if "validation_elbo" not in df.columns and "score_mean" in df.columns:
-            df = df.assign(validation_elbo=df["score_mean"])
-    return df
-
-
 def _read_csv(path: Path) -> pd.DataFrame:
     try:
         return pd.read_csv(path, dtype={"run_id": str, "baseline": str, "param_group": str})
@@ -160,7 +127,36 @@ def _read_csv(path: Path) -> pd.DataFrame:
         raise schema.SchemaError(f"{path}: not a readable CSV ({err})") from err
 
 
-def _load(results: Path, name: str) -> tuple[ExperimentResults | None, list[str]]:
+def _table_problems(path: Path, df: pd.DataFrame, columns: tuple[str, ...]) -> list[str]:
+    problems = []
+    if "value" in columns and "value" in df.columns:
+        bad = ~np.isfinite(pd.to_numeric(df["value"], errors="coerce").to_numpy(float))
+        if bad.any():
+            problems.append(f"{path}: non-finite or non-numeric value on line(s) "
+                            f"{(df.index[bad][:5] + 2).tolist()}")
+    if "metric" in df.columns:
+        unknown = sorted(set(df["metric"].dropna()) - set(schema.METRICS))
+        if unknown:
+            problems.append(f"{path}: unknown metric name(s) {unknown}")
+    return problems
+
+
+def _references(results: Path) -> tuple[pd.DataFrame | None, list[str]]:
+    path = results / "references.csv"
+    if not path.is_file():
+        return None, []
+    try:
+        df = _read_csv(path)
+    except schema.SchemaError as err:
+        return None, [str(err)]
+    missing = [c for c in REFERENCE_COLUMNS if c not in df.columns]
+    if missing:
+        return None, [f"{path}: missing column(s) {', '.join(missing)}"]
+    return df, []
+
+
+def _load(results: Path, name: str, references: pd.DataFrame | None
+          ) -> tuple[ExperimentResults | None, list[str]]:
     folder = results / name
     problems: list[str] = []
     if not folder.is_dir():
@@ -184,30 +180,29 @@ def _load(results: Path, name: str) -> tuple[ExperimentResults | None, list[str]
             except schema.SchemaError as err:
                 problems.append(str(err))
                 continue
-            if "value" in columns and "value" in df.columns:
-                bad = ~np.isfinite(pd.to_numeric(df["value"], errors="coerce").to_numpy(float))
-                if bad.any():
-                    problems.append(f"{folder / filename}: non-finite or non-numeric value on "
-                                    f"line(s) {(df.index[bad][:5] + 2).tolist()}")
-            if "metric" in df.columns:
-                unknown = sorted(set(df["metric"].dropna()) - set(schema.METRICS))
-                if unknown:
-                    problems.append(f"{folder / filename}: unknown metric name(s) {unknown}")
-            tables[filename] = _normalise(filename, df)
+            problems += _table_problems(folder / filename, df, columns)
+            tables[filename] = df
     if problems or (metrics is None and runs is None and not tables):
         return None, problems
     if metrics is None:
         log.info("%s: no metrics.csv; drawing what the other tables allow", folder)
         metrics = pd.DataFrame({c: pd.Series(dtype=object) for c in schema.METRIC_COLUMNS})
-    res = ExperimentResults(name, folder, add_labels(metrics),
-                            None if runs is None else add_labels(runs), {})
-    res.metrics["status"] = res.status_of(res.metrics["run_id"])
-    for filename, df in tables.items():
-        if "estimator" in df.columns:
+    if runs is not None:
+        runs = add_labels(runs)
+        runs["converged"] = as_bool(runs["converged"]) if "converged" in runs.columns \
+            else np.nan
+    res = ExperimentResults(name, folder, add_labels(metrics), runs, {}, references)
+    frames = {"metrics": res.metrics, **tables}
+    for key, df in frames.items():
+        if "estimator" in df.columns and "estimator_label" not in df.columns:
             df = add_labels(df)
         if "run_id" in df.columns:
             df["status"] = res.status_of(df["run_id"])
-        res.tables[filename] = df
+            df["converged"] = res._from_runs(df["run_id"], "converged", np.nan)
+        if key == "metrics":
+            res.metrics = df
+        else:
+            res.tables[key] = df
     return res, problems
 
 
@@ -224,9 +219,10 @@ def validate_results(results: str | Path, experiments: Iterable[str] | None = No
     unknown = [n for n in names if n not in known]
     if unknown:
         raise ValueError(f"unknown experiment(s) {unknown}; valid: {', '.join(known)}")
-    loaded, problems = {}, []
+    references, problems = _references(results)
+    loaded = {}
     for name in names:
-        res, found = _load(results, name)
+        res, found = _load(results, name, references)
         problems += found
         if res is not None:
             loaded[name] = res
@@ -253,6 +249,22 @@ def final_rows(d: pd.DataFrame, keys: Iterable[str] = ("run_id",)) -> pd.DataFra
     keys = list(keys)
     last = d.groupby(keys, dropna=False)["epoch"].transform("max")
     return d[(d["epoch"] == last) | last.isna()]
+
+
+def at_best(res: ExperimentResults, d: pd.DataFrame,
+            keys: Iterable[str] = ("run_id",)) -> pd.DataFrame:
+    """Rows at each run's best (restored) epoch from runs.csv; per ``keys`` group without a
+    row at that epoch (or a run without a best epoch), its last rows instead."""
+    if d.empty:
+        return d
+    keys = list(keys)
+    best = pd.Series(np.nan, index=d.index)
+    if res.runs is not None and "best_epoch" in res.runs.columns:
+        best = d["run_id"].map(res.runs.drop_duplicates("run_id")
+                               .set_index("run_id")["best_epoch"])
+    hit = d["epoch"] == best
+    has = hit.groupby([d[k] for k in keys], dropna=False).transform("any")
+    return pd.concat([d[hit], final_rows(d[~has], keys)]).sort_index()
 
 
 def latent_dims(d: pd.DataFrame) -> list:

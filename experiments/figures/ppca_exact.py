@@ -1,7 +1,14 @@
 """ppca_exact: the ELBO of a linear decoder (PPCA) against its closed-form ceiling.
 
-Figure ``elbo_vs_target[_H]``: ELBO against epochs per method × estimator, hue = split, dotted
-line = log p(x) − approximation gap.
+Figure ``elbo_vs_target[_H]``: train (top) and test (bottom) ELBO against epochs, columns =
+method, hue = estimator (solid), with the trained decoder's exact log p(x) (dotted, same
+colour) and the target of the study: the PPCA maximum-likelihood log p(x) minus the closed-form
+approximation gap of the best diagonal Gaussian q at that fit (Tipping & Bishop 1999), the
+ELBO a method reaches when both its decoder and its posterior are optimal.
+Figure ``grad_variance_vs_n_mc[_H]`` (when ``variance_sweep.csv`` exists): the gradient
+variance of reparam (analytic and Monte Carlo KL), STL and the score function at the converged
+reparam models against M; where the posterior is in the family, STL's variance vanishes at the
+optimum.
 """
 
 from __future__ import annotations
@@ -11,128 +18,112 @@ from collections.abc import Iterator
 
 import pandas as pd
 from matplotlib.figure import Figure
-from matplotlib.lines import Line2D
 
-from experiments.figures.drawing import (
-    Tally,
-    bottom_xlabels,
-    cut_outliers,
-    draw_curves,
-    empty_panel,
-    panel_grid,
-    suptitle,
-)
-from experiments.figures.loading import (
-    ExperimentResults,
-    SkipFigure,
-    dim_suffix,
-    final_rows,
-    latent_dims,
-)
+from experiments.figures import style
+from experiments.figures.curves import Cell, elbo_grid
+from experiments.figures.drawing import suptitle
+from experiments.figures.loading import ExperimentResults, SkipFigure, dim_suffix, latent_dims
+from experiments.figures.marks import Tally, absent_note, legend
 from experiments.figures.registry import register
 from experiments.figures.style import (
     ELBO_UNITS,
-    LABEL_ORDER,
     METHOD_ORDER,
-    SPLIT_COLOURS,
+    REFERENCES,
+    m_text,
     method_name,
     ordered,
+    seeds_text,
 )
+from experiments.figures.variance import SWEEP_INPUTS, sweep_figure, sweep_rows
 
-__all__ = ["fig_ppca_exact"]
+__all__ = ["INPUTS", "fig_ppca_exact", "fig_ppca_variance", "ppca_targets"]
 
 log = logging.getLogger(__name__)
 
-
-def _ppca_targets(res: ExperimentResults, elbo_runs: set) -> tuple[pd.DataFrame, str]:
-    """Target ELBO per run and split: the best diagonal-Gaussian ELBO of the closed-form PPCA fit,
-    ``log_px_mle − approximation_gap_mle`` (SPEC §5; Tipping & Bishop 1999), or, without those
-    rows, the trained decoder's own ceiling ``log_px_exact − approximation_gap``.
-
-    Rows of runs without ELBO curves become targets for every panel of their dataset, latent
-    dimension and split. Returns (targets, which pair was used).
-    """
-    for lp, gap, what in (("log_px_mle", "approximation_gap_mle", "closed-form PPCA MLE"),
-                          ("log_px_exact", "approximation_gap", "trained decoder")):
-        ex = res.metric(lp, gap)
-        if ex.empty:
-            continue
-        ex = final_rows(ex, ["run_id", "split", "metric"])
-        wide = ex.pivot_table(index=["run_id", "dataset", "latent_dim", "split"],
-                              columns="metric", values="value", aggfunc="mean").reset_index()
-        if not {lp, gap} <= set(wide.columns):
-            continue
-        wide["target"] = wide[lp] - wide[gap]
-        wide["global"] = ~wide["run_id"].isin(elbo_runs)
-        return wide.dropna(subset=["target"]), what
-    return pd.DataFrame(), ""
+INPUTS = SWEEP_INPUTS
+#: metric → (line style, legend words)
+CURVES = {"elbo": ("-", "ELBO (solid)"),
+          "log_px_exact": (":", "exact log p(x) of the trained decoder (dotted)")}
 
 
-@register("ppca_exact")
+def ppca_targets(res: ExperimentResults) -> pd.DataFrame:
+    """Per latent dimension and split: the target log p_MLE(x) − approximation gap_MLE (mean
+    over the runs' final rows; the same data give the same value) and how many data seeds."""
+    ex = res.metric("log_px_mle", "approximation_gap_mle")
+    if ex.empty:
+        return pd.DataFrame(columns=["latent_dim", "split", "target"])
+    ex = ex[ex["epoch"] == ex.groupby(["run_id", "split", "metric"])["epoch"].transform("max")]
+    wide = ex.pivot_table(index=["run_id", "latent_dim", "split"], columns="metric",
+                          values="value", aggfunc="mean").reset_index()
+    if not {"log_px_mle", "approximation_gap_mle"} <= set(wide.columns):
+        return pd.DataFrame(columns=["latent_dim", "split", "target"])
+    wide["target"] = wide["log_px_mle"] - wide["approximation_gap_mle"]
+    return wide.groupby(["latent_dim", "split"], as_index=False)["target"].mean()
+
+
+@register("ppca_exact", inputs=INPUTS)
 def fig_ppca_exact(res: ExperimentResults) -> Iterator[tuple[str, Figure]]:
-    """PPCA: the ELBO against epochs beside its ceiling log p_exact(x) − approximation gap.
-
-    For a linear decoder both terms are closed forms (Tipping & Bishop 1999; SPEC §5): the best
-    diagonal-Gaussian ELBO is the exact log-likelihood minus the closed-form approximation gap.
-    Panels = method × estimator, hue = split, dotted line = the target (mean over runs).
-    """
-    e = res.metric("elbo")
+    """ELBO and exact log p(x) against epochs per method and estimator, with the PPCA
+    maximum-likelihood target."""
+    e = res.metric(*CURVES)
+    e = e[e["split"].isin(["train", "test"])]
     if e.empty:
         raise SkipFigure("no elbo rows")
-    targets, what = _ppca_targets(res, set(e["run_id"]))
+    targets = ppca_targets(res)
     if targets.empty:
-        log.info("%s: no log_px_mle/approximation_gap_mle or log_px_exact/approximation_gap "
-                 "rows; ELBO curves without a target", res.name)
+        log.info("%s: no log_px_mle / approximation_gap_mle rows; curves without a target",
+                 res.name)
     dims = latent_dims(e)
     for h in dims:
         eh = e[e["latent_dim"] == h]
         methods = ordered(eh["method"], METHOD_ORDER)
-        labels = ordered(eh["estimator_label"], LABEL_ORDER)
-        fig, axes = panel_grid(len(methods), len(labels), sharey="row", w=3.6, h=2.6)
-        for i, method in enumerate(methods):
-            row_axes: list = []
-            row_values: list = []
-            for j, lab in enumerate(labels):
-                ax = axes[i, j]
-                cell = eh[(eh["method"] == method) & (eh["estimator_label"] == lab)]
+        palette = style.palette(eh["estimator_label"])
+        tally = Tally()
+        cells = []
+        for split in ordered(eh["split"], ("train", "test")):
+            row = []
+            tv = targets.loc[(targets["latent_dim"] == h) & (targets["split"] == split),
+                             "target"]
+            for method in methods:
+                cell = eh[(eh["method"] == method) & (eh["split"] == split)]
                 runs = res.runs_where(method=method, latent_dim=h)
-                if len(runs):
-                    runs = runs[runs["estimator_label"] == lab]
-                t = Tally().add(runs, cell)
-                c = t.counts.get(lab, {"n": 0})
-                ax.set_title(f"{method_name(method)}\n{lab}, {c['n']} run(s)"
-                             f"{t.title_note()}", fontsize=9)
-                if cell.empty:
-                    empty_panel(ax)
-                    continue
-                pal = {s: SPLIT_COLOURS.get(s, "0.3")
-                       for s in ordered(cell["split"], SPLIT_COLOURS)}
-                draw_curves(ax, cell.assign(estimator_label=cell["split"]), "epoch", pal)
-                if not targets.empty:
-                    th = targets[targets["latent_dim"] == h]
-                    mine = th[th["run_id"].isin(cell.loc[cell["status"] == "ok", "run_id"])
-                              | th["global"]]
-                    for split, tv in mine.groupby("split"):
-                        ax.axhline(tv["target"].mean(), color=pal.get(split, "0.3"), ls=":",
-                                   lw=1.6)
-                    mine = mine["target"]
-                else:
-                    mine = pd.Series(dtype=float)
-                row_axes.append(ax)
-                row_values.append(pd.concat([cell["value"], mine]))
-                ax.set_xlabel("epoch")
-                ax.set_ylabel(f"ELBO ({ELBO_UNITS})" if j == 0 else "")
-            cut_outliers(row_axes, row_values)
-        splits = ordered(e["split"], SPLIT_COLOURS)
-        handles = [Line2D([], [], color=SPLIT_COLOURS.get(s, "0.3"), lw=2.5, label=f"{s} ELBO")
-                   for s in splits]
-        handles.append(Line2D([], [], color="0.3", ls=":", lw=1.6,
-                              label=f"target: log p(x) − approx. gap, {what}"))
-        if res.metrics["status"].ne("ok").any():
-            handles.append(Line2D([], [], color="0.3", lw=0.9, ls="--", marker="x", ms=8, mew=2,
-                                  label="diverged run (× = last finite value)"))
-        fig.legend(handles=handles, loc="outside right center", frameon=False,
-                   title="split (mean ± sd over seeds)")
-        bottom_xlabels(axes)
-        suptitle(fig, f"Linear decoder (PPCA), H = {h:g}: ELBO against its closed-form ceiling")
+                tally.add(runs, cell)
+                row.append(Cell(f"{method_name(method)}, {split}"
+                                f"{Tally().add(runs, cell).compact()}", cell, runs, split, h,
+                                f"{split} ELBO, log p(x)\n({ELBO_UNITS})", extra=_target(tv)))
+            cells.append(row)
+        fig, _, notes = elbo_grid(res, cells, "epoch", palette, refs=(), style_by="metric",
+                                  styles={k: v[0] for k, v in CURVES.items()},
+                                  style_names=lambda m: CURVES.get(m, ("-", m))[1])
+        suptitle(fig, f"Linear decoder (PPCA data), H = {h:g}: ELBO against epochs beside the "
+                      f"closed-form target; {m_text(eh)}; each run until its stopping rule; "
+                      f"mean ± sd over {seeds_text(eh['seed'])}{absent_note(res, methods)}")
+        legend(fig, title="estimator (line, band: mean ± sd over seeds)",
+               notes={**tally.notes(), **notes}, neutral=[v[1] for v in CURVES.values()])
         yield f"elbo_vs_target{dim_suffix(h, dims)}", fig
+
+
+def _target(values: pd.Series):
+    """Draws the target line of one panel; returns its value (to keep it in view)."""
+    def draw(ax) -> list[float]:
+        if values.empty:
+            return []
+        label, colour, ls = REFERENCES["target"]
+        ax.axhline(float(values.mean()), color=colour, ls=ls, lw=1.6, label=label, zorder=1.5)
+        return [float(values.mean())]
+    return draw
+
+
+@register("ppca_exact", inputs=INPUTS)
+def fig_ppca_variance(res: ExperimentResults) -> Iterator[tuple[str, Figure]]:
+    """Gradient variance against M at the converged reparam models (``variance_sweep.csv``)."""
+    d, models = sweep_rows(res.table("variance_sweep.csv", INPUTS["variance_sweep.csv"]))
+    dims = latent_dims(d)
+    for h in dims:
+        cell = d[d["latent_dim"] == h]
+        if cell["grad_n_mc"].nunique() < 2:
+            continue
+        yield (f"grad_variance_vs_n_mc{dim_suffix(h, dims)}",
+               sweep_figure(res, cell, models, f"Linear decoder (PPCA data), H = {h:g}: "
+                                               f"total gradient variance tr Σ against M (STL's "
+                                               f"vanishes where q matches the posterior)"))

@@ -6,9 +6,12 @@ Each experiment module registers itself when imported::
     def fig_elbo_curves(res: ExperimentResults) -> Iterator[tuple[str, Figure]]:
         ...  # yield (file stem, figure) pairs
 
-    @register_table("gradient_variance")
+    @register_table("gradient_variance", outputs=("variance_ratio.csv", "variance_ratio.md"))
     def write_variance_ratio(res: ExperimentResults) -> list[Path]:
         ...  # write tables beside the CSVs, return their paths
+
+``table_outputs(experiment)`` names those derived files (``check`` may list them as expected
+beside the manifest's CSVs).
 
 ``register(..., inputs={"images.csv": columns})`` also declares the extra tables (beside
 metrics.csv and runs.csv) that the figures read, with the columns they need; they are validated
@@ -44,6 +47,7 @@ __all__ = [
     "register",
     "register_table",
     "registered",
+    "table_outputs",
     "table_writers",
 ]
 
@@ -66,6 +70,7 @@ class Entry:
     figures: list[FigureFunction] = field(default_factory=list)
     tables: list[TableWriter] = field(default_factory=list)
     inputs: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    outputs: list[str] = field(default_factory=list)
 
 
 #: experiment name → its registrations, in the order experiments were first registered
@@ -104,9 +109,14 @@ def register(experiment: str, *, inputs: Mapping[str, Sequence[str]] | None = No
     return decorate
 
 
-def register_table(experiment: str) -> Callable[[_F], _F]:
-    """Decorator: run the decorated table writer for ``experiment`` before its figures."""
+def register_table(experiment: str, *, outputs: Sequence[str] = ()) -> Callable[[_F], _F]:
+    """Decorator: run the decorated table writer for ``experiment`` before its figures;
+    ``outputs`` names the files it writes beside the experiment's CSVs (``table_outputs``),
+    derived from them and so not in the experiment's manifest."""
     entry = REGISTRY.setdefault(experiment, Entry())
+    for name in outputs:
+        if name not in entry.outputs:
+            entry.outputs.append(name)
 
     def decorate(function: _F) -> _F:
         _add(entry.tables, function)
@@ -130,6 +140,13 @@ def table_writers(experiment: str) -> tuple[TableWriter, ...]:
     """The table writers of ``experiment`` (none when it registered nothing)."""
     entry = REGISTRY.get(experiment)
     return tuple(entry.tables) if entry else ()
+
+
+def table_outputs(experiment: str) -> tuple[str, ...]:
+    """The files the table writers of ``experiment`` write beside its CSVs (e.g.
+    ``variance_ratio.csv``): derived from the CSVs, not listed in its manifest."""
+    entry = REGISTRY.get(experiment)
+    return tuple(entry.outputs) if entry else ()
 
 
 def input_tables(experiment: str) -> dict[str, tuple[str, ...]]:
