@@ -106,16 +106,20 @@ class ModelConfig:
 class StoppingConfig:
     """The plateau rule on the validation ELBO: checked every ``check_every`` epochs; a check
     improves when it beats the best so far by more than ``min_delta`` nats; training stops
-    after ``patience`` checks without improvement (converged) or at ``max_epochs`` (not
-    converged), and the best state is restored."""
+    after ``patience`` checks without improvement (converged), but never before ``min_epochs``
+    (a decoder started at the no-latent Gaussian can dip below it for a few epochs before its
+    latent variables pay off), or at ``max_epochs`` (not converged); the best state is
+    restored."""
 
     check_every: int = 5
     patience: int = 6
     min_delta: float = 0.1
+    min_epochs: int = 50
 
     def validate(self) -> None:
         _in_range("training.stopping.check_every", self.check_every, 1, LIMITS["epochs"])
         _in_range("training.stopping.patience", self.patience, 1, LIMITS["epochs"])
+        _in_range("training.stopping.min_epochs", self.min_epochs, 0, LIMITS["epochs"])
         if not (math.isfinite(self.min_delta) and self.min_delta >= 0):
             raise ValueError(f"training.stopping.min_delta must be finite and >= 0; got "
                              f"{self.min_delta}")

@@ -319,7 +319,7 @@ class TestCurve(ProbeBase):
                                                          random=ctx.random(self.name)):
             rows.append({"split": o.split, "metric": "test_curve_elbo", "param_group": init,
                          "step": s, "value": _per_member(value),
-                         "wall_s": float(f"{per_point:.3g}")})
+                         "wall_s": per_point})
         return ProbeResult(rows)
 
 

@@ -263,10 +263,15 @@ class Trainer:
 
     def _row(self, k: int, split: str, metric: str, value: float, *, param_group: str = "",
              epoch: int | None = None, step: int | None = None,
-             wall_s: float | None = None) -> dict:
+             wall_s: float | None = None, measured: float | None = None) -> dict:
+        # training time to the millisecond; a measurement's own time (``measured``, e.g. seconds
+        # per point of test-time inference, ~1e-5 s) to three significant figures
+        if measured is not None:
+            wall = float(f"{measured:.3g}")
+        else:
+            wall = round(self.elapsed[k] if wall_s is None else wall_s, 3)
         return {**self.identity(k), "epoch": self.epoch if epoch is None else epoch,
-                "step": self.step if step is None else step,
-                "wall_s": round(self.elapsed[k] if wall_s is None else wall_s, 3),
+                "step": self.step if step is None else step, "wall_s": wall,
                 "split": split, "param_group": param_group, "metric": metric,
                 "value": float(value)}
 
@@ -330,13 +335,12 @@ class Trainer:
                         if probe.fatal:
                             bad.add(k)
                         continue
-                    wall = walls[k] if isinstance(walls, Sequence) else walls
-                    if wall is None:
-                        wall = self.best_elapsed[k] if ctx.final else self.elapsed[k]
+                    own = walls[k] if isinstance(walls, Sequence) else walls
                     step = r.get("step", self.best_step[k] if ctx.final else self.step)
-                    rows[k].append(self._row(k, r["split"], r["metric"], v,
-                                             param_group=r.get("param_group", ""),
-                                             epoch=ctx.epoch, step=step, wall_s=wall))
+                    rows[k].append(self._row(
+                        k, r["split"], r["metric"], v, param_group=r.get("param_group", ""),
+                        epoch=ctx.epoch, step=step, measured=own,
+                        wall_s=self.best_elapsed[k] if ctx.final else None))
             for name, frame in result.tables.items():
                 for k in range(self.members):
                     part = frame[frame["member"] == k].drop(columns="member")
@@ -426,7 +430,8 @@ class Trainer:
             if self.status[k] == "diverged":
                 finishing.append((k, "diverged"))
             elif self.status[k] == "running":
-                if c.stopping is not None and self.bad[k] >= c.stopping.patience:
+                if c.stopping is not None and self.bad[k] >= c.stopping.patience \
+                        and self.epoch >= c.stopping.min_epochs:
                     finishing.append((k, "plateau"))
                 elif self.epoch >= c.max_epochs:
                     finishing.append((k, "max_epochs" if c.stopping is not None else "budget"))
