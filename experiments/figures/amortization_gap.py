@@ -31,6 +31,7 @@ from experiments.figures.style import (
     MARKS,
     METHOD_ORDER,
     TRAINING_LENGTH,
+    m_text,
     method_name,
     ordered,
     seeds_text,
@@ -141,12 +142,18 @@ def _gap_bars(d: pd.DataFrame, dataset: str) -> Figure:
     kinds = ", ".join(ordered(d["log_px_kind"].dropna()))
     ok = d[d["status"] == "ok"]
     suptitle(fig, f"{dataset}: inference gaps of the models {TRAINING_LENGTH} (Cremer et al. "
-                  f"2018), train vs test; log p(x) {kinds}; bars: mean ± sd over "
+                  f"2018), train vs test; {_h_text(d)}{m_text(d)}; log p(x) {kinds}; bars: mean "
+                  f"± sd over "
                   f"{seeds_text(ok['seed'])}, diverged runs counted under each method, not in "
                   f"the bars")
     legend(fig, title="estimator (bar: mean ± sd over seeds)",
            notes=Tally().add(d.drop_duplicates("run_id")).notes())
     return fig
+
+
+def _h_text(d: pd.DataFrame) -> str:
+    dims = ordered(d["latent_dim"]) if "latent_dim" in d.columns else []
+    return f"H = {', '.join(f'{h:g}' for h in dims)}; " if dims else ""
 
 
 # -- the table ------------------------------------------------------------------------------------

@@ -55,14 +55,14 @@ class Cell:
 
 
 def examples_seen(res: ExperimentResults, d: pd.DataFrame) -> pd.DataFrame:
-    """``d`` with an ``examples`` column, epoch × n_train of the run (runs.csv), epochs ≥ 1
-    only (a log axis); without n_train in runs.csv, the column is missing."""
+    """``d`` with an ``examples`` column, epoch × n_train of the run (runs.csv; epoch 0 is left
+    out on its log axis by ``elbo_grid``); without n_train in runs.csv, the column is
+    missing."""
     if res.runs is None or "n_train" not in res.runs.columns:
         return d
     n = d["run_id"].map(res.runs.drop_duplicates("run_id").set_index("run_id")["n_train"])
-    d = d.assign(examples=pd.to_numeric(d["epoch"], errors="coerce") * pd.to_numeric(
+    return d.assign(examples=pd.to_numeric(d["epoch"], errors="coerce") * pd.to_numeric(
         n, errors="coerce"))
-    return d[d["examples"] > 0]
 
 
 def elbo_grid(res: ExperimentResults, cells: list[list[Cell]], x: str, palette: dict,
@@ -79,15 +79,17 @@ def elbo_grid(res: ExperimentResults, cells: list[list[Cell]], x: str, palette: 
     notes: dict[str, str] = {}
     for i, row in enumerate(cells):
         values: list[pd.Series] = []
+        keep: list[float] = []
         for j, cell in enumerate(row):
             ax = axes[i, j]
             drawn, found = draw_references(ax, res, cell.runs, cell.split, cell.h, refs) \
                 if refs and len(cell.data) else ([], {})
             notes |= found
             more = cell.extra(ax) if cell.extra is not None and len(cell.data) else []
+            keep += [*drawn, *more]
             values.append(pd.concat([cell.data["value"].astype(float),
                                      pd.Series(drawn + list(more), dtype=float)]))
-        limits = elbo_limits(values)
+        limits = elbo_limits(values, keep=keep)
         for j, cell in enumerate(row):
             ax = axes[i, j]
             ax.set_title(cell.title, fontsize=9)

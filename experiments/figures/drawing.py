@@ -261,14 +261,16 @@ def draw_final(ax: plt.Axes, d: pd.DataFrame, x: str, y: str, colour: object, *,
 
 
 # -- ELBO axes ------------------------------------------------------------------------------------
-def elbo_limits(values: pd.Series | Iterable[pd.Series], *, k: float = 10.0
-                ) -> tuple[float, float] | None:
+def elbo_limits(values: pd.Series | Iterable[pd.Series], *, k: float = 10.0,
+                keep: Iterable[float] = ()) -> tuple[float, float] | None:
     """y limits that keep the bulk of ELBO values readable, or None (no cut needed).
 
     Values below median − k·MAD (median absolute deviation) are far-off: an untrained start, a
-    score-function run gone astray. The limits sit 8 % of the kept range beyond the kept values;
-    they are only returned when something falls below the lower one.
+    score-function run gone astray. The limits sit 8 % of the kept range beyond the kept values
+    and the ``keep`` values (reference lines, which must stay in view); they are only returned
+    when something falls below the lower one.
     """
+    keep = [float(v) for v in keep if np.isfinite(v)]
     if not isinstance(values, pd.Series):
         values = [v for v in values if len(v)]
         values = pd.concat(values) if values else pd.Series(dtype=float)
@@ -278,6 +280,7 @@ def elbo_limits(values: pd.Series | Iterable[pd.Series], *, k: float = 10.0
     med = float(v.median())
     mad = float((v - med).abs().median())
     kept = v[v >= med - k * max(mad, 1e-6 * abs(med), 1e-9)]
+    kept = pd.concat([kept, pd.Series(keep, dtype=float)])
     span = max(float(kept.max() - kept.min()), 1e-9)
     lo = float(kept.min()) - 0.08 * span
     return (lo, float(kept.max()) + 0.08 * span) if float(v.min()) < lo else None

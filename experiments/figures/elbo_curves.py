@@ -157,7 +157,7 @@ def fig_final_elbo(res: ExperimentResults) -> Iterator[tuple[str, Figure]]:
     notes: dict[str, str] = {}
     tally = Tally().add(rows[0][1])
     for i, (split, d) in enumerate(rows):
-        values = []
+        values, keep = [], []
         for j, method in enumerate(methods):
             ax = axes[i, j]
             log_axis(ax, "x", base=2)
@@ -167,12 +167,13 @@ def fig_final_elbo(res: ExperimentResults) -> Iterator[tuple[str, Figure]]:
                            palette[lab], marker=LABEL_MARKERS.get(lab, "o"), label=lab,
                            offset=_dodge(labels, lab))
             refs = _reference_curves(ax, res, cell, split)
+            keep += refs
             values.append(pd.concat([cell["value"].dropna(), pd.Series(refs, dtype=float)]))
             plain_ticks(ax, d["latent_dim"])
             ax.set_title(f"{method_name(method)}{Tally().add(cell).compact()}", fontsize=9)
             ax.set_xlabel("latent dimension H (log₂)")
             ax.set_ylabel(f"{split} ELBO at best epoch\n({ELBO_UNITS})" if j == 0 else "")
-        apply_limits(axes[i], elbo_limits(values), values)
+        apply_limits(axes[i], elbo_limits(values, keep=keep), values)
     notes |= _ref_notes(res, rows[0][1])
     d = rows[0][1]
     bottom_xlabels(axes)
@@ -238,7 +239,8 @@ def fig_active_units(res: ExperimentResults) -> Iterator[tuple[str, Figure]]:
         ax.set_xlabel("latent dimension H (log₂)")
         ax.set_ylabel("active units (test split)" if j == 0 else "")
     suptitle(fig, f"{_dataset(d)}: active latent units {TRAINING_LENGTH} (Cov_x E_q[z_h] above "
-                  f"the threshold) against H; mean and 95 % t-interval over "
+                  f"the threshold, test split) against H; {m_text(d)}; mean and 95 % t-interval "
+                  f"over "
                   f"{seeds_text(d.loc[d['status'] == 'ok', 'seed'])}"
                   f"{absent_note(res, methods)}")
     legend(fig, title="estimator (mean, 95 % interval)", notes=Tally().add(d).notes())
@@ -268,15 +270,16 @@ def _test_time(res: ExperimentResults, th: pd.DataFrame, h: object, split: str) 
     palette = style.palette(th["estimator_label"])
     fig, axes = panel_grid(2, len(methods), sharex=True, sharey="row", w=3.3, h=2.8)
     tally, notes = Tally(), {}
-    values = []
+    values, keep = [], []
     for j, method in enumerate(methods):
         cell = th[th["method"] == method]
         runs = res.runs_where(method=method, latent_dim=h)
         tally.add(runs, cell)
         refs, found = draw_references(axes[0, j], res, runs, split, h)
         notes |= found
+        keep += refs
         values.append(pd.concat([cell["value"], pd.Series(refs, dtype=float)]))
-    limits = elbo_limits(values)
+    limits = elbo_limits(values, keep=keep)
     for j, method in enumerate(methods):
         cell = th[th["method"] == method]
         for i, (y, ylabel) in enumerate((("value", f"held-out ELBO ({ELBO_UNITS})"),
@@ -301,8 +304,9 @@ def _test_time(res: ExperimentResults, th: pd.DataFrame, h: object, split: str) 
     for ax in axes[0]:
         ax.set_xlabel("")
     suptitle(fig, f"{_dataset(th)}: test-time inference on held-out ({split}) points, H = "
-                  f"{h:g}: ELBO after s E-steps and its cost; models {TRAINING_LENGTH}; "
-                  f"mean ± sd over {seeds_text(th['seed'])}")
+                  f"{h:g}: ELBO after s E-steps and its cost; models {TRAINING_LENGTH} with "
+                  f"{m_text(th).removeprefix('training ')}; mean ± sd over "
+                  f"{seeds_text(th['seed'])}")
     legend(fig, title="estimator (line, band: mean ± sd over seeds)",
            notes={**tally.notes(), **notes}, neutral=[w for _, w in INITS.values()])
     return fig

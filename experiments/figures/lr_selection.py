@@ -41,8 +41,10 @@ from experiments.figures.style import (
     MARKS,
     METHOD_ORDER,
     estimator_label,
+    m_text,
     method_name,
     ordered,
+    seeds_text,
 )
 
 __all__ = ["INPUTS", "ROUNDS", "SECOND", "fig_lr_selection"]
@@ -103,7 +105,7 @@ def _figure(res: ExperimentResults, cand: pd.DataFrame, sel: pd.DataFrame, runs:
     hue_labels: set[str] = set()
     ref_notes: dict[str, str] = {}
     for i, lab in enumerate(labels):
-        row_values, row_axes, marks = [], [], []
+        row_values, row_axes, marks, keep = [], [], [], []
         for j, method in enumerate(methods):
             ax = axes[i, j]
             c = cand[(cand["method"] == method) & (cand["estimator_label"] == lab)]
@@ -118,6 +120,7 @@ def _figure(res: ExperimentResults, cand: pd.DataFrame, sel: pd.DataFrame, runs:
             if len(r):
                 refs, notes = draw_references(ax, res, r, "validation", r["latent_dim"].iloc[0])
                 ref_notes |= notes
+                keep += refs
                 values = pd.concat([values, pd.Series(refs, dtype=float)])
             hue_labels |= found
             row_values.append(values)
@@ -125,7 +128,7 @@ def _figure(res: ExperimentResults, cand: pd.DataFrame, sel: pd.DataFrame, runs:
             marks.append((ax, c, r))
             ax.set_xlabel("decoder step size lr (log)")
             ax.set_ylabel(f"{lab}\nvalidation ELBO ({ELBO_UNITS})" if j == 0 else "")
-        limits = elbo_limits(row_values, k=6.0)
+        limits = elbo_limits(row_values, k=6.0, keep=keep)
         for ax, c, r in marks:
             _edge_marks(ax, c, r, limits)
         if limits is not None:
@@ -135,10 +138,12 @@ def _figure(res: ExperimentResults, cand: pd.DataFrame, sel: pd.DataFrame, runs:
         if ax.has_data():
             axis_legend(ax, only=hue_labels, loc="best", title="inference step size")
     share_text = _shared(sel)
-    suptitle(fig, f"{dataset}: step-size selection by the median over seeds of the validation "
+    n = seeds_text(runs["seed"]) if len(runs) else "the seeds"
+    h = f", H = {runs['latent_dim'].iloc[0]:g}" if len(runs) else ""
+    suptitle(fig, f"{dataset}{h}: step-size selection by the median over {n} of the validation "
                   f"ELBO at each seed's best epoch (models trained to convergence or the epoch "
-                  f"cap)" + (f". Choices reused without a search: {share_text}" if share_text
-                             else ""))
+                  f"cap); {m_text(runs) if len(runs) else ''}"
+                  + (f". Choices reused without a search: {share_text}" if share_text else ""))
     legend(fig, title="marks", order=[v[1] for v in ROUNDS.values()],
            neutral=[v[1] for v in ROUNDS.values()], skip=hue_labels, notes=ref_notes)
     return fig

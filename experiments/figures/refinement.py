@@ -85,7 +85,7 @@ def fig_refinement(res: ExperimentResults) -> Iterator[tuple[str, Figure]]:
             refs, found = draw_references(ax, res, runs, "test", runs["latent_dim"].iloc[0])
             notes |= found
             values = [pd.concat([d["value"].dropna(), pd.Series(refs, dtype=float)])]
-            apply_limits([ax], elbo_limits(values), values)
+            apply_limits([ax], elbo_limits(values, keep=refs), values)
         plain_ticks(ax, runs["steps"])
         ax.set_title(name, fontsize=9)
         ax.set_xlabel("refinement steps (log₂)")

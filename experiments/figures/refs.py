@@ -20,12 +20,15 @@ import pandas as pd
 from experiments.figures.loading import ExperimentResults
 from experiments.figures.style import REFERENCES
 
-__all__ = ["bpd_axis", "data_seeds", "draw_references", "reference_value"]
+__all__ = ["DEFAULT_MODELS", "LINEAR_DATASETS", "bpd_axis", "data_seeds", "draw_references",
+           "reference_value"]
 
 log = logging.getLogger(__name__)
 
 #: the reference models drawn on every ELBO figure of a non-linear model
 DEFAULT_MODELS = ("no_latent", "factor_analysis")
+#: data sets drawn from a linear-Gaussian model: their reference is the PPCA fit itself
+LINEAR_DATASETS = {"ppca": ("ppca",)}
 
 
 def data_seeds(runs: pd.DataFrame) -> set[int]:
@@ -70,11 +73,17 @@ def reference_value(res: ExperimentResults, runs: pd.DataFrame, split: str, mode
 def draw_references(ax: plt.Axes, res: ExperimentResults, runs: pd.DataFrame, split: str,
                     h: object, models: tuple[str, ...] = DEFAULT_MODELS
                     ) -> tuple[list[float], dict[str, str]]:
-    """Horizontal lines at the reference models of the panel's data, H and split.
+    """Horizontal lines at the reference models of the panel's data, H and split (for the
+    linear-Gaussian data sets of ``LINEAR_DATASETS``, their maximum-likelihood PPCA instead of
+    the default models).
 
     Returns (the values drawn, so that the axis keeps them in view; legend notes by label:
     how many data seeds each line averages)."""
     values, notes = [], {}
+    if models == DEFAULT_MODELS and runs is not None and len(runs):
+        datasets = set(runs["dataset"])
+        if len(datasets) == 1 and next(iter(datasets)) in LINEAR_DATASETS:
+            models = LINEAR_DATASETS[next(iter(datasets))]
     for model in models:
         v, n = reference_value(res, runs, split, model, h)
         if not np.isfinite(v):

@@ -21,7 +21,7 @@ from experiments.figures.drawing import suptitle
 from experiments.figures.loading import ExperimentResults, SkipFigure
 from experiments.figures.marks import Tally, legend
 from experiments.figures.registry import register
-from experiments.figures.style import ELBO_UNITS, ordered, seeds_text
+from experiments.figures.style import ELBO_UNITS, m_text, ordered, seeds_text
 
 __all__ = ["fig_vem_e_steps", "setting_of"]
 
@@ -79,7 +79,7 @@ def fig_vem_e_steps(res: ExperimentResults) -> Iterator[tuple[str, Figure]]:
     suptitle(fig, f"{'/'.join(ordered(runs['dataset']))}, H = {h:g}, variational EM "
                   f"({', '.join(ordered(runs['estimator_label']))}): train and test ELBO against "
                   f"epochs and training seconds per E-step setting, each run until its stopping "
-                  f"rule; mean ± sd over {seeds_text(runs['seed'])}")
+                  f"rule; {m_text(runs)}; mean ± sd over {seeds_text(runs['seed'])}")
     legend(fig, title="E-step setting (line, band: mean ± sd over seeds)", notes=notes,
            order=order)
     yield "elbo_vs_epoch_and_seconds", fig
