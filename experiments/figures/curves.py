@@ -42,7 +42,8 @@ X_AXES = {
 class Cell:
     """One panel: its title, metric rows, runs (runs.csv rows: counts and reference data
     seeds), split and latent dimension H; ``extra`` draws more (e.g. a target line) and
-    returns the values to keep in view; ``x`` overrides the grid's x column for this panel."""
+    returns the values to keep in view; ``x`` overrides the grid's x column for this panel;
+    ``empty`` is the text of a panel without data (default: why, from its runs)."""
 
     title: str
     data: pd.DataFrame
@@ -52,6 +53,7 @@ class Cell:
     ylabel: str = ""
     extra: Callable | None = field(default=None, repr=False)
     x: str | None = None
+    empty: str = ""
 
 
 def examples_seen(res: ExperimentResults, d: pd.DataFrame) -> pd.DataFrame:
@@ -101,7 +103,8 @@ def elbo_grid(res: ExperimentResults, cells: list[list[Cell]], x: str, palette: 
             if logx:
                 d = d[d[cx] > 0]
             if d.empty:
-                empty_panel(ax)
+                empty_panel(ax, cell.empty or ("not in the grid" if cell.runs is None
+                                               or cell.runs.empty else "no finite values"))
                 continue
             if logx:
                 log_axis(ax, "x")
