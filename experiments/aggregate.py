@@ -54,6 +54,7 @@ from vi.files import atomic_write
 
 __all__ = [
     "AggregateError",
+    "add_to_manifest",
     "aggregate",
     "check_results",
     "flatten",
@@ -104,7 +105,7 @@ def flatten(values: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     """A nested configuration as {dotted name: value} (lists stay lists)."""
     out: dict[str, Any] = {}
     for key, value in values.items():
-        if isinstance(value, dict) and value and key not in ("options", "probes"):
+        if isinstance(value, dict) and value and key != "options":
             out |= flatten(value, f"{prefix}{key}.")
         else:
             out[prefix + key] = value
@@ -312,6 +313,24 @@ _INTERRUPTED = ("the aggregation that was rewriting these CSVs was interrupted; 
                 "experiment to finish it")
 
 
+def add_to_manifest(exp_dir: str | os.PathLike, paths: list[Path]) -> None:
+    """Record tables derived from an experiment's CSVs (e.g. by a figure's table writer) in its
+    manifest, so ``check`` verifies them like the aggregated ones."""
+    exp_dir = Path(exp_dir)
+    manifest, why = _read_json(exp_dir / "manifest.json")
+    if manifest is None:
+        raise AggregateError(f"{exp_dir}: cannot record derived tables ({why})")
+    for path in paths:
+        path = Path(path)
+        if path.suffix == ".csv" and path.parent == exp_dir:
+            raw = path.read_bytes()
+            rows = max(0, raw.count(b"\n") - 1)
+            manifest.setdefault("files", {})[path.name] = {"sha256": _digest(raw), "rows": rows,
+                                                           "derived": True}
+    atomic_write(exp_dir / "manifest.json", json.dumps(manifest, indent=2, sort_keys=True)
+                 + "\n")
+
+
 def verify_manifest_file(path: Path) -> str:
     """"" if ``path`` matches the checksum its experiment's manifest records, else why not."""
     path = Path(path)
@@ -414,6 +433,18 @@ def _check_csv(path: Path) -> list[str]:
     return []
 
 
+def _derived_tables(experiment: str) -> set[str]:
+    """The files ``figures`` writes beside an experiment's CSVs (e.g. ``variance_ratio.csv``):
+    derived from them, so not in the manifest. Asks the figure registry, which imports the
+    figure modules (matplotlib, never torch); none when they cannot be imported."""
+    try:
+        import experiments.figures  # noqa: F401  (importing registers every table writer)
+        from experiments.figures.registry import table_outputs
+    except Exception:  # no usable figure package: every unlisted CSV is reported
+        return set()
+    return set(table_outputs(experiment))
+
+
 def _check_experiment(exp_dir: Path) -> list[str]:
     problems = []
     csvs = sorted(p for p in exp_dir.glob("*.csv") if not p.name.startswith("."))
@@ -433,8 +464,10 @@ def _check_experiment(exp_dir: Path) -> list[str]:
                 problem = verify_manifest_file(exp_dir / name)
                 if problem:
                     problems.append(problem)
-            for path in csvs:
-                if path.name not in listed:
+            unlisted = [path for path in csvs if path.name not in listed]
+            derived = _derived_tables(exp_dir.name) if unlisted else set()
+            for path in unlisted:
+                if path.name not in derived:
                     problems.append(f"{path}: not listed in manifest.json (left over or added "
                                     f"by hand)")
     metrics, runs = exp_dir / "metrics.csv", exp_dir / "runs.csv"
