@@ -315,11 +315,12 @@ _INTERRUPTED = ("the aggregation that was rewriting these CSVs was interrupted; 
 
 def add_to_manifest(exp_dir: str | os.PathLike, paths: list[Path]) -> None:
     """Record tables derived from an experiment's CSVs (e.g. by a figure's table writer) in its
-    manifest, so ``check`` verifies them like the aggregated ones."""
+    manifest, so ``check`` verifies them like the aggregated ones. Without a manifest there is
+    nothing to extend (``check`` reports the missing manifest itself)."""
     exp_dir = Path(exp_dir)
-    manifest, why = _read_json(exp_dir / "manifest.json")
+    manifest, _ = _read_json(exp_dir / "manifest.json")
     if manifest is None:
-        raise AggregateError(f"{exp_dir}: cannot record derived tables ({why})")
+        return
     for path in paths:
         path = Path(path)
         if path.suffix == ".csv" and path.parent == exp_dir:

@@ -463,6 +463,10 @@ def _figures(results: Path, experiments: list[str] | None) -> int:
         paths, failures = figures.make_figures(results, experiments or None)
         for p in paths:
             print(p)
+        from experiments.aggregate import add_to_manifest
+
+        for table in (p for p in paths if p.suffix == ".csv"):  # derived tables, checked too
+            add_to_manifest(table.parent, [table])
         if not experiments:
             print(f"summary → {summary.write_summary(results)}")
             print(f"findings → {findings.write_findings(results)}")

@@ -91,7 +91,7 @@ TABLE_COLUMNS: dict[str, tuple[str, ...]] = {
     "gaps": (*IDENTITY_COLUMNS, "epoch", "split", "point", "log_px_iwae", "iwae_ess",
              "iwae_low_ess", "elbo_qstar", "elbo_qphi", "approximation_gap",
              "amortization_gap"),
-    "activity": (*IDENTITY_COLUMNS, "epoch", "split", "dim", "kl", "activity", "active"),
+    "activity": (*IDENTITY_COLUMNS, "epoch", "split", "dim", "kl_per_dim", "activity", "active"),
     "selected": ("dataset", "method", "estimator", "baseline", "metric", "split", "score",
                  "n_seeds", "n_diverged", "interior", "at_cap", "unstable", "unconverged",
                  "shared_from"),

@@ -56,8 +56,17 @@ def check_select(select: Any) -> None:
                          f"{', '.join(_KEYS)}")
     candidates = select.get("candidates")
     if not isinstance(candidates, dict) or not candidates:
-        raise ValueError("'select.candidates' must be an object {method: {step size: centre}}")
+        raise ValueError("'select.candidates' must be an object {method: {step size: centre}} "
+                         "or {method: {dataset: {step size: centre}}}")
+    centres = []
     for method, fields in candidates.items():
+        if not isinstance(fields, dict) or not fields:
+            raise ValueError(f"select.candidates.{method} must be an object of centre values")
+        if all(isinstance(v, dict) for v in fields.values()):
+            centres += [(f"{method}.{dataset}", c) for dataset, c in fields.items()]
+        else:
+            centres.append((method, fields))
+    for method, fields in centres:
         if not isinstance(fields, dict) or not fields:
             raise ValueError(f"select.candidates.{method} must be an object of centre values")
         for name, value in fields.items():
@@ -88,12 +97,23 @@ def select_rule(select: dict) -> dict:
     return {**DEFAULTS, **{k: v for k, v in select.items() if k not in ("candidates", "share")}}
 
 
-def initial_candidates(select: dict, method: str) -> list[dict[str, float]]:
-    """The first round's step-size combinations of a method ({"lr": .., "local_lr": ..}): the
-    centre and, for each step size alone, the centre times and divided by ``extend_factor``."""
+def _centre(select: dict, method: str, dataset: str | None = None) -> dict[str, float]:
+    """A method's centre step sizes (its per-dataset centre where the grid gives one)."""
     centre = select["candidates"].get(method)
     if not centre:
         raise ValueError(f"select.candidates has no step sizes for method {method!r}")
+    if all(isinstance(v, dict) for v in centre.values()):
+        if dataset not in centre:
+            raise ValueError(f"select.candidates.{method} has no centre for dataset {dataset!r}")
+        centre = centre[dataset]
+    return centre
+
+
+def initial_candidates(select: dict, method: str, dataset: str | None = None
+                       ) -> list[dict[str, float]]:
+    """The first round's step-size combinations of a method ({"lr": .., "local_lr": ..}): the
+    centre and, for each step size alone, the centre times and divided by ``extend_factor``."""
+    centre = _centre(select, method, dataset)
     factor = select_rule(select)["extend_factor"]
     out = [dict(centre)]
     for name, value in centre.items():
@@ -104,7 +124,10 @@ def initial_candidates(select: dict, method: str) -> list[dict[str, float]]:
 
 def _fields(select: dict, method: str) -> list[str]:
     """The step sizes selected for a method (runs.csv names), in a fixed order."""
-    chosen = {f"method.{n}" for n in select["candidates"].get(method, {})}
+    centre = select["candidates"].get(method, {})
+    if centre and all(isinstance(v, dict) for v in centre.values()):
+        centre = next(iter(centre.values()))
+    chosen = {f"method.{n}" for n in centre}
     return [f for f in STEP_SIZE_FIELDS if f in chosen]
 
 

@@ -429,7 +429,7 @@ class Activity(ProbeBase):
             tables["activity"] = pd.DataFrame({
                 "member": np.repeat(np.arange(k), h), "epoch": ctx.epoch, "split": o.split,
                 "dim": np.tile(np.arange(1, h + 1), k),
-                "kl": a.kl_per_dim.cpu().numpy().reshape(-1),
+                "kl_per_dim": a.kl_per_dim.cpu().numpy().reshape(-1),
                 "activity": a.activity.cpu().numpy().reshape(-1),
                 "active": (a.activity > o.threshold).cpu().numpy().reshape(-1)})
         return ProbeResult(rows, tables)
