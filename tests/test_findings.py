@@ -259,6 +259,13 @@ def test_every_finding_is_present_once(judged) -> None:
     assert len(F.FINDINGS) == len(KEYS)
 
 
+def test_findings_are_registered_once_in_report_order(tmp_path: Path) -> None:
+    """The group modules register each finding once, in the order FINDINGS.md lists them."""
+    assert [f.key for f in F.findings(tmp_path)] == KEYS
+    with pytest.raises(ValueError, match="registered twice"):
+        F.core.register(F.FINDINGS[0])
+
+
 @pytest.mark.parametrize("key", KEYS)
 def test_verdict_follows_the_effect(judged, key: str) -> None:
     effect, found = judged

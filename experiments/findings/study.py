@@ -1,0 +1,146 @@
+"""Cached access to one results folder (``_Study``) and the data helpers that several groups
+of findings share: seed pairs against the amortized VAE, ELBO curves and their comparison at a
+common training budget."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from experiments import summary as S
+from experiments.figures.style import estimator_label
+from experiments.findings.core import _paired
+
+
+class _Study:
+    """Cached access to one results folder."""
+
+    def __init__(self, results: str | Path, converged_only: bool = True) -> None:
+        self.root = Path(results)
+        self.converged_only = converged_only
+        self._runs: dict[str, pd.DataFrame | None] = {}
+        self._csv: dict[tuple[str, str], pd.DataFrame | None] = {}
+        self._values: dict[str, pd.DataFrame] = {}
+
+    def runs(self, exp: str) -> pd.DataFrame | None:
+        if exp not in self._runs:
+            self._runs[exp] = S.load_runs(self.root, exp)
+        return self._runs[exp]
+
+    def finished(self, exp: str, final: bool) -> tuple[pd.DataFrame | None, int]:
+        """Status-ok runs; with ``final`` and ``converged_only``, only those that converged
+        (unknown convergence kept). Returns (runs, number left out as not converged)."""
+        runs = self.runs(exp)
+        if runs is None:
+            return None, 0
+        ok = runs[runs["status"] == "ok"]
+        if not (final and self.converged_only):
+            return ok, 0
+        keep = ok["conv"].ne(False)
+        return ok[keep], int((~keep).sum())
+
+    def csv(self, exp: str, name: str) -> pd.DataFrame | None:
+        key = (exp, name)
+        if key not in self._csv:
+            df = S.read_csv(self.root / exp / f"{name}.csv")
+            if df is not None and {"estimator", "baseline"} <= set(df.columns):
+                df = df.assign(baseline=df["baseline"].astype(object).where(
+                    df["baseline"].notna(), "none"))
+                df["estimator_label"] = [estimator_label(e, b) for e, b in
+                                         zip(df["estimator"], df["baseline"], strict=True)]
+            self._csv[key] = df
+        return self._csv[key]
+
+    def values(self, exp: str) -> pd.DataFrame:
+        if exp not in self._values:
+            self._values[exp] = S.run_values(self.root, [exp], {exp: self.runs(exp)}) \
+                if self.runs(exp) is not None else pd.DataFrame(columns=["run_id", "quantity",
+                                                                         "value"])
+        return self._values[exp]
+
+    def final_values(self, exp: str, quantities: list[str]) -> tuple[pd.DataFrame, int]:
+        """Per-run values of ``quantities`` (wide: one column each) of the finished (and, with
+        ``converged_only``, converged) runs, with their identity; and the count left out."""
+        runs, left = self.finished(exp, final=True)
+        if runs is None or runs.empty:
+            return pd.DataFrame(), left
+        v = self.values(exp)
+        v = v[v["run_id"].isin(runs["run_id"]) & v["quantity"].isin(quantities)]
+        if v.empty:
+            return pd.DataFrame(), left
+        wide = v.pivot_table(index="run_id", columns="quantity", values="value", aggfunc="mean")
+        ident = runs.set_index("run_id")[[*S.CELL, "seed", "data_seed"]]
+        return ident.join(wide, how="inner").reset_index(), left
+
+
+def _left_out(n: int) -> str:
+    return f" {n} finished run(s) left out as not converged." if n else ""
+
+
+def _vs_amortized(w: pd.DataFrame, col: str, by: list[str], methods) -> pd.DataFrame:
+    parts = []
+    for m in methods:
+        d = _paired(w, by, ["seed"], "method", m, "amortized", value=col)
+        if len(d):
+            parts.append(d.assign(method=m))
+    return pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(
+        columns=[*by, "seed", "d", "method"])
+
+
+def _curves(st: _Study, exp: str, split: str = "test") -> pd.DataFrame | None:
+    """Each finished run's ELBO evaluations on ``split``: epoch, wall_s, value (one per
+    epoch)."""
+    m = st.csv(exp, "metrics")
+    runs, _ = st.finished(exp, final=False)
+    if m is None or runs is None:
+        return None
+    c = m[(m["metric"] == "elbo") & (m["split"] == split) & m["run_id"].isin(runs["run_id"])
+          & m["param_group"].isna()]
+    if c.empty:
+        return None
+    c = c.sort_values(["run_id", "epoch"], kind="stable").drop_duplicates(["run_id", "epoch"])
+    return c.merge(runs[["run_id", "setting"]], on="run_id", how="left")
+
+
+def _at_budget(a: tuple[np.ndarray, np.ndarray], b: tuple[np.ndarray, np.ndarray]
+               ) -> tuple[float, float, float]:
+    """Both runs' ELBO at the largest common budget: each run's last evaluation within
+    min(their last budget value). ``a``/``b`` = (budget values ascending, ELBOs)."""
+    (xa, va), (xb, vb) = a, b
+    if not len(xa) or not len(xb):
+        return math.nan, math.nan, math.nan
+    limit = min(float(xa[-1]), float(xb[-1]))
+    ia = int(np.searchsorted(xa, limit + 1e-12, side="right")) - 1
+    ib = int(np.searchsorted(xb, limit + 1e-12, side="right")) - 1
+    if ia < 0 or ib < 0:
+        return math.nan, math.nan, limit
+    return float(va[ia]), float(vb[ib]), limit
+
+
+def _budget_pairs(curves: pd.DataFrame, by: list[str], contrast: str, a, b_values,
+                  budget: str) -> pd.DataFrame:
+    """Per seed pair: d = ELBO(a) − ELBO(b) at the common budget (epochs or wall_s)."""
+    col = "epoch" if budget == "epochs" else "wall_s"
+    cols = [*by, "seed", "versus", "d", "budget"]
+    c = curves.dropna(subset=[col]).sort_values(["run_id", col], kind="stable")
+    if c.empty:
+        return pd.DataFrame(columns=cols)
+    series = {rid: (g[col].to_numpy(dtype=float), g["value"].to_numpy(dtype=float))
+              for rid, g in c.groupby("run_id", sort=False)}
+    info = c.drop_duplicates("run_id")
+    rows = []
+    for key, g in info.groupby([*by, "seed"], dropna=False):
+        key = key if isinstance(key, tuple) else (key,)
+        ids = g.groupby(contrast)["run_id"].agg(list)
+        if a not in ids or len(ids[a]) != 1:
+            continue
+        for b in b_values:
+            if b not in ids or len(ids[b]) != 1:
+                continue
+            va, vb, limit = _at_budget(series[ids[a][0]], series[ids[b][0]])
+            rows.append([*key, b, va - vb, limit])
+    return pd.DataFrame(rows, columns=cols)
+
