@@ -434,18 +434,6 @@ def _check_csv(path: Path) -> list[str]:
     return []
 
 
-def _derived_tables(experiment: str) -> set[str]:
-    """The files ``figures`` writes beside an experiment's CSVs (e.g. ``variance_ratio.csv``):
-    derived from them, so not in the manifest. Asks the figure registry, which imports the
-    figure modules (matplotlib, never torch); none when they cannot be imported."""
-    try:
-        import experiments.figures  # noqa: F401  (importing registers every table writer)
-        from experiments.figures.registry import table_outputs
-    except Exception:  # no usable figure package: every unlisted CSV is reported
-        return set()
-    return set(table_outputs(experiment))
-
-
 def _check_experiment(exp_dir: Path) -> list[str]:
     problems = []
     csvs = sorted(p for p in exp_dir.glob("*.csv") if not p.name.startswith("."))
@@ -465,10 +453,8 @@ def _check_experiment(exp_dir: Path) -> list[str]:
                 problem = verify_manifest_file(exp_dir / name)
                 if problem:
                     problems.append(problem)
-            unlisted = [path for path in csvs if path.name not in listed]
-            derived = _derived_tables(exp_dir.name) if unlisted else set()
-            for path in unlisted:
-                if path.name not in derived:
+            for path in csvs:
+                if path.name not in listed:
                     problems.append(f"{path}: not listed in manifest.json (left over or added "
                                     f"by hand)")
     metrics, runs = exp_dir / "metrics.csv", exp_dir / "runs.csv"
