@@ -76,6 +76,7 @@ from torch import Tensor, nn
 from torch.distributions import Normal, kl_divergence
 
 from vi.config import DataConfig, ModelConfig, RunConfig, TrainingConfig
+from vi.inference import METHODS as TRAITS
 from vi.inference import MethodSettings
 from vi.training import Trainer
 
@@ -155,7 +156,7 @@ def hand_loop(trainer: Trainer, method: str) -> tuple[Callable[[], None], Callab
     """A plain PyTorch loop of member 0 of ``trainer`` (same weights, data order and noise;
     reparameterization gradient, M = 1, analytic KL): (one epoch, the largest |difference|
     between its decoder and member 0's, a check that both do the same arithmetic)."""
-    amortized = method == "amortized"
+    amortized = TRAITS[method].has_encoder
     x = trainer.x["train"][0]
     n = x.shape[0]
     decoder = trainer.decoder

@@ -54,6 +54,7 @@ import numpy as np
 import torch
 
 from vi.config import DataConfig, ModelConfig, RunConfig, TrainingConfig
+from vi.inference import METHODS as TRAITS
 from vi.inference import MethodSettings
 from vi.training import Trainer
 
@@ -129,7 +130,7 @@ def state_bytes(trainer: Trainer) -> dict:
 
 def expected_bytes(method: str, n: int, h: int, model: int, members: int) -> int:
     """vem: N·2H·4 B x 4 + N·8 B; both: + N·D·4 B + 5 x model bytes (per member)."""
-    table = members * (n * 2 * h * 4 * 4 + n * 8) if method == "vem" else 0
+    table = members * (n * 2 * h * 4 * 4 + n * 8) if TRAITS[method].has_local_table else 0
     return table + members * n * D * 4 + 5 * model
 
 
@@ -246,7 +247,7 @@ def main(argv: list[str] | None = None) -> int:
             ns_m = [r["n"] for r in rows]
             slopes[m] = {clock: loglog_slope(ns_m, [r[f"{clock}_s"] for r in rows])
                          for clock in ("cpu", "wall")}
-    vem_big = max((r for r in n_rows + h_rows if r["method"] == "vem"),
+    vem_big = max((r for r in n_rows + h_rows if TRAITS[r["method"]].has_local_table),
                   key=lambda r: r["expected_bytes"])
     lo, hi = SLOPE_RANGE
     goals = [

@@ -52,7 +52,7 @@ from torch import Tensor, nn
 from torch.distributions import Normal, kl_divergence
 
 from vi.config import DataConfig, ModelConfig, RunConfig, TrainingConfig
-from vi.inference import MethodSettings
+from vi.inference import METHODS, MethodSettings
 from vi.training import Trainer
 
 try:  # optional contender: the `bench` extra
@@ -242,7 +242,7 @@ def streams(trainer: Trainer) -> tuple[torch.Generator, torch.Generator]:
 
 def hand(trainer: Trainer, method: str, estimator: str, n_mc: int) -> Contender:
     """A minimal hand-written loop, same weights, data order and noise stream as ``trainer``."""
-    amortized = method == "amortized"
+    amortized = METHODS[method].has_encoder
     x = trainer.x["train"][0]
     model = HandModel(trainer, amortized)
     g_data, g_noise = streams(trainer)
@@ -305,7 +305,7 @@ def pyro_contender(trainer: Trainer, method: str, estimator: str, n_mc: int,
     ``pyro.param`` table (decoder sites blocked), then an M-step SVI step on θ (table blocked).
     Pyro's Adam is torch's dense Adam, so an E-step also moves the moments of unvisited rows.
     """
-    amortized, score = method == "amortized", estimator == "score"
+    amortized, score = METHODS[method].has_encoder, estimator == "score"
     x = trainer.x["train"][0]
     model_nn = HandModel(trainer, amortized)
     tag = f"{method}_{estimator}_{'v' if validate else 'nv'}"
