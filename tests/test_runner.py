@@ -193,9 +193,6 @@ def test_scale_merges_base_and_replaces_axes_and_probes(tmp_path: Path) -> None:
     assert all(c.config["probes"] == {"activity": {}} for c in prepare(g, tmp_path))
 
 
-@pytest.mark.xfail(strict=True, reason="vi.training drops every row of a final probe when the "
-                   "best epoch was also measured periodically, so the final-only log_px_mle "
-                   "and approximation_gap_mle rows of the exact probe are lost")
 def test_exact_probe_rows_and_the_ml_bound(tmp_path: Path) -> None:
     """A linear decoder with the exact probe: closed-form rows at each evaluation, and at the
     end the PPCA maximum-likelihood fit, whose log p(x) on train bounds the trained model's."""

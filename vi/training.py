@@ -321,15 +321,15 @@ class Trainer:
             result = probe(ctx)
             if probe.fatal:
                 bad |= result.failed
-            # a final measurement of the state a periodic one already measured adds no rows
-            repeat = {k for k in range(self.members) if (ctx.epoch, probe.name) in self.probed[k]}
-            for k in range(self.members):
-                self.probed[k].add((ctx.epoch, probe.name))
             for r in result.rows:
                 walls = r.get("wall_s")
+                # a row a periodic measurement already wrote for this state is not written again
+                key = (ctx.epoch, probe.name, r["metric"], r["split"], r.get("param_group", ""),
+                       r.get("step", -1))
                 for k, value in enumerate(r["value"]):
-                    if k in repeat:
+                    if key in self.probed[k]:
                         continue
+                    self.probed[k].add(key)
                     v = float(value)
                     if not math.isfinite(v):
                         if probe.fatal:
