@@ -1,0 +1,269 @@
+"""The cells of a grid: expanded, validated and grouped into ensembles before anything runs
+(docs/results.md).
+
+``prepare`` turns a grid into cells (one run each: its full configuration, ``run_id`` and run
+folder), applying the selected step sizes and checking every configuration, probe, data set and
+size before anything is allocated or written. ``group_ensembles`` groups the cells that can train
+as one batched model: same everything but seed and step sizes (``vi.config.ensemble_key``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from experiments.grids import Grid, get_path, run_id_for
+
+__all__ = [
+    "MAX_MEMBERS",
+    "SELECTION",
+    "Cell",
+    "Outcome",
+    "PrepareError",
+    "cell_payload",
+    "group_ensembles",
+    "prepare",
+    "read_selection",
+]
+
+SELECTION = Path("lr_selection") / "selected.csv"
+#: the most members one ensemble holds (bigger groups are split)
+MAX_MEMBERS = 64
+_STEP_SIZES = ("lr", "encoder_lr", "local_lr", "refine_lr")
+
+
+class PrepareError(ValueError):
+    """An experiment that cannot run as configured (raised before any file is written)."""
+
+
+@dataclass
+class Cell:
+    """One run: everything a worker needs, as plain values (picklable, JSON-able)."""
+
+    experiment: str
+    run_id: str
+    config: dict[str, Any]
+    lr_source: str
+    run_dir: str
+    selection_round: int | None = None
+    force_token: str | None = None
+    provenance: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Outcome:
+    run_id: str
+    status: str
+    message: str
+    action: str  # ran | resumed | skipped
+    seconds: float
+
+
+def read_selection(results: Path) -> pd.DataFrame | None:
+    """``lr_selection/selected.csv``, verified against its manifest (a truncated or edited table
+    would silently give the wrong step sizes), or None when there is no selection."""
+    from experiments.aggregate import verify_manifest_file
+
+    path = results / SELECTION
+    if not path.exists():
+        return None
+    problem = verify_manifest_file(path)
+    if problem:
+        raise PrepareError(f"{problem}; rerun lr_selection (python -m experiments run "
+                           f"lr_selection --force)")
+    try:
+        table = pd.read_csv(path, dtype={"baseline": str})
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as err:
+        raise PrepareError(f"{path}: not a readable CSV ({err}); rerun lr_selection") from err
+    need = {"dataset", "method", "estimator", "baseline"}
+    missing = sorted(need - set(table.columns))
+    if missing:
+        raise PrepareError(f"{path}: missing column(s) {', '.join(missing)}; rerun lr_selection")
+    return table
+
+
+def _apply_selection(config: dict, table: pd.DataFrame | None) -> str:
+    """Set the selected step sizes of the cell's (dataset, method, estimator, baseline)."""
+    if table is None:
+        return "default"
+    key = {"dataset": config["data"]["name"], "method": config["method"]["name"],
+           "estimator": config["method"]["estimator"],
+           "baseline": config["method"]["baseline"]}
+    match = table
+    for k, v in key.items():
+        match = match[match[k].astype(str) == str(v)]
+    if match.empty:
+        return "default"
+    row = match.iloc[0]
+    for name in _STEP_SIZES:
+        column = f"method.{name}"
+        if column in row and pd.notna(row[column]):
+            config["method"][name] = float(row[column])
+    shared = row.get("shared_from")
+    return "shared" if isinstance(shared, str) and shared else "selected"
+
+
+def _defaults() -> dict[str, Any]:
+    from vi.config import RunConfig
+
+    return RunConfig().to_dict()
+
+
+def prepare(
+    grid: Grid,
+    results: Path,
+    *,
+    scale: str | None = None,
+    seeds: list[int] | None = None,
+    device: str | None = None,
+    candidates: dict[tuple, list[dict]] | None = None,
+) -> list[Cell]:
+    """Expand ``grid`` into cells and validate every one (configuration, probes, data, sizes)
+    without writing anything or building a model. Raises ``PrepareError`` naming the cell.
+
+    ``candidates`` ({(dataset, method, estimator, baseline): [step sizes]}) adds the extension
+    rounds of a step-size selection (``experiments.selection``).
+    """
+    from experiments.grids import deep_merge
+    from experiments.selection import initial_candidates
+    from vi.config import RunConfig
+    from vi.probes import build_probes
+
+    g = grid.scaled(scale)
+    if seeds is not None:
+        bad = [s for s in seeds if isinstance(s, bool) or not isinstance(s, int)
+               or not 0 <= s < 2**32]
+        if bad or not seeds:
+            raise PrepareError(f"seeds must be integers in [0, 2^32); got {seeds}")
+    selection = read_selection(results) if g.lr == "selected" else None
+    defaults = _defaults()
+    partials = g.cells(seeds)
+    if not partials:
+        raise PrepareError(f"grid {g.name!r} has no cells (every combination is excluded)")
+    expanded: list[tuple[dict, int | None]] = []
+    for partial in partials:
+        if g.select is None:
+            expanded.append((partial, None))
+            continue
+        full = deep_merge(defaults, partial)
+        m = full["method"]
+        key = (full["data"]["name"], m["name"], m["estimator"], m["baseline"])
+        try:
+            rounds = [(c, 0) for c in initial_candidates(g.select, m["name"],
+                                                         full["data"]["name"])]
+        except ValueError as err:
+            raise PrepareError(f"{g.name}: {err}") from err
+        extra = (candidates or {}).get(key, [])
+        rounds += [(c, r) for c, r in extra]
+        for step_sizes, rnd in rounds:
+            expanded.append((deep_merge(partial, {"method": dict(step_sizes)}), rnd))
+    data_checked: dict[str, Any] = {}
+    cells: list[Cell] = []
+    seen: set[str] = set()
+    for i, (partial, rnd) in enumerate(expanded):
+        full = deep_merge(defaults, partial)
+        where = f"{g.name}, cell {i + 1} of {len(expanded)} ({_describe(full)})"
+        if device is not None:
+            full["device"] = device
+        full["probes"] = g.probes_for(full)
+        lr_source = "grid" if g.lr == "grid" else _apply_selection(full, selection)
+        try:
+            config = RunConfig.from_dict(full)
+            build_probes(config.probes, config)
+            _check_data(config, data_checked)
+        except ValueError as err:
+            raise PrepareError(f"{where}: {err}") from err
+        values = config.to_dict()
+        run_id = run_id_for(g.name, values)
+        if run_id in seen:
+            raise PrepareError(f"{where}: duplicates an earlier cell (same configuration)")
+        seen.add(run_id)
+        cells.append(Cell(g.name, run_id, values, lr_source,
+                          str(results / g.name / "runs" / run_id), rnd))
+    return cells
+
+
+def _check_data(config, checked: dict[str, Any]) -> None:
+    """Load the cell's data once per (data set, options, fractions, seed) and check the sizes
+    that depend on it (batch size, empty splits, memory) before anything is allocated."""
+    from vi.data import load_dataset
+
+    d = config.data
+    key = json.dumps([d.name, d.options, d.path, config.data_seed, d.test_fraction,
+                      d.validation_fraction], sort_keys=True)
+    if key not in checked:
+        checked[key] = load_dataset(d.name, seed=config.data_seed, test_fraction=d.test_fraction,
+                                    validation_fraction=d.validation_fraction, path=d.path,
+                                    **d.options)
+    data = checked[key]
+    n_train = data.train.shape[0]
+    if config.training.batch_size > n_train:
+        raise ValueError(f"training.batch_size {config.training.batch_size} exceeds the "
+                         f"{n_train} training points")
+    splits = set(config.training.eval_splits)
+    if config.training.stopping is not None:
+        splits.add("validation")
+    for s in sorted(splits):
+        if data.split(s).shape[0] == 0:
+            raise ValueError(f"split {s!r} is empty for this data configuration")
+    need = config.memory_bytes(data.data_dim, n_train,
+                               max(data.split(s).shape[0] for s in splits), members=1)
+    limit = _memory_limit()
+    if need > limit:
+        raise ValueError(f"this configuration needs about {need / 2**30:.1f} GiB per run, more "
+                         f"than this machine's {limit / 2**30:.1f} GiB")
+
+
+def _memory_limit() -> int:
+    try:
+        return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") * 0.8)
+    except (ValueError, OSError, AttributeError):
+        return 2**34
+
+
+def _describe(config: dict) -> str:
+    parts = [("dataset", "data.name"), ("method", "method.name"),
+             ("estimator", "method.estimator"), ("baseline", "method.baseline"),
+             ("latent_dim", "model.latent_dim"), ("n_mc", "method.n_mc"), ("seed", "seed")]
+    return ", ".join(f"{k}={get_path(config, p)}" for k, p in parts
+                     if get_path(config, p) is not None)
+
+
+def group_ensembles(cells: Sequence[Cell], max_members: int = MAX_MEMBERS) -> list[list[Cell]]:
+    """Cells that can train as one ensemble (same everything but seed and step sizes), in grid
+    order, split into groups of at most ``max_members``; most expensive first."""
+    from vi.config import RunConfig, ensemble_key
+
+    groups: dict[str, list[Cell]] = {}
+    for cell in cells:
+        groups.setdefault(ensemble_key(RunConfig.from_dict(cell.config)), []).append(cell)
+    out = []
+    for members in groups.values():
+        for start in range(0, len(members), max_members):
+            out.append(members[start:start + max_members])
+    return sorted(out, key=lambda g: -_cost(g))
+
+
+def _cost(group: list[Cell]) -> float:
+    """A rough relative cost, to start long ensembles first (better packing on N workers)."""
+    from vi.inference import METHODS
+
+    c = group[0].config
+    m = c["method"]
+    traits = METHODS[m["name"]]
+    passes = m["e_steps"] + m["m_steps"] if traits.has_local_table else 1
+    if traits.refines:
+        passes += m["refine_steps"] * (2 if traits.refine_through else 1)
+    width = max([c["model"]["latent_dim"], *c["model"]["hidden"], *m["encoder_hidden"]])
+    return len(group) ** 0.3 * m["n_mc"] * passes * width * c["training"]["max_epochs"]
+
+
+def cell_payload(cell: Cell) -> dict:
+    """The plain-dict form of a cell (what crosses process and cluster boundaries)."""
+    return asdict(cell)
