@@ -223,3 +223,30 @@ def test_reference_rows_rejects_bad_arguments(ppca_data):
 def test_model_names_are_described():
     assert ref.REFERENCE_MODELS == ("no_latent", "factor_analysis", "ppca")
     assert set(ref.REFERENCE_MODEL_DESCRIPTIONS) == set(ref.REFERENCE_MODELS)
+
+
+def test_references_csv_equals_a_direct_computation(tmp_path) -> None:
+    """``results/references.csv`` holds, for every data split named in an experiment's runs.csv,
+    the reference models fitted on that split exactly as ``reference_rows`` computes them."""
+    import pandas as pd
+
+    from experiments.references import write_references
+
+    exp = tmp_path / "results" / "toy"
+    exp.mkdir(parents=True)
+    pd.DataFrame([{"run_id": f"r{s}", "dataset": "digits", "seed": s, "latent_dim": h,
+                   "data.seed": None, "data.test_fraction": 0.2,
+                   "data.validation_fraction": 0.1, "data.options": "{}", "data.path": None}
+                  for s in (0, 1) for h in (2, 5)]).to_csv(exp / "runs.csv", index=False)
+    table = pd.read_csv(write_references(tmp_path / "results"))
+    for seed in (0, 1):
+        data = load_dataset("digits", seed=seed, test_fraction=0.2, validation_fraction=0.1)
+        for row in ref.reference_rows(data, [2, 5]):
+            match = table[(table["data_seed"] == seed) & (table["model"] == row["model"])
+                          & (table["split"] == row["split"])]
+            if row["latent_dim"] is not None:
+                match = match[match["latent_dim"] == row["latent_dim"]]
+            assert len(match) == 1, (seed, row["model"], row["latent_dim"], row["split"])
+            assert match["log_px"].iloc[0] == pytest.approx(row["log_px"], rel=1e-12)
+            bpd = -(row["log_px"] - 64 * np.log(17)) / (64 * np.log(2))
+            assert match["log_px_bpd"].iloc[0] == pytest.approx(bpd, rel=1e-12)

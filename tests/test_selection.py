@@ -1,0 +1,134 @@
+"""Step-size selection (``experiments.selection``): the median over seeds decides, unstable and
+unconverged candidates lose to stable converged ones, an optimum at an edge extends the search,
+and shared choices name their source. Pure pandas: synthetic ``runs.csv`` tables, no training."""
+
+from __future__ import annotations
+
+import math
+
+import pandas as pd
+import pytest
+
+from experiments import selection as sel
+
+SELECT = {"metric": "elbo", "split": "validation", "unstable_gap": 20.0, "extend_factor": 3.0,
+          "max_extensions": 2,
+          "candidates": {"amortized": {"lr": 0.003, "encoder_lr": 0.003},
+                         "vem": {"digits": {"lr": 0.001, "local_lr": 0.1}}}}
+
+
+def runs(cells: list[tuple[float, float, list[float | None]]], *, method: str = "amortized",
+         inference: str = "encoder_lr", capped: set[tuple[float, float, int]] = frozenset(),
+         rnd: int = 0) -> pd.DataFrame:
+    """A runs.csv: one row per (lr, inference step size, seed); a score None is a diverged seed."""
+    rows = []
+    for lr, other, scores in cells:
+        for seed, score in enumerate(scores):
+            rows.append({"dataset": "digits", "method": method, "estimator": "reparam",
+                         "baseline": "none", "seed": seed,
+                         "status": "diverged" if score is None else "ok",
+                         "stop_reason": "max_epochs" if (lr, other, seed) in capped else "plateau",
+                         "method.lr": lr, f"method.{inference}": other,
+                         "final_elbo_validation": math.nan if score is None else score,
+                         "selection_round": rnd})
+    return pd.DataFrame(rows)
+
+
+CROSS = [(0.003, 0.003, [50.0, 51.0, 52.0]), (0.001, 0.003, [49.0, 48.0, 50.0]),
+         (0.009, 0.003, [47.0, 46.0, 45.0]), (0.003, 0.001, [48.0, 49.0, 47.0]),
+         (0.003, 0.009, [46.0, 47.0, 48.0])]
+
+
+def test_the_cross_around_a_centre_and_per_dataset_centres() -> None:
+    cands = sel.initial_candidates(SELECT, "amortized")
+    assert cands[0] == {"lr": 0.003, "encoder_lr": 0.003}
+    assert {(c["lr"], c["encoder_lr"]) for c in cands} == {
+        (0.003, 0.003), (0.001, 0.003), (0.009, 0.003), (0.003, 0.001), (0.003, 0.009)}
+    assert sel.initial_candidates(SELECT, "vem", "digits")[0] == {"lr": 0.001, "local_lr": 0.1}
+    with pytest.raises(ValueError, match="no centre for dataset 'ppca'"):
+        sel.initial_candidates(SELECT, "vem", "ppca")
+
+
+def test_an_interior_median_optimum_is_chosen_and_nothing_extends() -> None:
+    table = sel.candidate_table(runs(CROSS), SELECT)
+    best = table[table["rank"] == 1].iloc[0]
+    assert (best["method.lr"], best["method.encoder_lr"]) == (0.003, 0.003)
+    assert best["score"] == 51.0  # the median, not the mean
+    chosen = sel.choose(table, SELECT).iloc[0]
+    assert bool(chosen["interior"]) and chosen["edge"] == "" and not bool(chosen["at_cap"])
+    assert sel.extensions(table, SELECT) == {}
+
+
+def test_a_catastrophic_seed_does_not_decide_but_makes_the_candidate_unstable() -> None:
+    cells = [*CROSS[1:], (0.003, 0.003, [60.0, 61.0, -300.0])]  # best median, one seed far below
+    table = sel.candidate_table(runs(cells), SELECT)
+    row = table[(table["method.lr"] == 0.003) & (table["method.encoder_lr"] == 0.003)].iloc[0]
+    assert row["score"] == 60.0 and bool(row["unstable"])
+    best = table[table["rank"] == 1].iloc[0]  # the stable runner-up is chosen
+    assert (best["method.lr"], best["method.encoder_lr"]) == (0.001, 0.003)
+    assert not bool(best["unstable"])
+
+
+def test_a_diverged_seed_makes_a_candidate_unstable() -> None:
+    cells = [*CROSS[1:], (0.003, 0.003, [70.0, None, 71.0])]
+    table = sel.candidate_table(runs(cells), SELECT)
+    row = table[(table["method.lr"] == 0.003) & (table["method.encoder_lr"] == 0.003)].iloc[0]
+    assert row["n_diverged"] == 1 and bool(row["unstable"]) and row["rank"] > 1
+
+
+def test_unconverged_candidates_lose_to_converged_ones() -> None:
+    cells = [*CROSS[1:], (0.003, 0.003, [70.0, 71.0, 72.0])]
+    table = sel.candidate_table(runs(cells, capped={(0.003, 0.003, 1)}), SELECT)
+    row = table[(table["method.lr"] == 0.003) & (table["method.encoder_lr"] == 0.003)].iloc[0]
+    assert bool(row["unconverged"]) and not bool(row["unstable"]) and row["rank"] > 1
+    best = table[table["rank"] == 1].iloc[0]
+    assert not bool(best["unconverged"])
+
+
+def test_an_optimum_at_an_edge_extends_that_step_size_and_is_flagged() -> None:
+    cells = [(0.003, 0.003, [50.0] * 3), (0.001, 0.003, [55.0] * 3),  # best at the low lr edge
+             (0.009, 0.003, [45.0] * 3), (0.003, 0.001, [48.0] * 3), (0.003, 0.009, [47.0] * 3)]
+    table = sel.candidate_table(runs(cells), SELECT)
+    chosen = sel.choose(table, SELECT).iloc[0]
+    assert not bool(chosen["interior"]) and "lr:low" in chosen["edge"]
+    assert "encoder_lr" in chosen["edge"]  # no other encoder step size tried at lr 0.001
+    grow = sel.extensions(table, SELECT)
+    new = grow[("digits", "amortized", "reparam", "none")]
+    assert {"lr": 0.000333, "encoder_lr": 0.003} in new  # the lr moved x1/3 past the edge
+    assert {"lr": 0.001, "encoder_lr": 0.001} in new and {"lr": 0.001, "encoder_lr": 0.009} in new
+
+
+def test_the_extension_stops_at_the_cap_and_the_choice_says_so() -> None:
+    cells = [(0.003, 0.003, [50.0] * 3), (0.001, 0.003, [55.0] * 3), (0.009, 0.003, [45.0] * 3),
+             (0.003, 0.001, [48.0] * 3), (0.003, 0.009, [47.0] * 3)]
+    table = sel.candidate_table(runs(cells, rnd=2), SELECT)  # already two extension rounds
+    assert sel.extensions(table, SELECT) == {}
+    assert bool(sel.choose(table, SELECT).iloc[0]["at_cap"])
+
+
+def test_shared_choices_name_their_source() -> None:
+    select = {**SELECT, "share": [
+        {"from": {"estimator": "reparam", "baseline": "none"},
+         "to": {"estimator": "stl", "baseline": "none"}},
+        {"from": {"method": "amortized"}, "to": {"method": "semi_amortized"}}]}
+    chosen = sel.choose(sel.candidate_table(runs(CROSS), select), select)
+    keys = {(r["method"], r["estimator"]): r["shared_from"] for _, r in chosen.iterrows()}
+    assert keys[("amortized", "reparam")] == ""
+    assert keys[("amortized", "stl")] == "amortized/reparam+none"
+    assert keys[("semi_amortized", "reparam")] == "amortized/reparam+none"
+    assert keys[("semi_amortized", "stl")] == "amortized/reparam+none"  # two hops, first source
+    assert (chosen["method.lr"] == 0.003).all()
+
+
+@pytest.mark.parametrize("bad", [
+    {"candidates": {}},
+    {"candidates": {"vem": {"lr": -1.0}}},
+    {"candidates": {"vem": {"momentum": 0.9}}},
+    {"candidates": {"vem": {"lr": 0.1}}, "extend_factor": 1.0},
+    {"candidates": {"vem": {"lr": 0.1}}, "max_extensions": 11},
+    {"candidates": {"vem": {"lr": 0.1}}, "share": [{"from": {"method": "vem"}}]},
+    {"candidates": {"vem": {"lr": 0.1}}, "surprise": 1},
+])
+def test_malformed_select_blocks_are_refused(bad: dict) -> None:
+    with pytest.raises(ValueError):
+        sel.check_select(bad)
