@@ -104,7 +104,7 @@ def test_ppca_reaches_max_likelihood_minus_approximation_gap(ppca_data, method):
     assert torch.equal(trainer.x["train"][0].double(), x)
     method_ = trainer.method
     lam, _ = method_.infer(trainer.x["train"], MemberRandom.from_seeds(
-        [config.seed], "elbo", "train", epochs))
+        [config.seed], "elbo", "train"))
     W, b, psi = (t[0].detach().double() for t in method_.decoder.linear_parameters())
     exact = lg.elbo_closed_form(x, lam[0].detach().double(), W, b, psi)
     assert reported == pytest.approx(float(exact.mean()), rel=1e-5)

@@ -293,8 +293,9 @@ class Trainer:
         rows: dict[int, list[dict]] = {k: [] for k in wanted}
         bad: dict[int, str] = {}
         for split in splits:
-            random = MemberRandom.from_seeds(self.seeds, "elbo", split, epoch,
-                                             device=self.device)
+            # the same noise at every evaluation (common random numbers): the curve and the
+            # plateau rule see the model change, not Monte Carlo noise
+            random = MemberRandom.from_seeds(self.seeds, "elbo", split, device=self.device)
             t = self.configs[0].training
             x = self.x[split] if t.eval_points is None else self.x[split][:, :t.eval_points]
             value, steps = split_elbo(self.method, x, n_mc=t.eval_n_mc, random=random)
