@@ -40,7 +40,7 @@ from typing import Any
 
 import pandas as pd
 
-from experiments.grids import config_hash, run_id_for
+from experiments.grids import config_hash, flatten, run_id_for
 from experiments.schema import (
     BPD_METRICS,
     TABLE_COLUMNS,
@@ -57,7 +57,6 @@ __all__ = [
     "add_to_manifest",
     "aggregate",
     "check_results",
-    "flatten",
     "verify_manifest_file",
     "verify_run",
 ]
@@ -99,17 +98,6 @@ def _read_json(path: Path) -> tuple[dict | None, str]:
     if not isinstance(value, dict):
         return None, f"{path.name} is not a JSON object"
     return value, ""
-
-
-def flatten(values: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    """A nested configuration as {dotted name: value} (lists stay lists)."""
-    out: dict[str, Any] = {}
-    for key, value in values.items():
-        if isinstance(value, dict) and value and key != "options":
-            out |= flatten(value, f"{prefix}{key}.")
-        else:
-            out[prefix + key] = value
-    return out
 
 
 # ------------------------------------------------------------------------------ run folders

@@ -51,6 +51,7 @@ __all__ = [
     "config_hash",
     "deep_merge",
     "expand_dotted",
+    "flatten",
     "get_path",
     "load_grid",
     "matches",
@@ -113,11 +114,13 @@ def get_path(config: dict[str, Any], path: str, default: Any = None) -> Any:
     return value
 
 
-def _leaves(values: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out = {}
+def flatten(values: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """A nested configuration as {dotted name: value} (lists, and a data set's ``options``,
+    stay whole)."""
+    out: dict[str, Any] = {}
     for key, value in values.items():
         if isinstance(value, dict) and value and key != "options":
-            out |= _leaves(value, f"{prefix}{key}.")
+            out |= flatten(value, f"{prefix}{key}.")
         else:
             out[prefix + key] = value
     return out
@@ -126,7 +129,7 @@ def _leaves(values: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 def matches(config: dict[str, Any], partial: dict[str, Any]) -> bool:
     """Whether every field of ``partial`` (nested or dotted) has that value in ``config``."""
     return all(get_path(config, path) == value
-               for path, value in _leaves(expand_dotted(partial)).items())
+               for path, value in flatten(expand_dotted(partial)).items())
 
 
 # ------------------------------------------------------------------------------------ grids
