@@ -58,11 +58,8 @@ import argparse
 import cProfile
 import io
 import json
-import os
-import platform
 import pstats
 import resource
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -72,13 +69,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from torch import Tensor, nn
-from torch.distributions import Normal, kl_divergence
+from torch import nn
 
 from vi.config import DataConfig, ModelConfig, RunConfig, TrainingConfig
-from vi.inference import METHODS as TRAITS
 from vi.inference import MethodSettings
 from vi.training import Trainer
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # common.py, however this script is run
+from common import CLOCKS, alternate, environment, hand_loop, loadavg, paired_ratio, quantiles
 
 ROOT = Path(__file__).resolve().parents[1]
 METHODS = ("amortized", "vem")
@@ -90,24 +88,6 @@ STEP_FACTORS = (1.0, 3.0, 1 / 3)  # member k's step sizes: the base x STEP_FACTO
 GOALS = {1: 1.0, 10: 0.25, 20: 0.2}
 GRIDS = ("lr_selection", "elbo_curves")
 REPRODUCE_GOAL = 3.0
-
-
-# -- environment ----------------------------------------------------------------------------------
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def environment() -> dict:
-    return {"cpu": cpu_model(), "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-            "torch": torch.__version__, "python": platform.python_version(),
-            "loadavg_start": [round(v, 2) for v in os.getloadavg()]}
 
 
 # -- the ensemble ---------------------------------------------------------------------------------
@@ -131,90 +111,19 @@ def ensemble(method: str, members: int, datasets: dict) -> Trainer:
     return Trainer(configs, datasets=datasets)
 
 
-# -- the hand-written loop ------------------------------------------------------------------------
-def mlp_like(stacked, member: int = 0) -> nn.Sequential:
-    """``nn.Linear`` + tanh layers holding one member's weights of a ``StackedMLP`` (layer i:
-    w{i} [d_in, d_out] and b{i} [d_out] in its flat leaf)."""
-    sizes = stacked.sizes
-    views = stacked.params.views()
-    layers: list[nn.Module] = []
-    for i in range(len(sizes) - 1):
-        linear = nn.Linear(sizes[i], sizes[i + 1])
-        with torch.no_grad():
-            linear.weight.copy_(views[f"w{i}"][member].T)
-            linear.bias.copy_(views[f"b{i}"][member])
-        layers.append(linear)
-        if i < len(sizes) - 2:
-            layers.append(nn.Tanh())
-    return nn.Sequential(*layers)
-
-
-STD_NORMAL = Normal(torch.zeros(()), torch.ones(()), validate_args=False)
-
-
-def hand_loop(trainer: Trainer, method: str) -> tuple[Callable[[], None], Callable[[], float]]:
+def hand_checked(trainer: Trainer, method: str) -> tuple[Callable[[], None], Callable[[], float]]:
     """A plain PyTorch loop of member 0 of ``trainer`` (same weights, data order and noise;
     reparameterization gradient, M = 1, analytic KL): (one epoch, the largest |difference|
     between its decoder and member 0's, a check that both do the same arithmetic)."""
-    amortized = TRAITS[method].has_encoder
-    x = trainer.x["train"][0]
-    n = x.shape[0]
+    model, epoch, _ = hand_loop(trainer, method, latent=LATENT, batch=BATCH, lr=LR,
+                                local_lr=LOCAL_LR)
     decoder = trainer.decoder
-    dec = mlp_like(decoder.net)
-    raw_var = nn.Parameter(decoder.params.views()["raw_var"][0].detach().clone())
-    floor = decoder.var_floor
-    enc = mlp_like(trainer.method.encoder.net) if amortized else None
-    g_data, g_noise = torch.Generator(), torch.Generator()
-    g_data.set_state(trainer.data_random.generators[0].get_state())
-    g_noise.set_state(trainer.noise.generators[0].get_state())
-    params = [*dec.parameters(), raw_var, *(enc.parameters() if amortized else [])]
-    opt = torch.optim.Adam(params, lr=LR)
-    if not amortized:
-        table = torch.zeros(n, 2 * LATENT)
-        m1, m2 = torch.zeros_like(table), torch.zeros_like(table)
-        steps = torch.zeros(n, dtype=torch.long)
-    b1, b2 = 0.9, 0.999
-
-    def elbo(xb: Tensor, lam: Tensor) -> Tensor:
-        mu, logvar = lam.chunk(2, dim=-1)
-        std = torch.exp(0.5 * logvar)
-        eps = torch.randn((1, *mu.shape), generator=g_noise)
-        mean = dec(mu + std * eps)
-        sd = (floor + torch.exp(raw_var)).sqrt()
-        rec = Normal(mean, sd, validate_args=False).log_prob(xb).sum(-1).mean(0)
-        return rec - kl_divergence(Normal(mu, std, validate_args=False), STD_NORMAL).sum(-1)
-
-    def epoch() -> None:
-        perm = torch.randperm(n, generator=g_data)
-        total = torch.zeros((), dtype=torch.float64)
-        for start in range(0, n, BATCH):
-            idx = perm[start:start + BATCH]
-            xb = x[idx]
-            if amortized:
-                est = elbo(xb, enc(xb))
-            else:  # E-step on the rows (per-row Adam), then M-step on θ
-                lam = table[idx].clone().requires_grad_()
-                (g,) = torch.autograd.grad(-elbo(xb, lam).sum(), lam)
-                with torch.no_grad():
-                    t = steps[idx] + 1
-                    steps[idx] = t
-                    mm = b1 * m1[idx] + (1 - b1) * g
-                    vv = b2 * m2[idx] + (1 - b2) * g * g
-                    m1[idx], m2[idx] = mm, vv
-                    tf = t.float().unsqueeze(-1)
-                    table[idx] = table[idx] - LOCAL_LR * (mm / (1 - b1**tf)) / (
-                        (vv / (1 - b2**tf)).sqrt() + 1e-8)
-                est = elbo(xb, table[idx])
-            opt.zero_grad(set_to_none=True)
-            (-est.mean()).backward()
-            opt.step()
-            total += est.detach().double().sum()  # the running ELBO, as the trainer records
 
     @torch.no_grad()
     def difference() -> float:
         views = decoder.params.views()
-        linears = [m for m in dec if isinstance(m, nn.Linear)]
-        diffs = [(raw_var - views["raw_var"][0]).abs().max()]
+        linears = [m for m in model.dec if isinstance(m, nn.Linear)]
+        diffs = [(model.raw_var - views["raw_var"][0]).abs().max()]
         for i, linear in enumerate(linears):
             diffs += [(linear.weight.T - views[f"w{i}"][0]).abs().max(),
                       (linear.bias - views[f"b{i}"][0]).abs().max()]
@@ -224,9 +133,6 @@ def hand_loop(trainer: Trainer, method: str) -> tuple[Callable[[], None], Callab
 
 
 # -- measurement -----------------------------------------------------------------------------------
-CLOCKS = ("cpu", "wall")
-
-
 @dataclass
 class Contender:
     method: str
@@ -235,21 +141,6 @@ class Contender:
     run_epoch: Callable[[], None]
     wall: list[float] = field(default_factory=list)  # per-model seconds per timed epoch
     cpu: list[float] = field(default_factory=list)
-
-
-def quantiles(values: list[float]) -> tuple[float, float, float]:
-    """(25 %, 50 %, 75 %) quantiles."""
-    if len(values) == 1:
-        return values[0], values[0], values[0]
-    q = statistics.quantiles(values, n=4, method="inclusive")
-    return q[0], q[1], q[2]
-
-
-def paired_ratio(a: Contender, b: Contender, clock: str) -> dict:
-    """Median (and IQR) over rounds of a's / b's per-model epoch time in the same round."""
-    r = [ta / tb for ta, tb in zip(getattr(a, clock), getattr(b, clock), strict=True)]
-    lo, med, hi = quantiles(r)
-    return {"median": med, "q25": lo, "q75": hi}
 
 
 def sweep(methods: tuple[str, ...], members: tuple[int, ...], epochs: int, warmup: int,
@@ -263,18 +154,9 @@ def sweep(methods: tuple[str, ...], members: tuple[int, ...], epochs: int, warmu
             contenders.append(Contender(method, f"K={k}", k, trainer._train_epoch))
             if k == 1:
                 n_train[method] = trainer.x["train"].shape[1]
-                epoch, differences[method] = hand_loop(trainer, method)
+                epoch, differences[method] = hand_checked(trainer, method)
                 contenders.append(Contender(method, "hand", 1, epoch))
-    n = len(contenders)
-    for e in range(warmup + epochs):
-        for j in range(n):  # every contender once per round; the order rotates every round
-            c = contenders[(j + e) % n]
-            w0, c0 = time.perf_counter(), time.process_time()
-            c.run_epoch()
-            c1, w1 = time.process_time(), time.perf_counter()
-            if e >= warmup:
-                c.wall.append((w1 - w0) / c.members)
-                c.cpu.append((c1 - c0) / c.members)
+    alternate(contenders, epochs, warmup)
     by = {(c.method, c.name): c for c in contenders}
     rows, ratios = [], []
     for c in contenders:
@@ -525,7 +407,7 @@ def main(argv: list[str] | None = None) -> int:
         goals.append(reproduce_goal(rep))
     out["goals"] = goals
     out["wall_s"] = time.perf_counter() - start
-    env["loadavg_end"] = [round(v, 2) for v in os.getloadavg()]
+    env["loadavg_end"] = loadavg()
     print(report(out))
     for prof in out.get("profile", {}).values():
         del prof["text"]  # printed above; the JSON keeps the top rows

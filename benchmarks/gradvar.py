@@ -35,8 +35,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
+import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -48,21 +49,12 @@ from vi.inference import MethodSettings
 from vi.objectives import elbo
 from vi.training import Trainer
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # common.py, however this script is run
+from common import CLOCKS, environment
+
 GOAL_RATIO = 10.0
 GOAL_AGREEMENT = 1e-4
-CLOCKS = ("cpu", "wall")
 _PARAMS = "net.params.flat"  # the encoder's flat leaf, as functional_call names it
-
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 @torch.no_grad()  # torch.func.grad still differentiates; no_grad only stops tracking θ
@@ -190,9 +182,7 @@ def main(argv: list[str] | None = None) -> dict:
               f"{r['max_abs_diff']:>10.1e}")
     result = {
         "benchmark": "gradvar",
-        "env": {"cpu": cpu_model(), "cores": os.cpu_count(),
-                "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
-                "python": platform.python_version(), "loadavg_start": round(load0, 2),
+        "env": {**environment(), "loadavg_start": round(load0, 2),
                 "loadavg_end": round(os.getloadavg()[0], 2)},
         "settings": {"dataset": "digits", "method": "amortized", "estimator": "reparam",
                      "n_mc": 1, "draws": draws, "batch": args.batch, "latent_dims": dims,

@@ -43,12 +43,12 @@ import argparse
 import json
 import math
 import os
-import platform
 import resource
 import statistics
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -57,6 +57,9 @@ from vi.config import DataConfig, ModelConfig, RunConfig, TrainingConfig
 from vi.inference import METHODS as TRAITS
 from vi.inference import MethodSettings
 from vi.training import Trainer
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # common.py, however this script is run
+from common import environment, loadavg
 
 D, DATA_LATENT, HIDDEN, BATCH = 20, 4, 64, 128
 METHODS = ("amortized", "vem")
@@ -90,17 +93,6 @@ def peak_rss_bytes() -> int:
     except OSError:
         pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
-
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def nbytes(tensors) -> int:
@@ -231,7 +223,7 @@ def main(argv: list[str] | None = None) -> int:
     h_n = a.h_sweep_n or h_n
     isolate = not a.quick
     start = time.perf_counter()
-    load0 = os.getloadavg()
+    env = environment()
 
     def one(method, n, h):
         if isolate:
@@ -261,10 +253,7 @@ def main(argv: list[str] | None = None) -> int:
     ]
     out = {
         "benchmark": "scaling",
-        "env": {"cpu": cpu_model(), "cores": os.cpu_count(), "torch_threads": a.threads,
-                "torch": torch.__version__, "python": platform.python_version(),
-                "loadavg_start": [round(v, 2) for v in load0],
-                "loadavg_end": [round(v, 2) for v in os.getloadavg()]},
+        "env": {**env, "loadavg_end": loadavg()},
         "settings": {"data": f"ppca D={D}", "hidden": HIDDEN, "batch_size": BATCH,
                      "members": a.members, "h_for_n_sweep": h_fixed, "n_for_h_sweep": h_n,
                      "isolated": isolate, "goal_clock": "cpu", "quick": a.quick},

@@ -39,13 +39,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
-import statistics
 import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from torch import Tensor, nn
@@ -54,6 +52,19 @@ from torch.distributions import Normal, kl_divergence
 from vi.config import DataConfig, ModelConfig, RunConfig, TrainingConfig
 from vi.inference import METHODS, MethodSettings
 from vi.training import Trainer
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # common.py, however this script is run
+from common import (
+    CLOCKS,
+    HandModel,
+    alternate,
+    environment,
+    hand_loop,
+    loadavg,
+    paired_ratio,
+    quantiles,
+    streams,
+)
 
 try:  # optional contender: the `bench` extra
     import pyro
@@ -88,27 +99,6 @@ GOALS = {"ours_over_hand_amortized": 1.1, "vem_over_amortized_ours": 1.0, "pyro_
 PYRO_NOTE = 'pyro-ppl is not installed; `pip install -e ".[bench]"` adds it'
 
 
-# -- environment ----------------------------------------------------------------------------------
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def environment() -> dict:
-    return {
-        "cpu": cpu_model(), "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-        "torch": torch.__version__, "pyro": None if pyro is None else pyro.__version__,
-        "python": platform.python_version(),
-        "loadavg_start": [round(v, 2) for v in os.getloadavg()],
-    }
-
-
 # -- one evaluation for every contender ------------------------------------------------------------
 Decode = Callable[[Tensor], tuple[Tensor, Tensor]]
 
@@ -135,6 +125,7 @@ class Contender:
     estimator: str
     run_epoch: Callable[[], None]
     elbo: Callable[[int], float]
+    members: int = 1  # models trained per epoch
     wall: list[float] = field(default_factory=list)  # perf_counter seconds per timed epoch
     cpu: list[float] = field(default_factory=list)  # process_time seconds per timed epoch
 
@@ -175,121 +166,15 @@ def ours(method: str, estimator: str, baseline: str, n_mc: int, seed: int,
     return Contender("ours", method, estimator, trainer._train_epoch, elbo), trainer
 
 
-def mlp_like(stacked, member: int = 0) -> nn.Sequential:
-    """A ``nn.Sequential`` of ``nn.Linear`` + tanh with one member's weights of a ``StackedMLP``
-    (whose layer i has w{i} [d_in, d_out] and b{i} [d_out] in its flat leaf)."""
-    sizes = stacked.sizes
-    layers: list[nn.Module] = []
-    views = stacked.params.views()
-    for i in range(len(sizes) - 1):
-        linear = nn.Linear(sizes[i], sizes[i + 1])
-        with torch.no_grad():
-            linear.weight.copy_(views[f"w{i}"][member].T)
-            linear.bias.copy_(views[f"b{i}"][member])
-        layers.append(linear)
-        if i < len(sizes) - 2:
-            layers.append(nn.Tanh())
-    return nn.Sequential(*layers)
-
-
-class HandModel(nn.Module):
-    """The same decoder (and encoder) as plain modules, loaded with ``ours``' initial weights."""
-
-    def __init__(self, trainer: Trainer, amortized: bool) -> None:
-        super().__init__()
-        decoder = trainer.decoder
-        self.var_floor = decoder.var_floor
-        self.dec = mlp_like(decoder.net)
-        self.raw_var = nn.Parameter(decoder.params.views()["raw_var"][0].detach().clone())
-        if amortized:
-            self.enc = mlp_like(trainer.method.encoder.net)
-
-    def decode(self, z: Tensor) -> tuple[Tensor, Tensor]:
-        return self.dec(z), self.var_floor + torch.exp(self.raw_var)
-
-    def log_lik(self, x: Tensor, z: Tensor) -> Tensor:
-        mean, var = self.decode(z)
-        return Normal(mean, var.sqrt(), validate_args=False).log_prob(x).sum(-1)
-
-
-STD_NORMAL = Normal(torch.zeros(()), torch.ones(()), validate_args=False)
-
-
-def hand_elbo(model: HandModel, x: Tensor, lam: Tensor, eps: Tensor, score: bool) -> Tensor:
-    """Per-point surrogate [B]: reparam, or score + leave-one-out baseline; analytic KL."""
-    mu, logvar = lam.chunk(2, dim=-1)
-    std = torch.exp(0.5 * logvar)
-    q = Normal(mu, std, validate_args=False)
-    if score:
-        z = (mu + std * eps).detach()
-        f = model.log_lik(x, z)  # [M, B]; carries ∇θ
-        fd = f.detach()
-        b = (fd.sum(0, keepdim=True) - fd) / (fd.shape[0] - 1)
-        log_q = q.log_prob(z).sum(-1)
-        rec = (f + (log_q - log_q.detach()) * (fd - b)).mean(0)
-    else:
-        rec = model.log_lik(x, mu + std * eps).mean(0)
-    return rec - kl_divergence(q, STD_NORMAL).sum(-1)
-
-
-def streams(trainer: Trainer) -> tuple[torch.Generator, torch.Generator]:
-    """Copies of member 0's data-order and training-noise generators (same draws as ``ours``)."""
-    g_data, g_noise = torch.Generator(), torch.Generator()
-    g_data.set_state(trainer.data_random.generators[0].get_state())
-    g_noise.set_state(trainer.noise.generators[0].get_state())
-    return g_data, g_noise
-
-
 def hand(trainer: Trainer, method: str, estimator: str, n_mc: int) -> Contender:
     """A minimal hand-written loop, same weights, data order and noise stream as ``trainer``."""
-    amortized = METHODS[method].has_encoder
+    model, epoch, variational = hand_loop(trainer, method, latent=LATENT, batch=BATCH, lr=LR,
+                                          local_lr=LOCAL_LR, n_mc=n_mc,
+                                          score=estimator == "score")
     x = trainer.x["train"][0]
-    model = HandModel(trainer, amortized)
-    g_data, g_noise = streams(trainer)
-    score = estimator == "score"
-    n = x.shape[0]
-    if amortized:
-        opt = torch.optim.Adam(model.parameters(), lr=LR)
-    else:
-        opt = torch.optim.Adam([*model.dec.parameters(), model.raw_var], lr=LR)
-        table = torch.zeros(n, 2 * LATENT)
-        m1, m2 = torch.zeros_like(table), torch.zeros_like(table)
-        steps = torch.zeros(n, dtype=torch.long)
-    b1, b2 = 0.9, 0.999
-
-    def epoch() -> None:
-        perm = torch.randperm(n, generator=g_data)
-        total = torch.zeros((), dtype=torch.float64)
-        for start in range(0, n, BATCH):
-            idx = perm[start:start + BATCH]
-            xb = x[idx]
-            if amortized:
-                eps = torch.randn((n_mc, idx.shape[0], LATENT), generator=g_noise)
-                est = hand_elbo(model, xb, model.enc(xb), eps, score)
-            else:  # E-step on the rows (per-row Adam), then M-step on θ
-                lam = table[idx].clone().requires_grad_()
-                eps = torch.randn((n_mc, idx.shape[0], LATENT), generator=g_noise)
-                (g,) = torch.autograd.grad(-hand_elbo(model, xb, lam, eps, score).sum(), lam)
-                with torch.no_grad():
-                    t = steps[idx] + 1
-                    steps[idx] = t
-                    mm = b1 * m1[idx] + (1 - b1) * g
-                    vv = b2 * m2[idx] + (1 - b2) * g * g
-                    m1[idx], m2[idx] = mm, vv
-                    tf = t.float().unsqueeze(-1)
-                    table[idx] = table[idx] - LOCAL_LR * (mm / (1 - b1**tf)) / (
-                        (vv / (1 - b2**tf)).sqrt() + 1e-8)
-                eps = torch.randn((n_mc, idx.shape[0], LATENT), generator=g_noise)
-                est = hand_elbo(model, xb, table[idx], eps, score)
-            opt.zero_grad(set_to_none=True)
-            (-est.mean()).backward()
-            opt.step()
-            total += est.detach().double().sum()  # the running ELBO, as the trainer records
 
     def elbo(eval_seed: int) -> float:
-        with torch.no_grad():
-            lam = model.enc(x) if amortized else table
-        return train_elbo(model.decode, lam, x, eval_seed)
+        return train_elbo(model.decode, variational(), x, eval_seed)
 
     return Contender("hand", method, estimator, epoch, elbo)
 
@@ -369,30 +254,12 @@ def pyro_contender(trainer: Trainer, method: str, estimator: str, n_mc: int,
 
 
 # -- measurement -----------------------------------------------------------------------------------
-CLOCKS = ("cpu", "wall")
-
-
-def quantiles(values: list[float]) -> tuple[float, float, float]:
-    """(25 %, 50 %, 75 %) quantiles."""
-    if len(values) == 1:
-        return values[0], values[0], values[0]
-    q = statistics.quantiles(values, n=4, method="inclusive")
-    return q[0], q[1], q[2]
-
-
-def paired_ratio(a: Contender, b: Contender, clock: str) -> dict:
-    """Median (and IQR) over rounds of t_a / t_b, the two epochs timed in the same round."""
-    r = [ta / tb for ta, tb in zip(getattr(a, clock), getattr(b, clock), strict=True)]
-    lo, med, hi = quantiles(r)
-    return {"median": med, "q25": lo, "q75": hi}
-
-
 def run(epochs: int, warmup: int, seed: int, use_pyro: bool) -> dict:
     torch.manual_seed(seed)  # Pyro's noise comes from the global generator
     if pyro is not None:
         pyro.set_rng_seed(seed)
         pyro.clear_param_store()
-    env = environment()
+    env = environment(pyro=None if pyro is None else pyro.__version__)
     datasets: dict = {}
     contenders: list[Contender] = []
     n_train = 0
@@ -403,17 +270,8 @@ def run(epochs: int, warmup: int, seed: int, use_pyro: bool) -> dict:
         if use_pyro:
             contenders += [pyro_contender(trainer, method, estimator, n_mc, validate)
                            for validate in (True, False)]
-    k = len(contenders)
     start = time.perf_counter()
-    for e in range(warmup + epochs):
-        for j in range(k):  # every contender once per round; the order rotates every round
-            c = contenders[(j + e) % k]
-            w0, c0 = time.perf_counter(), time.process_time()
-            c.run_epoch()
-            c1, w1 = time.process_time(), time.perf_counter()
-            if e >= warmup:
-                c.wall.append(w1 - w0)
-                c.cpu.append(c1 - c0)
+    alternate(contenders, epochs, warmup)
     wall = time.perf_counter() - start
     eval_seed = seed + 12345
     results = []
@@ -444,7 +302,7 @@ def run(epochs: int, warmup: int, seed: int, use_pyro: bool) -> dict:
     ratios = [{"what": what, "cell": cell,
                **{clock: paired_ratio(a, b, clock) for clock in CLOCKS}}
               for what, cell, a, b in pairs]
-    env["loadavg_end"] = [round(v, 2) for v in os.getloadavg()]
+    env["loadavg_end"] = loadavg()
     return {"benchmark": "train_throughput", "env": env, "wall_s": wall,
             "settings": {"dataset": "digits", "n_train": n_train, "latent_dim": LATENT,
                          "hidden": HIDDEN, "batch_size": BATCH, "lr": LR, "local_lr": LOCAL_LR,
