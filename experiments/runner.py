@@ -130,7 +130,9 @@ def base_provenance(command: list[str] | None = None) -> dict[str, Any]:
     import importlib.metadata as md
 
     commit = _git("rev-parse", "HEAD")
-    dirty = _git("status", "--porcelain", "--untracked-files=no") if commit else ""
+    # the code's state: the results a run writes are outputs, not a change to the code
+    dirty = _git("status", "--porcelain", "--untracked-files=no", "--", ".",
+                 ":(exclude)results", ":(exclude)results-quick") if commit else ""
     versions = {}
     for package in ("torch", "numpy", "pandas", "scipy", "scikit-learn", "mlxtend"):
         try:
