@@ -11,7 +11,7 @@ from experiments.findings.core import (
     Finding,
     _cells,
     _extremes,
-    _iv,
+    _iv_of,
     _judge,
     _judged_display,
     _key_text,
@@ -23,7 +23,9 @@ from experiments.findings.core import (
 from experiments.findings.study import _left_out, _Study, _vs_amortized
 
 
-def _units(st: _Study) -> tuple[pd.DataFrame, int]:
+def _units(st: _Study) -> tuple[pd.DataFrame, pd.DataFrame, int]:
+    """The converged runs' active units (with ``H``, the latent dimension as a number), the
+    rows at their experiment's and data set's largest H, and the count left out."""
     parts, lefts = [], 0
     for exp in ("elbo_curves", "mnist_curves"):
         w, left = st.final_values(exp, ["test_active_units"])
@@ -31,8 +33,11 @@ def _units(st: _Study) -> tuple[pd.DataFrame, int]:
         if len(w) and "test_active_units" in w:
             parts.append(w)
     if not parts:
-        return pd.DataFrame(), lefts
-    return pd.concat(parts, ignore_index=True), lefts
+        return pd.DataFrame(), pd.DataFrame(), lefts
+    w = pd.concat(parts, ignore_index=True)
+    w["H"] = pd.to_numeric(w["latent_dim"], errors="coerce")
+    top = w[w["H"] == w.groupby(["experiment", "dataset"])["H"].transform("max")]
+    return w, top, lefts
 
 
 @register
@@ -50,12 +55,10 @@ def f_posterior_collapse(st: _Study) -> Finding:
         "threshold 0, contradiction threshold 0.5 (fewer than half a unit inactive on "
         "average). " + RULE_TAIL,
         ("elbo_curves/runs.csv", "mnist_curves/runs.csv"))
-    w, left = _units(st)
+    w, top, left = _units(st)
     if w.empty:
         f.evidence = "not measured: no active-unit counts." + _left_out(left)
         return f
-    w["H"] = pd.to_numeric(w["latent_dim"], errors="coerce")
-    top = w[w["H"] == w.groupby(["experiment", "dataset"])["H"].transform("max")]
     top = top.assign(d=top["H"] - top["test_active_units"])
     by = ["experiment", "dataset", "method", "estimator_label"]
     cells = _judge(_cells(top, by), support=0.0, contradict=0.5)
@@ -77,9 +80,10 @@ def f_posterior_collapse(st: _Study) -> Finding:
         f.verdict = NOT_MEASURED
         f.evidence = "not measured: no amortized runs with active units." + _left_out(left)
         return f
-    f.evidence = ("Inactive units of the amortized VAE at the largest H " + _extremes(
-        tested, by, lambda r: _iv(r["mean"], r["lo"], r["hi"], r["n"], 1)) + "; the AU columns "
-        "give the mean active units at each H, for every method." + _left_out(left))
+    f.evidence = ("Inactive units of the amortized VAE at the largest H "
+                  + _extremes(tested, by, lambda r: _iv_of(r, 1))
+                  + "; the AU columns give the mean active units at each H, for every method."
+                  + _left_out(left))
     return f
 
 
@@ -96,12 +100,10 @@ def f_collapse_by_method(st: _Study) -> Finding:
         "(converged runs); cells = experiment × data set × estimator × method ∈ "
         "{semi_amortized, sa_vae} (vem shown, not tested); threshold 0. " + RULE_TAIL,
         ("elbo_curves/runs.csv", "mnist_curves/runs.csv"))
-    w, left = _units(st)
+    w, top, left = _units(st)
     if w.empty:
         f.evidence = "not measured: no active-unit counts." + _left_out(left)
         return f
-    w["H"] = pd.to_numeric(w["latent_dim"], errors="coerce")
-    top = w[w["H"] == w.groupby(["experiment", "dataset"])["H"].transform("max")]
     d = _vs_amortized(top, "test_active_units", ["experiment", "dataset", "estimator_label"],
                       ("semi_amortized", "sa_vae", "vem"))
     cells = _judge(_cells(d, ["experiment", "dataset", "estimator_label", "method"]))
@@ -118,6 +120,6 @@ def f_collapse_by_method(st: _Study) -> Finding:
     disp.loc[cells["method"].to_numpy() == "vem", "judgement"] = "(not tested)"
     _with_display(f, disp)
     f.evidence = ("Difference in active units " + _extremes(
-        tested, ["experiment", "estimator_label", "method"],
-        lambda r: _iv(r["mean"], r["lo"], r["hi"], r["n"], 1)) + "." + _left_out(left))
+        tested, ["experiment", "estimator_label", "method"], lambda r: _iv_of(r, 1))
+        + "." + _left_out(left))
     return f

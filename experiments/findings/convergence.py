@@ -14,6 +14,7 @@ from experiments.findings.core import (
     _cells,
     _extremes,
     _iv,
+    _iv_of,
     _judge,
     _judged_display,
     _overall,
@@ -77,11 +78,9 @@ def f_amortization_gap_train_test(st: _Study) -> Finding:
         f.evidence = "not measured: no amortized runs with gaps." + _left_out(left)
         return f
     f.evidence = ("Test − train amortization gap of the amortized encoder (nats, mean [95 % CI]) "
-                  + _extremes(
-        main, ["dataset", "estimator_label"],
-        lambda r: _iv(r["mean"], r["lo"], r["hi"], r["n"])) + ". Per method: mean [95 % CI] "
-        "over seeds of the ELBO (whole split), IWAE or exact log p(x) and the gaps "
-        "(first points of the split)." + _left_out(left))
+                  + _extremes(main, ["dataset", "estimator_label"], _iv_of)
+                  + ". Per method: mean [95 % CI] over seeds of the ELBO (whole split), IWAE or "
+                  "exact log p(x) and the gaps (first points of the split)." + _left_out(left))
     return f
 
 
@@ -113,9 +112,9 @@ def f_refinement_reduces_gap(st: _Study) -> Finding:
         return f
     f.verdict = _overall(cells["judgement"])
     f.contradicts = f.verdict == NOT_SUPPORTED
-    f.evidence = ("Reduction of the test amortization gap (nats) " + _extremes(
-        cells, ["dataset", "estimator_label", "method"],
-        lambda r: _iv(r["mean"], r["lo"], r["hi"], r["n"])) + "." + _left_out(left))
+    f.evidence = ("Reduction of the test amortization gap (nats) "
+                  + _extremes(cells, ["dataset", "estimator_label", "method"], _iv_of)
+                  + "." + _left_out(left))
     _with_display(f, _judged_display(cells, {"dataset": "data set",
                                              "estimator_label": "estimator",
                                              "method": "method"},
@@ -164,9 +163,8 @@ def f_refinement_improves_elbo(st: _Study) -> Finding:
     disp.loc[cells["method"].to_numpy() == "vem", "judgement"] = "(not tested)"
     _with_display(f, disp)
     f.evidence = ("Test ELBO gain over the amortized VAE (nats) " + (_extremes(
-        tested, ["experiment", "latent_dim", "estimator_label", "method"],
-        lambda r: _iv(r["mean"], r["lo"], r["hi"], r["n"])) or "not measured") + "."
-        + _left_out(lefts))
+        tested, ["experiment", "latent_dim", "estimator_label", "method"], _iv_of)
+        or "not measured") + "." + _left_out(lefts))
     if tested.empty:
         f.verdict = NOT_MEASURED
     return f

@@ -19,6 +19,9 @@ from experiments import summary as S
 if TYPE_CHECKING:
     from experiments.findings.study import _Study
 
+    #: a finding tested in variants: (study, variant) -> Finding
+    _Make = Callable[[_Study, str], "Finding"]
+
 SUPPORTED, NOT_SUPPORTED, INCONCLUSIVE, NOT_MEASURED = (
     "supported", "not supported", "inconclusive", "not measured")
 VERDICTS = (SUPPORTED, NOT_SUPPORTED, INCONCLUSIVE, NOT_MEASURED)
@@ -122,6 +125,16 @@ def _ratio(mean: float, lo: float, hi: float, n: int) -> str:
     if n < 2 or not (np.isfinite(lo) and np.isfinite(hi)):
         return f"{_times(mean)} (n = {n})"
     return f"{_times(mean)} [{_times(lo)}, {_times(hi)}]"
+
+
+def _iv_of(r, digits: int = 2) -> str:
+    """A cell's (row's) ``mean [lo, hi]``, as ``_iv``."""
+    return _iv(r["mean"], r["lo"], r["hi"], r["n"], digits)
+
+
+def _ratio_of(r) -> str:
+    """A cell's (row's) log10 ratio interval as a ratio, as ``_ratio``."""
+    return _ratio(r["mean"], r["lo"], r["hi"], r["n"])
 
 
 def _md_table(df: pd.DataFrame, max_rows: int = 60) -> str:
@@ -272,6 +285,26 @@ def register(fn: Callable[[_Study], Finding]) -> Callable[[_Study], Finding]:
         raise ValueError(f"finding {fn.__name__} is registered twice")
     REGISTRY.append(fn)
     return fn
+
+
+def register_each(name: str, *variants: str) -> Callable[[_Make], _Make]:
+    """Decorator: register ``make(st, v)`` as the finding ``{name}_{v}`` for each variant ``v``,
+    in order (one claim tested at equal epochs and at equal seconds, or on each data set)."""
+
+    def decorate(make: _Make) -> _Make:
+        for v in variants:
+            register(_variant(make, f"{name}_{v}", v))
+        return make
+
+    return decorate
+
+
+def _variant(make: _Make, name: str, v: str) -> Callable[[_Study], Finding]:
+    def finding(st: _Study) -> Finding:
+        return make(st, v)
+
+    finding.__name__ = finding.__qualname__ = name
+    return finding
 
 
 # ------------------------------------------------------------------------------- FINDINGS.md

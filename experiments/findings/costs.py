@@ -22,6 +22,7 @@ from experiments.findings.core import (
     _cells,
     _extremes,
     _iv,
+    _iv_of,
     _judge,
     _judged_display,
     _key_text,
@@ -31,6 +32,7 @@ from experiments.findings.core import (
     _secs,
     _with_display,
     register,
+    register_each,
 )
 from experiments.findings.study import _budget_pairs, _curves, _Study
 
@@ -92,8 +94,7 @@ def f_encoder_start(st: _Study) -> Finding:
     _with_display(f, disp)
     f.evidence = (f"ELBO(encoder start) − ELBO(prior start), nats, at s ∈ "
                   f"{{{', '.join(_key_text(s) for s in steps)}}} E-steps; mean over s "
-                  + _extremes(cells, ["method", "estimator_label"],
-                              lambda r: _iv(r["mean"], r["lo"], r["hi"], r["n"])) + ".")
+                  + _extremes(cells, ["method", "estimator_label"], _iv_of) + ".")
     return f
 
 
@@ -214,6 +215,7 @@ _BUDGET_WORDS = {"epochs": "number of epochs (the shorter run's last epoch)",
                  "seconds": "training time (the shorter run's total seconds)"}
 
 
+@register_each("f_score_cost", "epochs", "seconds")
 def _score_cost(st: _Study, budget: str) -> Finding:
     word = "epochs" if budget == "epochs" else "wall-clock seconds"
     f = Finding(
@@ -248,17 +250,6 @@ def _score_cost(st: _Study, budget: str) -> Finding:
                                      "ELBO(reparam) − ELBO(score), nats [95 % CI]"))
     unit = "epochs" if budget == "epochs" else "s"
     f.evidence = (f"Common budget per pair: median {_num(p['budget'].median(), 1)} {unit}. "
-                  f"Cost of the score estimator (nats) " + _extremes(
-                      cells, ["method", "latent_dim", "versus"],
-                      lambda r: _iv(r["mean"], r["lo"], r["hi"], r["n"])) + ".")
+                  f"Cost of the score estimator (nats) "
+                  + _extremes(cells, ["method", "latent_dim", "versus"], _iv_of) + ".")
     return f
-
-
-@register
-def f_score_cost_epochs(st: _Study) -> Finding:
-    return _score_cost(st, "epochs")
-
-
-@register
-def f_score_cost_seconds(st: _Study) -> Finding:
-    return _score_cost(st, "seconds")

@@ -13,11 +13,12 @@ from experiments.findings.core import (
     _cells,
     _extremes,
     _iv,
+    _iv_of,
     _judge,
     _judged_display,
     _overall,
     _with_display,
-    register,
+    register_each,
 )
 from experiments.findings.study import _left_out, _Study
 
@@ -25,6 +26,7 @@ from experiments.findings.study import _left_out, _Study
 _FA_EXPERIMENTS = {"digits": "elbo_curves", "mnist5k": "mnist_curves"}
 
 
+@register_each("f_beats_factor_analysis", "digits", "mnist5k")
 def _beats_factor_analysis(st: _Study, dataset: str) -> Finding:
     f = Finding(
         f"beats_factor_analysis_{dataset}",
@@ -83,19 +85,8 @@ def _beats_factor_analysis(st: _Study, dataset: str) -> Finding:
         f.verdict = NOT_MEASURED
         f.evidence = "not measured: no reparam-trained converged runs." + _left_out(lefts)
         return f
-    f.evidence = ("Test ELBO − factor analysis " + _extremes(
-        main, ["experiment", "method", "latent_dim"],
-        lambda r: _iv(r["mean"], r["lo"], r["hi"], r["n"])) + " nats per point (negative "
-        "bits/dim = better)." + _left_out(lefts))
+    f.evidence = ("Test ELBO − factor analysis "
+                  + _extremes(main, ["experiment", "method", "latent_dim"], _iv_of)
+                  + " nats per point (negative bits/dim = better)." + _left_out(lefts))
     return f
 
-
-
-@register
-def f_beats_factor_analysis_digits(st: _Study) -> Finding:
-    return _beats_factor_analysis(st, "digits")
-
-
-@register
-def f_beats_factor_analysis_mnist5k(st: _Study) -> Finding:
-    return _beats_factor_analysis(st, "mnist5k")

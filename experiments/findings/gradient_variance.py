@@ -16,6 +16,7 @@ from experiments.findings.core import (
     _cells,
     _extremes,
     _iv,
+    _iv_of,
     _judge,
     _judged_display,
     _key_text,
@@ -23,7 +24,7 @@ from experiments.findings.core import (
     _num,
     _overall,
     _paired,
-    _ratio,
+    _ratio_of,
     _with_display,
     register,
 )
@@ -59,6 +60,15 @@ def _sweep(st: _Study, exp: str, final: bool) -> pd.DataFrame | None:
     return sw if len(sw) else None
 
 
+def _training_sweep(st: _Study, f: Finding) -> pd.DataFrame | None:
+    """gradient_variance's sweep (``_sweep`` of every finished run); None, with ``f`` not
+    measured, when there is none."""
+    sw = _sweep(st, "gradient_variance", final=False)
+    if sw is None:
+        f.evidence = "not measured: no variance sweep in gradient_variance."
+    return sw
+
+
 @register
 def f_score_vs_reparam_variance(st: _Study) -> Finding:
     f = Finding(
@@ -76,9 +86,8 @@ def f_score_vs_reparam_variance(st: _Study) -> Finding:
         "pathwise ∇_θ log p(x | z) there) and is reported only as a check. " + RULE_TAIL,
         ("gradient_variance/variance_sweep.csv", "gradient_variance/runs.csv",
          "gradient_variance/metrics.csv"))
-    sw = _sweep(st, "gradient_variance", final=False)
+    sw = _training_sweep(st, f)
     if sw is None:
-        f.evidence = "not measured: no variance sweep in gradient_variance."
         return f
     unit = ["method", "seed", "run_id"]
     by = ["param_group", "latent_dim", "grad_n_mc"]
@@ -94,9 +103,7 @@ def f_score_vs_reparam_variance(st: _Study) -> Finding:
     f.contradicts = f.verdict == NOT_SUPPORTED
     n_runs = d["run_id"].nunique()
     f.evidence = (f"Over {n_runs} models (methods × H × seeds), the geometric-mean variance "
-                  f"ratio score+none / reparam runs " +
-                  _extremes(cells, by, lambda r: _ratio(r["mean"], r["lo"], r["hi"], r["n"])) +
-                  ".")
+                  f"ratio score+none / reparam runs " + _extremes(cells, by, _ratio_of) + ".")
     if len(dec):
         f.evidence += (f" Decoder check: mean |log10 ratio| = {_num(dec['d'].abs().mean(), 3)} "
                        f"over {len(dec)} measurements (0 = identical, as expected).")
@@ -148,9 +155,8 @@ def f_variance_ratio_vs_h(st: _Study) -> Finding:
         "group × M) = least-squares slope of log10(tr Σ_score+none / tr Σ_reparam) against "
         "log10 H (an elasticity: ratio ∝ H^slope); threshold 0. " + RULE_TAIL,
         ("gradient_variance/variance_sweep.csv", "gradient_variance/runs.csv"))
-    sw = _sweep(st, "gradient_variance", final=False)
+    sw = _training_sweep(st, f)
     if sw is None:
-        f.evidence = "not measured: no variance sweep in gradient_variance."
         return f
     d = _paired(sw, ["param_group", "latent_dim", "grad_n_mc"], ["method", "seed", "run_id"],
                 "est", "score+none+analytic", "reparam+none+analytic", log=True)
@@ -172,9 +178,7 @@ def f_variance_ratio_vs_h(st: _Study) -> Finding:
     f.contradicts = f.verdict == NOT_SUPPORTED
     hs = sorted(pd.to_numeric(d["latent_dim"], errors="coerce").dropna().unique())
     f.evidence = (f"H ∈ {{{', '.join(_key_text(h) for h in hs)}}}; slope of log10 ratio on "
-                  f"log10 H " + _extremes(cells, ["param_group", "grad_n_mc"],
-                                          lambda r: _iv(r["mean"], r["lo"], r["hi"], r["n"]))
-                  + ".")
+                  f"log10 H " + _extremes(cells, ["param_group", "grad_n_mc"], _iv_of) + ".")
     _with_display(f, _judged_display(cells, {"param_group": "group", "grad_n_mc": "M"},
                                      "slope d log10 ratio / d log10 H [95 % CI]"))
     return f
@@ -195,9 +199,8 @@ def f_baselines(st: _Study) -> Finding:
         "log10(tr Σ_score+none / tr Σ_score+baseline) on the same model, minibatch and noise "
         "(common random numbers); threshold 0 (no reduction). " + RULE_TAIL,
         ("gradient_variance/variance_sweep.csv", "gradient_variance/runs.csv"))
-    sw = _sweep(st, "gradient_variance", final=False)
+    sw = _training_sweep(st, f)
     if sw is None:
-        f.evidence = "not measured: no variance sweep in gradient_variance."
         return f
     sw = sw[sw["param_group"] != "decoder"]
     parts = []
@@ -217,9 +220,8 @@ def f_baselines(st: _Study) -> Finding:
     per_b = []
     for b, c in cells.groupby("baseline", sort=False):
         v = _overall(c["judgement"])
-        per_b.append(f"{b}: {v} (reduction " + _extremes(
-            c, ["param_group", "grad_n_mc"],
-            lambda r: _ratio(r["mean"], r["lo"], r["hi"], r["n"])) + ")")
+        per_b.append(f"{b}: {v} (reduction "
+                     + _extremes(c, ["param_group", "grad_n_mc"], _ratio_of) + ")")
     f.evidence = "Per baseline — " + "; ".join(per_b) + "."
     _with_display(f, _judged_display(cells, {"baseline": "baseline", "param_group": "group",
                                              "grad_n_mc": "M"},
@@ -269,9 +271,9 @@ def f_stl_near_optimum(st: _Study) -> Finding:
         g = S.t_interval(gap["train_approximation_gap"])
         gtxt = (f" The converged models' exact approximation gap (train) is "
                 f"{_iv(g.mean, g.lo, g.hi, g.n, 3)} nats, i.e. q is close to the posterior.")
-    f.evidence = ("Variance ratio reparam / STL " + _extremes(
-        cells, ["method", "param_group", "grad_n_mc"],
-        lambda r: _ratio(r["mean"], r["lo"], r["hi"], r["n"])) + "." + gtxt + _left_out(left))
+    f.evidence = ("Variance ratio reparam / STL "
+                  + _extremes(cells, ["method", "param_group", "grad_n_mc"], _ratio_of)
+                  + "." + gtxt + _left_out(left))
     _with_display(f, _judged_display(cells, {"method": "method", "param_group": "group",
                                              "grad_n_mc": "M"},
                                      "tr Σ ratio reparam / STL [95 % CI]", fmt="ratio"))

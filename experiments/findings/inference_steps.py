@@ -13,6 +13,7 @@ from experiments.findings.core import (
     _cells,
     _extremes,
     _iv,
+    _iv_of,
     _judge,
     _judged_display,
     _key_text,
@@ -22,6 +23,7 @@ from experiments.findings.core import (
     _ratio,
     _with_display,
     register,
+    register_each,
 )
 from experiments.findings.study import _budget_pairs, _curves, _left_out, _Study
 
@@ -37,6 +39,7 @@ def _e_steps_setting(runs: pd.DataFrame) -> tuple[pd.Series, pd.Series]:
                      index=runs.index), steps + np.where(np.isfinite(tol), 0.5, 0.0)
 
 
+@register_each("f_vem_e_steps", "epochs", "seconds")
 def _vem_e_steps(st: _Study, budget: str) -> Finding:
     word = "epochs" if budget == "epochs" else "wall-clock time"
     claim = ("More E-steps per minibatch give a higher test ELBO after the same number of "
@@ -88,27 +91,23 @@ def _vem_e_steps(st: _Study, budget: str) -> Finding:
     unit = "epochs" if budget == "epochs" else "s"
     f.evidence = (f"Baseline {base} ({_num(spe.get(base, np.nan), 3)} s / epoch); common "
                   f"budget per pair: median {_num(p['budget'].median(), 1)} {unit}. Gain (nats) "
-                  + _extremes(cells, ["k"], lambda r: _iv(r["mean"], r["lo"], r["hi"], r["n"]))
-                  + ".")
+                  + _extremes(cells, ["k"], _iv_of) + ".")
     return f
-
-
-@register
-def f_vem_e_steps_epochs(st: _Study) -> Finding:
-    return _vem_e_steps(st, "epochs")
-
-
-@register
-def f_vem_e_steps_seconds(st: _Study) -> Finding:
-    return _vem_e_steps(st, "seconds")
 
 
 # ---------------------------------------------------------------------------- refinement
 
 
-def _refine_steps(runs: pd.DataFrame) -> pd.Series:
-    return pd.to_numeric(runs.get("method.refine_steps", pd.Series(np.nan, index=runs.index)),
-                         errors="coerce")
+def _refinement(st: _Study, other: str) -> tuple[pd.DataFrame, int]:
+    """The converged refinement runs' test ELBO and ``other`` (wide), with ``K`` = each run's
+    refinement steps, and the count left out; empty without finished runs with a test ELBO."""
+    w, left = st.final_values("refinement", ["test_elbo", other])
+    runs = st.runs("refinement")
+    if w.empty or runs is None or "test_elbo" not in w:
+        return pd.DataFrame(), left
+    steps = pd.to_numeric(runs.get("method.refine_steps", pd.Series(np.nan, index=runs.index)),
+                          errors="coerce")
+    return w.merge(runs[["run_id"]].assign(K=steps), on="run_id", how="left"), left
 
 
 @register
@@ -123,12 +122,10 @@ def f_sa_vae_vs_semi(st: _Study) -> Finding:
         "effect per seed pair = test ELBO(sa_vae) − test ELBO(semi_amortized) at the same K "
         "(whole test split, best epoch, converged runs); cells = K; threshold 0. " + RULE_TAIL,
         ("refinement/runs.csv", "refinement/gaps.csv"))
-    w, left = st.final_values("refinement", ["test_elbo", "test_amortization_gap"])
-    runs = st.runs("refinement")
-    if w.empty or runs is None or "test_elbo" not in w:
+    w, left = _refinement(st, "test_amortization_gap")
+    if w.empty:
         f.evidence = "not measured: no finished refinement runs." + _left_out(left)
         return f
-    w = w.merge(runs[["run_id"]].assign(K=_refine_steps(runs)), on="run_id", how="left")
     d = _paired(w, ["K"], ["seed"], "method", "sa_vae", "semi_amortized", value="test_elbo")
     cells = _judge(_cells(d, ["K"]))
     f.table = cells
@@ -147,9 +144,8 @@ def f_sa_vae_vs_semi(st: _Study) -> Finding:
                     [_iv(m, lo, hi, int(n) if np.isfinite(n) else 0) for m, lo, hi, n in
                      zip(g["mean"], g["lo"], g["hi"], g["n"].astype(float), strict=True)])
     _with_display(f, disp)
-    f.evidence = ("SA-VAE − semi-amortized test ELBO (nats) " + _extremes(
-        cells, ["K"], lambda r: _iv(r["mean"], r["lo"], r["hi"], r["n"])) + "."
-        + _left_out(left))
+    f.evidence = ("SA-VAE − semi-amortized test ELBO (nats) "
+                  + _extremes(cells, ["K"], _iv_of) + "." + _left_out(left))
     return f
 
 
@@ -165,12 +161,10 @@ def f_more_refine_steps(st: _Study) -> Finding:
         "runs); cells = method; threshold 0. The cost is the ratio of seconds per epoch over "
         "the same pairs. " + RULE_TAIL,
         ("refinement/runs.csv",))
-    w, left = st.final_values("refinement", ["test_elbo", "seconds_per_epoch"])
-    runs = st.runs("refinement")
-    if w.empty or runs is None or "test_elbo" not in w:
+    w, left = _refinement(st, "seconds_per_epoch")
+    if w.empty:
         f.evidence = "not measured: no finished refinement runs." + _left_out(left)
         return f
-    w = w.merge(runs[["run_id"]].assign(K=_refine_steps(runs)), on="run_id", how="left")
     ks = sorted(w["K"].dropna().unique())
     if len(ks) < 2:
         f.evidence = "not measured: fewer than two refinement step counts." + _left_out(left)
@@ -195,7 +189,6 @@ def f_more_refine_steps(st: _Study) -> Finding:
                      zip(c["mean"], c["lo"], c["hi"], c["n"].astype(float), strict=True)])
     _with_display(f, disp)
     f.evidence = (f"K ∈ {{{', '.join(_key_text(k) for k in ks)}}}; gain from K = "
-                  f"{_key_text(lo_k)} to {_key_text(hi_k)} (nats) " + _extremes(
-                      cells, ["method"], lambda r: _iv(r["mean"], r["lo"], r["hi"], r["n"]))
-                  + "." + _left_out(left))
+                  f"{_key_text(lo_k)} to {_key_text(hi_k)} (nats) "
+                  + _extremes(cells, ["method"], _iv_of) + "." + _left_out(left))
     return f
