@@ -28,9 +28,9 @@ from collections.abc import Sequence
 
 import torch
 from torch import Tensor, nn
-from torch.distributions import Independent
+from torch.distributions import Independent, Normal
 
-from vi.families import diag_normal, standard_normal
+from vi.families import diag_normal, standard_log_prob, standard_normal
 from vi.nets import ACTIVATIONS, StackedMLP
 
 __all__ = ["ACTIVATIONS", "MEANS", "VARIANCES", "GaussianDecoder", "log_joint"]
@@ -188,7 +188,9 @@ class GaussianDecoder(nn.Module):
         """log p_θ(x | z): x [K, B, D], z [..., K, B, H] → [..., K, B]."""
         if x.shape[-1] != self.data_dim:
             raise ValueError(f"decoder expects x [..., {self.data_dim}]; got x {tuple(x.shape)}")
-        return self.distribution(z, views).log_prob(x)
+        mean, var = self.mean_and_variance(z, views)
+        # the log-density of ``distribution(z)``, without building an Independent each step
+        return Normal(mean, var.sqrt(), validate_args=False).log_prob(x).sum(-1)
 
     def prior(self, like: Tensor) -> Independent:
         """p(z) = N(0, I_H)."""
@@ -227,4 +229,4 @@ class GaussianDecoder(nn.Module):
 def log_joint(decoder: GaussianDecoder, x: Tensor, z: Tensor,
               views: dict[str, Tensor] | None = None) -> Tensor:
     """log p_θ(x, z) = log p_θ(x | z) + log p(z): x [K, B, D], z [..., K, B, H] → [..., K, B]."""
-    return decoder.log_likelihood(x, z, views) + decoder.prior(z).log_prob(z)
+    return decoder.log_likelihood(x, z, views) + standard_log_prob(z)

@@ -321,22 +321,22 @@ class InferenceMethod(nn.Module):
         return estimate_elbo(self.decoder, x, lam, self.settings, random, active=active,
                              n_mc=n_mc, baseline_value=self.baseline_value())
 
-    def _record(self, samples: Tensor, active: Tensor) -> tuple[Tensor, Tensor]:
-        """Per-point ELBO estimates [K, B] and per-member finiteness of the samples."""
-        ok = finite_members(samples.transpose(0, 1))
+    def _record(self, samples: Tensor, active: Tensor) -> Tensor:
+        """Per-point ELBO estimates [K, B]; folds them into the ``mean`` baseline's average."""
         if self.settings.baseline == "mean":
-            self.running_mean.update(samples, active & ok)
-        return samples.mean(0), ok
+            self.running_mean.update(samples, active)
+        return samples.mean(0)
 
     def _global_step(self, opt: FlatOptimizer, loss: Tensor, active: Tensor) -> Tensor:
-        """Backward of the summed member losses, per-member checks and clipping, one update.
-        Returns the members whose gradients and parameters stayed finite."""
+        """Backward of the summed member losses, per-member clipping, one update. Returns the
+        members whose parameters stayed finite: a non-finite loss or gradient makes them
+        non-finite (Adam divides by √v), so one check after the step covers all three, and a
+        diverged member's numbers never reach another member's."""
         opt.zero_grad()
         loss.backward()
-        ok = finite_members(*(p.grad for p in opt.params))
         _clip(opt.params, self.settings.grad_clip)
-        opt.step(active & ok)
-        return ok & finite_members(*opt.params)
+        opt.step(active)
+        return finite_members(*opt.params)
 
     def local_ascent(self, x: Tensor, lam: Tensor, random: MemberRandom, steps: int, *,
                      active: Tensor | None = None, create_graph: bool = False
@@ -507,8 +507,8 @@ class VariationalEM(InferenceMethod):
                 est = elbo(self.decoder, x, lam, eps, estimator=s.estimator,
                            baseline=s.baseline, kl=s.kl, baseline_value=self.baseline_value())
                 (g,) = torch.autograd.grad(-est.surrogate.sum(), lam)
-                ok = ok & finite_members(g)
-                moved = self.local_opt.step(idx, torch.nan_to_num(g), e_active & ok)
+                # a non-finite gradient makes the member's rows non-finite: checked after
+                moved = self.local_opt.step(idx, g, e_active)
                 if s.e_tol is not None:
                     # the step's gain on the same noise: no Monte Carlo noise between the two
                     with torch.no_grad():
@@ -523,8 +523,7 @@ class VariationalEM(InferenceMethod):
         for _ in range(s.m_steps):  # M-step: θ only, rows fixed
             est = self.estimate(x, lam, random, active=active)
             if recorded is None:
-                recorded, fine = self._record(est.samples, active & ok)
-                ok = ok & fine
+                recorded = self._record(est.samples, active & ok)
             loss = -est.surrogate.mean(1).sum()
             ok = ok & self._global_step(self.decoder_opt, loss, active & ok)
         return recorded, ok
@@ -567,9 +566,8 @@ class Amortized(InferenceMethod):
 
     def train_step(self, x, idx, random, active):
         est = self.estimate(x, self.encoder(x), random, active=active)
-        recorded, ok = self._record(est.samples, active)
-        ok = ok & self._global_step(self.opt, -est.surrogate.mean(1).sum(), active & ok)
-        return recorded, ok
+        recorded = self._record(est.samples, active)
+        return recorded, self._global_step(self.opt, -est.surrogate.mean(1).sum(), active)
 
     def infer(self, x, random):
         with torch.no_grad():
@@ -606,8 +604,7 @@ class SemiAmortized(Amortized):
         enc_target = lam_k if through else lam0
         enc_est = self.estimate(x, enc_target, random, active=active)  # φ at its own λ
         (enc_grad,) = torch.autograd.grad(-enc_est.surrogate.mean(1).sum(), [enc])
-        recorded, fine = self._record(est.samples, active & ok)
-        ok = ok & fine & finite_members(dec_grad, enc_grad)
+        recorded = self._record(est.samples, active & ok)
         dec.grad, enc.grad = dec_grad, enc_grad
         _clip(self.opt.params, s.grad_clip)
         self.opt.step(active & ok)

@@ -75,6 +75,11 @@ class FlatOptimizer:
         members = self.params[0].shape[0]
         like = self.params[0]
         self.steps = torch.zeros(members, 1, dtype=like.dtype, device=like.device)
+        # fast path: while every member has taken every step, the step count is one number, and
+        # a leaf whose members share one step size takes a scalar one (fused in-place updates)
+        self.count: int | None = 0
+        self.scalar_lrs = [float(lr[0]) if bool((lr == lr[0]).all()) else None
+                           for lr in self.lrs]
         if kind == "adam":
             self.exp_avg = [torch.zeros_like(p) for p in self.params]
             self.exp_avg_sq = [torch.zeros_like(p) for p in self.params]
@@ -87,6 +92,10 @@ class FlatOptimizer:
     def step(self, active: Tensor | None = None) -> None:
         mask = None if active is None or bool(active.all()) else active.reshape(-1, 1)
         self.steps += 1 if mask is None else mask.to(self.steps.dtype)
+        self.count = self.count + 1 if mask is None and self.count is not None else None
+        if self.kind == "adam" and self.count is not None:
+            self._adam_uniform(self.count)
+            return
         t = self.steps
         if self.kind == "sgd":
             rate = robbins_monro(t - 1, self.rm_delay, self.rm_power)
@@ -111,6 +120,22 @@ class FlatOptimizer:
                 v.copy_(torch.where(mask, new_v, v))
                 p.copy_(torch.where(mask, p - update, p))
 
+    def _adam_uniform(self, t: int) -> None:
+        """Adam when every member is at step t: the same arithmetic with scalar bias
+        corrections, in place (a scalar step size where the members share one)."""
+        b1, b2 = BETAS
+        bc1, bc2_sqrt = 1 - b1**t, math.sqrt(1 - b2**t)
+        for i, p in enumerate(self.params):
+            g, m, v = p.grad, self.exp_avg[i], self.exp_avg_sq[i]
+            m.lerp_(g, 1 - b1)
+            v.mul_(b2).addcmul_(g, g, value=1 - b2)
+            denom = v.sqrt().div_(bc2_sqrt).add_(EPS)
+            lr = self.scalar_lrs[i]
+            if lr is not None:
+                p.addcdiv_(m, denom, value=-lr / bc1)
+            else:
+                p.sub_(self.lrs[i] / bc1 * m / denom)
+
     def state_dict(self) -> dict[str, Tensor]:
         """Per-member state, member axis first (no step sizes: they come from the settings)."""
         state = {"steps": self.steps.clone()}
@@ -122,6 +147,8 @@ class FlatOptimizer:
 
     def load_state_dict(self, state: dict[str, Tensor]) -> None:
         self.steps.copy_(state["steps"])
+        counts = self.steps.unique()
+        self.count = int(counts[0]) if counts.numel() == 1 else None
         if self.kind == "adam":
             for i in range(len(self.params)):
                 self.exp_avg[i].copy_(state[f"exp_avg{i}"])
