@@ -50,6 +50,14 @@ def environment(**extra: Any) -> dict:
             "loadavg_start": loadavg()}
 
 
+def env_line(env: dict) -> str:
+    """The report's ``env:`` line of an ``environment()`` with ``loadavg_end`` added."""
+    pyro = f", pyro {env['pyro']}" if "pyro" in env else ""
+    return (f"env: {env['cpu']}, {env['cores']} cores, torch {env['torch']} "
+            f"({env['torch_threads']} threads){pyro}, load avg {env['loadavg_start'][0]} -> "
+            f"{env['loadavg_end'][0]}")
+
+
 # -- measurement ----------------------------------------------------------------------------------
 def alternate(contenders: list, epochs: int, warmup: int) -> None:
     """``warmup`` + ``epochs`` rounds of one epoch (``run_epoch()``) of every contender, the order

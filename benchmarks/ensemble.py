@@ -76,7 +76,16 @@ from vi.inference import MethodSettings
 from vi.training import Trainer
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # common.py, however this script is run
-from common import CLOCKS, alternate, environment, hand_loop, loadavg, paired_ratio, quantiles
+from common import (
+    CLOCKS,
+    alternate,
+    env_line,
+    environment,
+    hand_loop,
+    loadavg,
+    paired_ratio,
+    quantiles,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 METHODS = ("amortized", "vem")
@@ -305,9 +314,7 @@ def report(out: dict) -> str:
         f"ensemble: digits H={LATENT}, width {HIDDEN}, batch {BATCH}, Adam, reparam; K in "
         f"{st['members']}; {st['epochs_timed']} timed rounds after {st['warmup']} warm-up, "
         "contenders alternated",
-        f"env: {env['cpu']}, {env['cores']} cores, torch {env['torch']} "
-        f"({env['torch_threads']} threads), load avg {env['loadavg_start'][0]} -> "
-        f"{env['loadavg_end'][0]}",
+        env_line(env),
         "",
         f"{'method':<10} {'contender':<9} {'cpu ms/model':>12} {'IQR':>17} {'wall ms/model':>13}"
         f" {'/ hand':>7} {'/ K=1':>7}",

@@ -59,7 +59,7 @@ from vi.inference import MethodSettings
 from vi.training import Trainer
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # common.py, however this script is run
-from common import environment, loadavg
+from common import env_line, environment, loadavg
 
 D, DATA_LATENT, HIDDEN, BATCH = 20, 4, 64, 128
 METHODS = ("amortized", "vem")
@@ -275,9 +275,7 @@ def report(out: dict) -> str:
         f"scaling: {st['data']}, width {st['hidden']}, batch {st['batch_size']}, Adam, "
         f"K={st['members']}; "
         f"{'each configuration in its own process' if st['isolated'] else 'in-process'}",
-        f"env: {env['cpu']}, {env['cores']} cores, torch {env['torch']} "
-        f"({env['torch_threads']} threads), load avg {env['loadavg_start'][0]} -> "
-        f"{env['loadavg_end'][0]}",
+        env_line(env),
         "",
         f"{'method':<10} {'N':>9} {'H':>4} {'cpu s/ep':>9} {'wall s/ep':>9} {'us/point':>9} "
         f"{'table MiB':>9} {'state MiB':>9} {'expect MiB':>10} {'RSS+ MiB':>9} {'peak+ MiB':>9}"

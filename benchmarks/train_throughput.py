@@ -58,6 +58,7 @@ from common import (
     CLOCKS,
     HandModel,
     alternate,
+    env_line,
     environment,
     hand_loop,
     loadavg,
@@ -338,9 +339,7 @@ def report(out: dict) -> str:
         f"train_throughput: digits N={st['n_train']}, H={LATENT}, width {HIDDEN}, batch {BATCH},"
         f" Adam; {st['epochs_timed']} timed epochs per contender after {st['warmup']} warm-up,"
         " contenders alternated",
-        f"env: {env['cpu']}, {env['cores']} cores, torch {env['torch']} "
-        f"({env['torch_threads']} threads), pyro {env['pyro']}, load avg "
-        f"{env['loadavg_start'][0]} -> {env['loadavg_end'][0]}",
+        env_line(env),
         "",
         f"{'cell':<18} {'contender':<9} {'cpu s/epoch':>11} {'IQR':>17} {'wall s/epoch':>12}"
         f" {'train ELBO':>11} {'- hand':>8}",
