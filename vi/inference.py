@@ -486,13 +486,12 @@ class VariationalEM(InferenceMethod):
         self.decoder_opt = FlatOptimizer(
             [(decoder.params.flat, _step_sizes(self.member_settings, "lr"))], s.optimizer,
             rm_delay=s.rm_delay, rm_power=s.rm_power)
-        self._members = torch.arange(decoder.members, device=like.device).unsqueeze(1)
 
     def optimizers(self) -> dict[str, FlatOptimizer | RowOptimizer]:
         return {"local_opt": self.local_opt, "decoder_opt": self.decoder_opt}
 
     def training_lambda(self, x: Tensor, idx: Tensor) -> Tensor:
-        return self.local[self._members, idx].detach().clone()
+        return self.local_opt.rows(idx)
 
     def train_step(self, x, idx, random, active):
         s = self.settings
@@ -501,7 +500,7 @@ class VariationalEM(InferenceMethod):
         h = self.decoder.latent_dim
         with frozen(self.decoder):
             for _ in range(s.e_steps):  # E-step: ascent on the minibatch's rows only
-                lam = self.local[self._members, idx].requires_grad_()
+                lam = self.local_opt.rows(idx).requires_grad_()
                 eps = random.randn((s.n_mc, lam.shape[1], h), 1, active=e_active,
                                    dtype=lam.dtype)
                 est = elbo(self.decoder, x, lam, eps, estimator=s.estimator,
@@ -517,7 +516,7 @@ class VariationalEM(InferenceMethod):
                     e_active = e_active & (gain >= s.e_tol)
                     if not bool(e_active.any()):
                         break
-        lam = self.local[self._members, idx]
+        lam = self.local_opt.rows(idx)
         ok = ok & finite_members(lam)
         recorded = None
         for _ in range(s.m_steps):  # M-step: θ only, rows fixed

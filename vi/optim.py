@@ -177,14 +177,31 @@ class RowOptimizer:
         if kind == "adam":
             self.exp_avg = torch.zeros_like(table)
             self.exp_avg_sq = torch.zeros_like(table)
-        self._members = torch.arange(table.shape[0], device=table.device).unsqueeze(1)
+        # rows are addressed in flat [K·N, P] views: one index instead of (member, row) pairs
+        self._offsets = (torch.arange(table.shape[0], device=table.device)
+                         * table.shape[1]).unsqueeze(1)
+
+    def flat_index(self, idx: Tensor) -> Tensor:
+        """Member k's rows idx[k] as indices of the flat [K·N, P] table: [K·B]."""
+        return (idx + self._offsets).reshape(-1)
+
+    def rows(self, idx: Tensor) -> Tensor:
+        """The rows idx [K, B] of the table: [K, B, P] (a copy)."""
+        flat = self.flat_index(idx)
+        return self.table.view(-1, self.table.shape[-1]).index_select(0, flat).view(
+            *idx.shape, -1)
 
     @torch.no_grad()
     def step(self, idx: Tensor, grad: Tensor, active: Tensor | None = None) -> Tensor:
         """Update the rows ``idx`` [K, B]; return their new values [K, B, P]."""
-        k = self._members
-        t = self.steps[k, idx] + 1
-        rows = self.table[k, idx]
+        flat = self.flat_index(idx)
+        p = self.table.shape[-1]
+
+        def get(buf: Tensor) -> Tensor:
+            return buf.view(-1, p).index_select(0, flat).view_as(grad)
+
+        t = self.steps.view(-1).index_select(0, flat).view(idx.shape) + 1
+        rows = get(self.table)
         if self.kind == "sgd":
             rate = self.lr * robbins_monro((t - 1).to(rows.dtype), self.rm_delay,
                                            self.rm_power).unsqueeze(-1)
@@ -192,8 +209,8 @@ class RowOptimizer:
             state = ()
         else:
             b1, b2 = BETAS
-            m = torch.lerp(self.exp_avg[k, idx], grad, 1 - b1)
-            v = self.exp_avg_sq[k, idx] * b2 + (1 - b2) * grad * grad
+            m = torch.lerp(get(self.exp_avg), grad, 1 - b1)
+            v = get(self.exp_avg_sq) * b2 + (1 - b2) * grad * grad
             tf = t.to(rows.dtype).unsqueeze(-1)
             new = rows - self.lr * (m / (1 - b1 ** tf)) / ((v / (1 - b2 ** tf)).sqrt() + EPS)
             state = ((self.exp_avg, m), (self.exp_avg_sq, v))
@@ -201,12 +218,12 @@ class RowOptimizer:
             keep = active.reshape(-1, 1)
             t = torch.where(keep, t, t - 1)
             new = torch.where(keep.unsqueeze(-1), new, rows)
-            state = tuple((buf, torch.where(keep.unsqueeze(-1), val, buf[k, idx]))
+            state = tuple((buf, torch.where(keep.unsqueeze(-1), val, get(buf)))
                           for buf, val in state)
-        self.steps[k, idx] = t
+        self.steps.view(-1).index_copy_(0, flat, t.reshape(-1))
         for buf, val in state:
-            buf[k, idx] = val
-        self.table[k, idx] = new
+            buf.view(-1, p).index_copy_(0, flat, val.reshape(-1, p))
+        self.table.view(-1, p).index_copy_(0, flat, new.reshape(-1, p))
         return new
 
     def state_dict(self) -> dict[str, Tensor]:
