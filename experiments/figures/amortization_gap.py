@@ -22,7 +22,7 @@ import pandas as pd
 from matplotlib.figure import Figure
 
 from experiments.figures import style
-from experiments.figures.drawing import atomic_write, empty_panel, panel_grid, suptitle
+from experiments.figures.drawing import empty_panel, panel_grid, save_table, suptitle
 from experiments.figures.loading import ExperimentResults, SkipFigure, as_bool, at_best
 from experiments.figures.marks import Tally, legend
 from experiments.figures.registry import register, register_table
@@ -236,8 +236,4 @@ def write_gaps_table(res: ExperimentResults) -> list[Path]:
     except SkipFigure as why:
         log.info("%s: %s; no gaps table", res.name, why)
         return []
-    csv = atomic_write(res.folder / "gaps_table.csv",
-                       lambda p: table.to_csv(p, index=False, float_format="%.6g"))
-    md = atomic_write(res.folder / "gaps_table.md",
-                      lambda p: p.write_text(_gaps_markdown(table), encoding="utf-8"))
-    return [csv, md]
+    return save_table(table, res.folder, "gaps_table", _gaps_markdown)

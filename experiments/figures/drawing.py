@@ -8,7 +8,8 @@
 - final values: ``ci95`` and ``draw_final`` (mean with a 95 % t-interval over seeds, one dot per
   seed, hollow where the run did not converge);
 - ELBO axes: ``elbo_limits`` / ``apply_limits`` keep far-off values from flattening the rest;
-- files: ``atomic_write``, ``save_figure`` (PNG and PDF, written atomically, reproducible).
+- files: ``atomic_write``, ``save_figure`` (PNG and PDF, written atomically, reproducible),
+  ``save_table`` (a table as CSV and Markdown).
 
 Every artist that stands for a legend entry carries that entry as its ``label`` (an estimator
 label, a ``style.MARKS`` text, a reference name); everything else is labelled ``_…``, so that
@@ -45,6 +46,7 @@ __all__ = [
     "panel_grid",
     "plain_ticks",
     "save_figure",
+    "save_table",
     "steps_axis",
     "suptitle",
 ]
@@ -325,3 +327,14 @@ def save_figure(fig: Figure, folder: Path, stem: str) -> list[Path]:
                        lambda p: fig.savefig(p, format="pdf", metadata={"CreationDate": None}))
     plt.close(fig)
     return [png, pdf]
+
+
+def save_table(table: pd.DataFrame, folder: Path, stem: str,
+               markdown: Callable[[pd.DataFrame], str]) -> list[Path]:
+    """``<stem>.csv`` (6 significant digits) and its Markdown form ``<stem>.md``
+    (``markdown(table)``), each written atomically; returns both paths."""
+    csv = atomic_write(folder / f"{stem}.csv",
+                       lambda p: table.to_csv(p, index=False, float_format="%.6g"))
+    md = atomic_write(folder / f"{stem}.md",
+                      lambda p: p.write_text(markdown(table), encoding="utf-8"))
+    return [csv, md]

@@ -29,13 +29,13 @@ from matplotlib.figure import Figure
 
 from experiments.figures import style
 from experiments.figures.drawing import (
-    atomic_write,
     bottom_xlabels,
     draw_curves,
     empty_panel,
     log_axis,
     panel_grid,
     plain_ticks,
+    save_table,
     steps_axis,
     suptitle,
 )
@@ -62,9 +62,9 @@ from experiments.figures.variance import (
     SWEEP_INPUTS,
     group_rows,
     probe_m,
+    sweep_by_latent_dim,
     sweep_figure,
     sweep_order,
-    sweep_rows,
     variance_ratio,
     with_probe_m,
 )
@@ -159,18 +159,12 @@ def fig_gradient_variance(res: ExperimentResults) -> Iterator[tuple[str, Figure]
 @register("gradient_variance", inputs=INPUTS)
 def fig_variance_sweep(res: ExperimentResults) -> Iterator[tuple[str, Figure]]:
     """Variance against M, and variance × M (equal cost), from the sweep, per H."""
-    d, models = sweep_rows(res.table("variance_sweep.csv", INPUTS["variance_sweep.csv"]))
-    dims = latent_dims(d)
-    for h in dims:
-        cell = d[d["latent_dim"] == h]
-        if cell["grad_n_mc"].nunique() < 2:
-            log.info("%s: one M at H = %g; no variance-against-M figure", res.name, h)
-            continue
+    for h, suffix, cell, models in sweep_by_latent_dim(res):
         where = f"{_dataset(cell)}, H = {h:g}"
-        yield (f"grad_variance_vs_n_mc{dim_suffix(h, dims)}",
+        yield (f"grad_variance_vs_n_mc{suffix}",
                sweep_figure(res, cell, models, f"{where}: total gradient variance tr Σ of one "
                                                f"estimate against M"))
-        yield (f"grad_variance_per_cost_vs_n_mc{dim_suffix(h, dims)}",
+        yield (f"grad_variance_per_cost_vs_n_mc{suffix}",
                sweep_figure(res, cell, models, f"{where}: variance × M, the variance at equal "
                                                f"cost (M samples cost M single ones; lower is "
                                                f"better)", per_cost=True))
@@ -272,8 +266,4 @@ def write_variance_ratio(res: ExperimentResults) -> list[Path]:
     ratio = variance_ratio(res)
     if ratio is None:
         return []
-    csv = atomic_write(res.folder / "variance_ratio.csv",
-                       lambda p: ratio.to_csv(p, index=False, float_format="%.6g"))
-    md = atomic_write(res.folder / "variance_ratio.md",
-                      lambda p: p.write_text(_ratio_markdown(ratio), encoding="utf-8"))
-    return [csv, md]
+    return save_table(ratio, res.folder, "variance_ratio", _ratio_markdown)

@@ -34,7 +34,7 @@ from experiments.figures.style import (
     ordered,
     seeds_text,
 )
-from experiments.figures.variance import SWEEP_INPUTS, sweep_figure, sweep_rows
+from experiments.figures.variance import SWEEP_INPUTS, sweep_by_latent_dim, sweep_figure
 
 __all__ = ["INPUTS", "fig_ppca_exact", "fig_ppca_variance", "ppca_targets"]
 
@@ -117,13 +117,8 @@ def _target(values: pd.Series):
 @register("ppca_exact", inputs=INPUTS)
 def fig_ppca_variance(res: ExperimentResults) -> Iterator[tuple[str, Figure]]:
     """Gradient variance against M at the converged reparam models (``variance_sweep.csv``)."""
-    d, models = sweep_rows(res.table("variance_sweep.csv", INPUTS["variance_sweep.csv"]))
-    dims = latent_dims(d)
-    for h in dims:
-        cell = d[d["latent_dim"] == h]
-        if cell["grad_n_mc"].nunique() < 2:
-            continue
-        yield (f"grad_variance_vs_n_mc{dim_suffix(h, dims)}",
+    for h, suffix, cell, models in sweep_by_latent_dim(res):
+        yield (f"grad_variance_vs_n_mc{suffix}",
                sweep_figure(res, cell, models, f"Linear decoder (PPCA data), H = {h:g}: "
                                                f"total gradient variance tr Σ against M (STL's "
                                                f"vanishes where q matches the posterior)"))

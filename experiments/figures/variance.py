@@ -8,6 +8,7 @@
 - ``sweep_rows``: the ``variance_sweep.csv`` rows of the final state, the measured estimator
   named by ``sweep_label`` (``reparam, KL MC``) from ``grad_estimator``/``grad_baseline``/
   ``grad_kl`` (the run's own training estimator stays in ``estimator``);
+- ``sweep_by_latent_dim``: those rows per latent dimension H measured at two or more M;
 - ``sweep_figure``: variance (or variance × M, the variance at equal cost) against M;
 - ``variance_ratio``: tr Σ(estimator) / tr Σ(reparam, analytic KL) at equal M, per seed, then
   summarised over seeds (the ``variance_ratio.csv``/``.md`` table).
@@ -16,6 +17,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
 
 import numpy as np
 import pandas as pd
@@ -30,7 +32,7 @@ from experiments.figures.drawing import (
     plain_ticks,
     suptitle,
 )
-from experiments.figures.loading import ExperimentResults, at_best
+from experiments.figures.loading import ExperimentResults, at_best, dim_suffix, latent_dims
 from experiments.figures.marks import legend
 from experiments.figures.style import (
     KL_STYLES,
@@ -44,8 +46,9 @@ from experiments.figures.style import (
     seeds_text,
 )
 
-__all__ = ["GROUP_ROWS", "REFERENCE", "SWEEP_INPUTS", "group_rows", "probe_m", "sweep_figure",
-           "sweep_label", "sweep_order", "sweep_rows", "variance_ratio", "with_probe_m"]
+__all__ = ["GROUP_ROWS", "REFERENCE", "SWEEP_INPUTS", "group_rows", "probe_m",
+           "sweep_by_latent_dim", "sweep_figure", "sweep_label", "sweep_order", "sweep_rows",
+           "variance_ratio", "with_probe_m"]
 
 log = logging.getLogger(__name__)
 
@@ -118,6 +121,21 @@ def sweep_rows(sweep: pd.DataFrame, metric: str = "grad_var_total") -> tuple[pd.
     if (d["estimator_label"] == "reparam").any():
         return d[d["estimator_label"] == "reparam"], "models trained with reparam"
     return d, "the trained models"
+
+
+def sweep_by_latent_dim(res: ExperimentResults
+                        ) -> Iterator[tuple[float, str, pd.DataFrame, str]]:
+    """The sweep's final-state rows (``sweep_rows`` of ``variance_sweep.csv``) per latent
+    dimension H measured at two or more M: (H, the file-stem suffix, its rows, the words naming
+    the models); an H measured at one M is skipped with a logged note."""
+    d, models = sweep_rows(res.table("variance_sweep.csv", SWEEP_INPUTS["variance_sweep.csv"]))
+    dims = latent_dims(d)
+    for h in dims:
+        cell = d[d["latent_dim"] == h]
+        if cell["grad_n_mc"].nunique() < 2:
+            log.info("%s: one M at H = %g; no variance-against-M figure", res.name, h)
+            continue
+        yield h, dim_suffix(h, dims), cell, models
 
 
 def _sweep_palette(d: pd.DataFrame) -> dict[str, tuple]:
