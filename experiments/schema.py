@@ -27,6 +27,7 @@ __all__ = [
     "STOP_REASONS",
     "TABLE_COLUMNS",
     "SchemaError",
+    "as_bool",
     "read_metrics",
     "read_runs",
     "validate_metrics",
@@ -161,6 +162,16 @@ def validate_runs(df: pd.DataFrame, where: str = "runs.csv") -> None:
             problems.append(f"{where}: repeated run_id(s) {dup[:5]}")
     if problems:
         raise SchemaError("\n".join(problems))
+
+
+def as_bool(values: pd.Series) -> pd.Series:
+    """A flag column as read back from a CSV (``converged``, ``unstable``, …: ``True``/``False``,
+    bool or text) as an object column of True, False and NaN (missing or unreadable)."""
+    text = values.astype(str).str.strip().str.lower()
+    out = pd.Series(np.nan, index=values.index, dtype=object)
+    out[text.isin(["true", "1", "1.0"])] = True
+    out[text.isin(["false", "0", "0.0"])] = False
+    return out
 
 
 def read_metrics(path: str | Path, *, validate: bool = True) -> pd.DataFrame:

@@ -21,9 +21,10 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
+from experiments import schema
 from experiments.figures import style
 from experiments.figures.drawing import empty_panel, panel_grid, save_table, suptitle
-from experiments.figures.loading import ExperimentResults, SkipFigure, as_bool, at_best
+from experiments.figures.loading import ExperimentResults, SkipFigure, at_best
 from experiments.figures.marks import Tally, legend
 from experiments.figures.registry import register, register_table
 from experiments.figures.style import (
@@ -62,7 +63,7 @@ def per_run_gaps(res: ExperimentResults) -> pd.DataFrame:
         exact = pd.to_numeric(g.get("log_px_exact", np.nan), errors="coerce")
         iwae = pd.to_numeric(g.get("log_px_iwae", np.nan), errors="coerce")
         g = g.assign(log_px=exact.where(exact.notna(), iwae), exact=exact.notna(),
-                     low=as_bool(g["iwae_low_ess"]).astype(float) if "iwae_low_ess" in g
+                     low=schema.as_bool(g["iwae_low_ess"]).astype(float) if "iwae_low_ess" in g
                      else np.nan,
                      steps=pd.to_numeric(g.get("qstar_steps", np.nan), errors="coerce"))
         per = g.groupby(["run_id", "split"]).agg(

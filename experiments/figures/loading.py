@@ -26,7 +26,6 @@ __all__ = [
     "ExperimentResults",
     "SkipFigure",
     "add_labels",
-    "as_bool",
     "at_best",
     "dim_suffix",
     "final_rows",
@@ -43,15 +42,6 @@ REFERENCE_COLUMNS = ("dataset", "data_seed", "model", "latent_dim", "split", "lo
 
 class SkipFigure(Exception):
     """A figure that cannot be drawn from the results at hand (logged, not raised)."""
-
-
-def as_bool(values: pd.Series) -> pd.Series:
-    """``True``/``False`` (bool or text) as an object column of True, False and NaN."""
-    text = values.astype(str).str.strip().str.lower()
-    out = pd.Series(np.nan, index=values.index, dtype=object)
-    out[text.isin(["true", "1", "1.0"])] = True
-    out[text.isin(["false", "0", "0.0"])] = False
-    return out
 
 
 def add_labels(df: pd.DataFrame) -> pd.DataFrame:
@@ -189,7 +179,7 @@ def _load(results: Path, name: str, references: pd.DataFrame | None
         metrics = pd.DataFrame({c: pd.Series(dtype=object) for c in schema.METRIC_COLUMNS})
     if runs is not None:
         runs = add_labels(runs)
-        runs["converged"] = as_bool(runs["converged"]) if "converged" in runs.columns \
+        runs["converged"] = schema.as_bool(runs["converged"]) if "converged" in runs.columns \
             else np.nan
     res = ExperimentResults(name, folder, add_labels(metrics), runs, {}, references)
     frames = {"metrics": res.metrics, **tables}

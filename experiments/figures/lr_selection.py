@@ -23,6 +23,7 @@ import pandas as pd
 import seaborn as sns
 from matplotlib.figure import Figure
 
+from experiments import schema
 from experiments.figures.drawing import (
     elbo_limits,
     empty_panel,
@@ -31,7 +32,7 @@ from experiments.figures.drawing import (
     plain_ticks,
     suptitle,
 )
-from experiments.figures.loading import ExperimentResults, SkipFigure, add_labels, as_bool
+from experiments.figures.loading import ExperimentResults, SkipFigure, add_labels
 from experiments.figures.marks import STYLE_GID, axis_legend, legend
 from experiments.figures.refs import draw_references
 from experiments.figures.registry import register
@@ -158,7 +159,7 @@ def _title(method: str, lab: str, s: pd.DataFrame, c: pd.DataFrame) -> str:
     chosen = f"lr {r['method.lr']:g}" + (f", {sec.split('.')[1]} {r[sec]:g}" if sec and
                                            pd.notna(r.get(sec)) else "")
     flags = [f for f in ("unstable", "unconverged", "at_cap") if f in r and
-             as_bool(pd.Series([r[f]])).iloc[0] is True]
+             schema.as_bool(pd.Series([r[f]])).iloc[0] is True]
     if "edge" in r and isinstance(r["edge"], str) and r["edge"]:
         flags.append(f"edge {r['edge']}")
     flags = textwrap.fill("; ".join(flags), 48) if flags else ""
@@ -205,13 +206,13 @@ def _panel(ax, c: pd.DataFrame, s: pd.DataFrame, r: pd.DataFrame) -> tuple[pd.Se
         for _, row in ok.iterrows():
             rnd = int(row["round"]) if pd.notna(row["round"]) else 0
             marker, words = ROUNDS.get(rnd, ("^", f"candidate median, round {rnd} (▲)"))
-            hollow = as_bool(pd.Series([row["unconverged"]])).iloc[0] is True
+            hollow = schema.as_bool(pd.Series([row["unconverged"]])).iloc[0] is True
             point, = ax.plot([row["method.lr"]], [row["score"]], ls="none", marker=marker,
                              ms=7, mfc="white" if hollow else colour, mec=colour, mew=1.5,
                              label=words)
             if hollow:  # the hollow marker also stands for the "not converged" entry
                 point.set_gid(STYLE_GID + MARKS["unconverged"])
-            if as_bool(pd.Series([row["unstable"]])).iloc[0] is True:
+            if schema.as_bool(pd.Series([row["unstable"]])).iloc[0] is True:
                 ax.plot([row["method.lr"]], [row["score"]], ls="none", marker="o", ms=13,
                         mfc="none", mec="red", mew=1.2, label=MARKS["unstable"])
         if len(runs):

@@ -38,15 +38,6 @@ def experiments_present(results: str | Path) -> list[str]:
     return [e for e in EXPERIMENT_ORDER if e in names] + sorted(names - set(EXPERIMENT_ORDER))
 
 
-def _converged(values: pd.Series) -> pd.Series:
-    """runs.csv ``converged`` as True / False / NaN (missing or unreadable)."""
-    text = values.astype(str).str.strip().str.lower()
-    out = pd.Series(np.nan, index=values.index, dtype=object)
-    out[text.isin(["true", "1", "1.0"])] = True
-    out[text.isin(["false", "0", "0.0"])] = False
-    return out
-
-
 def _value_text(v) -> str:
     """A configuration value as text: ``—`` when empty, whole floats without ``.0``."""
     if v is None or (isinstance(v, float) and math.isnan(v)):
@@ -145,7 +136,7 @@ def load_runs(results: str | Path, experiment: str) -> pd.DataFrame | None:
                 runs[col] = runs[col].where(runs[col].notna(), filler)
             else:
                 runs[col] = filler
-    runs["conv"] = _converged(runs["converged"]) if "converged" in runs else np.nan
+    runs["conv"] = schema.as_bool(runs["converged"]) if "converged" in runs else np.nan
     runs["convergence"] = runs["conv"].map({True: "converged", False: "not converged"}
                                            ).fillna("unknown")
     seed = runs["data.seed"] if "data.seed" in runs else pd.Series(np.nan, index=runs.index)
