@@ -43,7 +43,7 @@ inference); Hjelm et al. 2016 (iterative refinement of an inference network).
 
 Modules
 - ``core``: the ``Finding`` type, the verdict rules, intervals and ratios as text, the Markdown
-  of FINDINGS.md and the registry (``register``) of findings in their order;
+  of FINDINGS.md and the registry (``register``, ``register_each``) of findings in their order;
 - ``study``: cached access to a results folder and the data helpers several findings share;
 - one module per group of findings, in the order FINDINGS.md lists them: ``gradient_variance``
   (score function vs reparameterization, baselines, sticking the landing), ``convergence``
