@@ -94,7 +94,7 @@ def test_batched_equals_loop_of_autograd_calls(name, estimator, baseline, kl):
     refined = None
     if method.refines:
         lam0 = method.encoder(x).detach()
-        refined = method.local_ascent(x, lam0, replay, method.settings.refine_steps)[0].detach()
+        refined = method.local_ascent(x, lam0, replay, method.settings.refine_steps).detach()
     noise = replay.randn((k, method.settings.n_mc, x.shape[1], 2), 2, dtype=DTYPE)
     loop = gradstats.per_sample_grads_loop(method, x, idx, noise, refined=refined)
     assert set(batched) == set(loop) == set(method.groups)

@@ -301,8 +301,8 @@ def test_vem_step_changes_only_minibatch_rows(optimizer, estimator, baseline, n_
     # Two warm-up epochs: every row and every row's state is non-trivial before the test step.
     for _ in range(2):
         for idx in _batches(n, k, 16, g):
-            _, ok = method.train_step(x[members, idx], idx, random, active)
-            assert bool(ok.all())
+            method.train_step(x[members, idx], idx, random, active)
+            assert bool(method.finite().all())
     before = _local_state(method)
     assert {"local", "steps"} <= set(before)
     if optimizer == "adam":
@@ -310,10 +310,11 @@ def test_vem_step_changes_only_minibatch_rows(optimizer, estimator, baseline, n_
         assert bool((before["exp_avg_sq"] > 0).all())
 
     idx = torch.stack([torch.randperm(n, generator=g)[:11] for _ in range(k)])
-    out, ok = method.train_step(x[members, idx], idx, random, active)
+    out = method.train_step(x[members, idx], idx, random, active)
     after = _local_state(method)
 
-    assert out.shape == (k, 11) and bool(torch.isfinite(out).all()) and bool(ok.all())
+    assert out.shape == (k, 11) and bool(torch.isfinite(out).all())
+    assert bool(method.finite().all())
     outside = torch.ones(k, n, dtype=torch.bool)
     outside[members, idx] = False
     for key in before:
@@ -336,8 +337,8 @@ def test_vem_inactive_member_does_not_move():
     before = {n: t.clone() for n, t in {**method.state_dict(),
                                         **method.optimizer_state()}.items()}
     stream = random.generators[1].get_state()
-    _, ok = method.train_step(x[_members(2), idx], idx, random, torch.tensor([True, False]))
-    assert ok.tolist() == [True, False]  # not trained: not reported healthy
+    method.train_step(x[_members(2), idx], idx, random, torch.tensor([True, False]))
+    assert method.finite().tolist() == [True, True]
     after = {**method.state_dict(), **method.optimizer_state()}
     for n, t in after.items():
         assert torch.equal(t[1], before[n][1]), n
@@ -439,8 +440,8 @@ def test_vem_minibatch_gradient_averages_to_full_gradient(monkeypatch, estimator
     theta0 = flat.detach().clone()
     state0 = _local_state(method)
     noise.eps = eps[:, :, idx0[0]]
-    _, ok = method.train_step(X[:, idx0[0]], idx0, noise, active)
-    assert bool(ok.all())
+    method.train_step(X[:, idx0[0]], idx0, noise, active)
+    assert bool(method.finite().all())
     applied = -flat.grad
     with torch.no_grad():
         flat.copy_(theta0)
@@ -460,7 +461,7 @@ def test_vem_minibatch_gradient_averages_to_full_gradient(monkeypatch, estimator
         grad, est = m_step_grad(x, idx)
         seen.append(idx[0].clone())
         grads.append(grad)
-        return est.samples.mean(0), torch.ones(1, dtype=torch.bool)
+        return est.samples.mean(0)
 
     monkeypatch.setattr(method, "train_step", probe_step)
     trainer._train_epoch()
@@ -581,8 +582,8 @@ def _train_steps(method, seeds: list[int], steps: int, dtype=torch.float32):
     active = torch.ones(k, dtype=torch.bool)
     for s in range(steps):
         idx = perm[:, s * BATCH:(s + 1) * BATCH]
-        _, ok = method.train_step(x[_members(k), idx], idx, noise, active)
-        assert bool(ok.all())
+        method.train_step(x[_members(k), idx], idx, noise, active)
+        assert bool(method.finite().all())
     return noise
 
 
@@ -671,10 +672,10 @@ def test_a_non_finite_member_is_flagged_and_reaches_no_other(name):
     x = _ensemble_data(DTYPE).expand(k, -1, -1)
     idx = MemberRandom.from_seeds(seeds, "data").randperm(N_POINTS)[:, :BATCH]
     active = torch.ones(k, dtype=torch.bool)
-    _, ok_clean = clean.train_step(x[_members(k), idx], idx,
-                                   MemberRandom.from_seeds(seeds, "noise"), active)
-    est, ok = poisoned.train_step(x[_members(k), idx], idx,
-                                  MemberRandom.from_seeds(seeds, "noise"), active)
+    clean.train_step(x[_members(k), idx], idx, MemberRandom.from_seeds(seeds, "noise"), active)
+    est = poisoned.train_step(x[_members(k), idx], idx,
+                              MemberRandom.from_seeds(seeds, "noise"), active)
+    ok_clean, ok = clean.finite(), poisoned.finite()
     assert ok_clean.tolist() == [True, True, True] and ok.tolist() == [True, False, True]
     assert bool(torch.isfinite(est[[0, 2]]).all())
     for member in (0, 2):

@@ -226,8 +226,8 @@ def test_score_and_reparam_share_initialisation_and_data_order(method):
         idx = torch.arange(32).unsqueeze(0)
         x = rep.x["train"][:, idx[0]]
         active = torch.ones(1, dtype=torch.bool)
-        est_rep, _ = rep.method.train_step(x, idx, MemberRandom.from_seeds([9], "n"), active)
-        est_sco, _ = sco.method.train_step(x, idx, MemberRandom.from_seeds([9], "n"), active)
+        est_rep = rep.method.train_step(x, idx, MemberRandom.from_seeds([9], "n"), active)
+        est_sco = sco.method.train_step(x, idx, MemberRandom.from_seeds([9], "n"), active)
         assert torch.equal(est_rep, est_sco)
     # Fresh trainers (evaluation above consumed only measurement streams): identical order.
     order = _record_order(Trainer([_small(method=dict(estimator="reparam", **changes))]))

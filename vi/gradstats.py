@@ -104,7 +104,7 @@ def _wanted(method: InferenceMethod, groups: Iterable[str] | None) -> tuple[str,
 def _refined(method: InferenceMethod, x: Tensor, lam0: Tensor, random: MemberRandom) -> Tensor:
     """λ⁽ᴷ⁾ by the method's own refinement (its estimator and M), θ fixed."""
     with torch.enable_grad(), frozen(method.decoder):
-        lam, _ = method.local_ascent(x, lam0.detach(), random, method.settings.refine_steps)
+        lam = method.local_ascent(x, lam0.detach(), random, method.settings.refine_steps)
     return lam.detach()
 
 

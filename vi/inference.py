@@ -327,45 +327,45 @@ class InferenceMethod(nn.Module):
             self.running_mean.update(samples, active)
         return samples.mean(0)
 
-    def _global_step(self, opt: FlatOptimizer, loss: Tensor, active: Tensor) -> Tensor:
-        """Backward of the summed member losses, per-member clipping, one update. Returns the
-        members whose parameters stayed finite: a non-finite loss or gradient makes them
-        non-finite (Adam divides by √v), so one check after the step covers all three, and a
-        diverged member's numbers never reach another member's."""
+    def _global_step(self, opt: FlatOptimizer, loss: Tensor, active: Tensor) -> None:
+        """Backward of the summed member losses, per-member clipping, one update."""
         opt.zero_grad()
         loss.backward()
         _clip(opt.params, self.settings.grad_clip)
         opt.step(active)
-        return finite_members(*opt.params)
+
+    def finite(self) -> Tensor:
+        """[K] bool: the members whose state (parameters, local table) is finite. A non-finite
+        loss or gradient makes a member's parameters non-finite at its next update (Adam divides
+        by √v) and they stay so, while members never touch each other's numbers: one check per
+        epoch finds every member that diverged during it."""
+        return finite_members(*(t for t in self.state_dict().values()
+                                if t.is_floating_point()))
 
     def local_ascent(self, x: Tensor, lam: Tensor, random: MemberRandom, steps: int, *,
-                     active: Tensor | None = None, create_graph: bool = False
-                     ) -> tuple[Tensor, Tensor]:
+                     active: Tensor | None = None, create_graph: bool = False) -> Tensor:
         """K plain gradient-ascent steps λ ← λ + α_k clip(ĝ_λ) (the refinement; α_k per
-        member; each point's gradient rescaled to norm at most ``refine_clip``). Returns
-        (λ⁽ᴷ⁾, per-member finiteness of the refinement gradients)."""
+        member; each point's gradient rescaled to norm at most ``refine_clip``): λ⁽ᴷ⁾. A
+        non-finite gradient makes λ⁽ᴷ⁾ non-finite, and so whatever is computed from it."""
         clip = self.settings.refine_clip
-        ok = torch.ones(lam.shape[0], dtype=torch.bool, device=lam.device)
         with torch.enable_grad():
             for _ in range(steps):
                 if not lam.requires_grad:
                     lam = lam.detach().requires_grad_()
                 est = self.estimate(x, lam, random, active=active)
                 (g,) = torch.autograd.grad(est.surrogate.sum(), lam, create_graph=create_graph)
-                ok = ok & finite_members(g)
-                g = torch.nan_to_num(g)
                 if clip is not None:
                     norm = g.norm(dim=-1, keepdim=True)
                     g = g * (clip / norm.clamp_min(clip))
                 lam = lam + self.refine_lr * g
-        return lam, ok
+        return lam
 
     # -- interface ----------------------------------------------------------------------------
     def train_step(self, x: Tensor, idx: Tensor, random: MemberRandom, active: Tensor
-                   ) -> tuple[Tensor, Tensor]:
+                   ) -> Tensor:
         """One update on a minibatch x [K, B, D] with training indices idx [K, B]; members
-        outside ``active`` do not move. Returns (per-point ELBO estimates [K, B], per-member
-        health [K]: False where a loss, gradient or parameter became non-finite)."""
+        outside ``active`` do not move. Returns the per-point ELBO estimates [K, B] (a member
+        that diverged shows it in ``finite``)."""
         raise NotImplementedError
 
     def training_lambda(self, x: Tensor, idx: Tensor) -> Tensor:
@@ -495,7 +495,6 @@ class VariationalEM(InferenceMethod):
 
     def train_step(self, x, idx, random, active):
         s = self.settings
-        ok = active.clone()
         e_active = active.clone()
         h = self.decoder.latent_dim
         with frozen(self.decoder):
@@ -506,7 +505,6 @@ class VariationalEM(InferenceMethod):
                 est = elbo(self.decoder, x, lam, eps, estimator=s.estimator,
                            baseline=s.baseline, kl=s.kl, baseline_value=self.baseline_value())
                 (g,) = torch.autograd.grad(-est.surrogate.sum(), lam)
-                # a non-finite gradient makes the member's rows non-finite: checked after
                 moved = self.local_opt.step(idx, g, e_active)
                 if s.e_tol is not None:
                     # the step's gain on the same noise: no Monte Carlo noise between the two
@@ -517,15 +515,13 @@ class VariationalEM(InferenceMethod):
                     if not bool(e_active.any()):
                         break
         lam = self.local_opt.rows(idx)
-        ok = ok & finite_members(lam)
         recorded = None
         for _ in range(s.m_steps):  # M-step: θ only, rows fixed
             est = self.estimate(x, lam, random, active=active)
             if recorded is None:
-                recorded = self._record(est.samples, active & ok)
-            loss = -est.surrogate.mean(1).sum()
-            ok = ok & self._global_step(self.decoder_opt, loss, active & ok)
-        return recorded, ok
+                recorded = self._record(est.samples, active)
+            self._global_step(self.decoder_opt, -est.surrogate.mean(1).sum(), active)
+        return recorded
 
     def infer(self, x, random):
         zeros = x.new_zeros(*x.shape[:-1], 2 * self.decoder.latent_dim)
@@ -566,7 +562,8 @@ class Amortized(InferenceMethod):
     def train_step(self, x, idx, random, active):
         est = self.estimate(x, self.encoder(x), random, active=active)
         recorded = self._record(est.samples, active)
-        return recorded, self._global_step(self.opt, -est.surrogate.mean(1).sum(), active)
+        self._global_step(self.opt, -est.surrogate.mean(1).sum(), active)
+        return recorded
 
     def infer(self, x, random):
         with torch.no_grad():
@@ -595,25 +592,25 @@ class SemiAmortized(Amortized):
         with contextlib.ExitStack() as stack:
             if not through:
                 stack.enter_context(frozen(self.decoder))
-            lam_k, ok = self.local_ascent(x, lam0 if through else lam0.detach(), random,
-                                          s.refine_steps, active=active, create_graph=through)
+            lam_k = self.local_ascent(x, lam0 if through else lam0.detach(), random,
+                                      s.refine_steps, active=active, create_graph=through)
         dec, enc = self.decoder.params.flat, self.encoder.params.flat
         est = self.estimate(x, lam_k.detach(), random, active=active)  # θ at the refined λ
         (dec_grad,) = torch.autograd.grad(-est.surrogate.mean(1).sum(), [dec])
         enc_target = lam_k if through else lam0
         enc_est = self.estimate(x, enc_target, random, active=active)  # φ at its own λ
         (enc_grad,) = torch.autograd.grad(-enc_est.surrogate.mean(1).sum(), [enc])
-        recorded = self._record(est.samples, active & ok)
+        recorded = self._record(est.samples, active)
         dec.grad, enc.grad = dec_grad, enc_grad
         _clip(self.opt.params, s.grad_clip)
-        self.opt.step(active & ok)
-        return recorded, ok & finite_members(dec, enc)
+        self.opt.step(active)
+        return recorded
 
     def infer(self, x, random):
         with torch.no_grad():
             lam0 = self.encoder(x)
         with frozen(self.decoder):
-            lam, _ = self.local_ascent(x, lam0, random, self.settings.refine_steps)
+            lam = self.local_ascent(x, lam0, random, self.settings.refine_steps)
         return lam.detach(), None
 
 

@@ -355,22 +355,21 @@ class Trainer:
         n, batch = x.shape[1], c.training.batch_size
         active = torch.tensor([s == "running" for s in self.status], device=self.device)
         perm = self.data_random.randperm(n).to(self.device)
-        members = torch.arange(self.members, device=self.device).unsqueeze(1)
-        total = torch.zeros(self.members, dtype=torch.float64, device=self.device)
+        offsets = (torch.arange(self.members, device=self.device) * n).unsqueeze(1)
+        rows = x.reshape(-1, x.shape[-1])
+        sums = []
         start = time.perf_counter()
         self.method.train()
         for b in range(0, n, batch):
             idx = perm[:, b:b + batch]
-            est, ok = self.method.train_step(x[members, idx], idx, self.noise, active)
-            failed = active & ~ok
-            if bool(failed.any()):
-                for k in torch.nonzero(failed).flatten().tolist():
-                    self.status[k] = "diverged"
-                    self.message[k] = (f"epoch {self.epoch + 1}: non-finite loss, gradient or "
-                                       f"parameter")
-                active = active & ok
-            total += est.detach().double().sum(1)
+            xb = rows.index_select(0, (idx + offsets).reshape(-1)).view(*idx.shape, -1)
+            sums.append(self.method.train_step(xb, idx, self.noise, active).detach().sum(1))
             self.step += 1
+        total = torch.stack(sums).double().sum(0)
+        ok = self.method.finite() & torch.isfinite(total)
+        for k in torch.nonzero(active & ~ok).flatten().tolist():
+            self.status[k] = "diverged"
+            self.message[k] = f"epoch {self.epoch + 1}: non-finite loss, gradient or parameter"
         seconds = time.perf_counter() - start
         self.epoch += 1
         share = seconds / max(1, self.members)
