@@ -336,3 +336,15 @@ def test_submitit_local_executor_writes_the_same_run_folders(tmp_path: Path) -> 
         assert csv_rows(a / "metrics.csv") == csv_rows(b / "metrics.csv")
         assert (a / "config.json").read_text() == (b / "config.json").read_text()
     assert csv_rows(local / "g" / "metrics.csv") == csv_rows(cluster / "g" / "metrics.csv")
+
+
+def test_every_quick_cell_is_seconds_scale() -> None:
+    """The quick scale bounds every cell, method overrides included (CI runs all of them)."""
+    from experiments.grids import deep_merge
+    from vi.config import RunConfig
+
+    defaults = RunConfig().to_dict()
+    for name in available():
+        for partial in load_grid(name).scaled("quick").cells():
+            full = deep_merge(defaults, partial)
+            assert full["training"]["max_epochs"] <= 5, (name, full["method"]["name"])
