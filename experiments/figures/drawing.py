@@ -71,15 +71,21 @@ def panel_grid(nrows: int, ncols: int, *, sharex: bool | str = True, sharey: boo
 
 
 class ShortLog(Formatter):
-    """Log-axis labels as short plain numbers (0.05, 2, 500, 20k, 1M): every 1-2-5 tick when
-    the axis spans at most 2.5 decades, else only the powers of ten, so labels never crowd."""
+    """Log-axis labels as short plain numbers (0.05, 2, 500, 20k, 1M; 1e9 beyond millions):
+    every 1-2-5 tick when the axis spans at most 2.5 decades, else only the powers of ten, and
+    over more than 8 decades every other power, so labels never crowd."""
 
     def __call__(self, x: float, pos: int | None = None) -> str:
         lo, hi = sorted(self.axis.get_view_interval()) if self.axis is not None else (x, x)
-        wide = lo > 0 and np.log10(hi / lo) > 2.5
-        mant = x / 10 ** np.floor(np.log10(x) + 1e-9) if x > 0 else 0
-        if wide and not np.isclose(mant, 1.0):
+        decades = np.log10(hi / lo) if lo > 0 else 0.0
+        exponent = np.floor(np.log10(x) + 1e-9) if x > 0 else 0
+        mant = x / 10**exponent if x > 0 else 0
+        if decades > 2.5 and not np.isclose(mant, 1.0):
             return ""
+        if decades > 8 and int(exponent) % 2:
+            return ""
+        if x >= 1e7:
+            return f"{mant:g}e{int(exponent)}"
         for div, suffix in ((1e6, "M"), (1e3, "k")):
             if x >= div:
                 return f"{x / div:g}{suffix}"
@@ -93,7 +99,8 @@ def log_axis(ax: plt.Axes, which: str, base: float = 10) -> None:
     (ax.set_xscale if which == "x" else ax.set_yscale)("log", base=base)
     axis.set_minor_locator(NullLocator())
     if base == 10:
-        axis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+        # numticks: the default gives up (no ticks at all) beyond ~10 decades with subs
+        axis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0), numticks=100))
         axis.set_major_formatter(ShortLog())
 
 
