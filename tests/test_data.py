@@ -25,6 +25,7 @@ from vi.data import (
     DataError,
     Dataset,
     bits_per_dim,
+    frequent_pixels,
     indexed_batches,
     load_dataset,
     load_npz,
@@ -210,6 +211,21 @@ def test_mnist_from_idx_files(mnist_dir: Path) -> None:
     assert torch.equal(small.test, d.test)  # neither limit nor validation changes the test split
     again = load_dataset("mnist", path=mnist_dir, limit=10, validation_fraction=0.2)
     assert torch.equal(small.train, again.train) and torch.equal(small.validation, again.validation)
+    assert d.pixels is None and d.image_shape == (28, 28)  # random images: ink everywhere
+
+
+def test_mnist_keeps_the_pixels_with_ink_in_the_training_images(tmp_path: Path) -> None:
+    train, test = fake_images(200, 0), fake_images(8, 1)
+    train[:, 0, 0] = 0  # never ink in training
+    train[:, 0, 1] = 0
+    train[150:, 0, 1] = 9  # ink in 25 % of all training images, none of the first 100
+    write_idx(tmp_path / "train-images-idx3-ubyte", train)
+    write_idx(tmp_path / "t10k-images-idx3-ubyte", test)
+    for limit in (None, 100):  # counted on every official training image, whatever the limit
+        d = load_dataset("mnist", path=tmp_path, limit=limit, min_pixel_fraction=0.01)
+        assert d.data_dim == 783 and d.pixels == list(range(1, 784))
+        torch.testing.assert_close(torch.floor(d.test * 256),
+                                   torch.from_numpy(test.reshape(8, -1)[:, 1:]).float())
 
 
 def test_frey_from_mat_file(tmp_path: Path) -> None:
@@ -315,9 +331,10 @@ def fake_mnist5k(seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
 
 def test_mnist5k_shapes_range_and_labels() -> None:
     d = load_dataset("mnist5k", validation_fraction=0.1)
-    assert d.name == "mnist5k" and d.data_dim == 784 and d.levels == 256
-    assert d.train.shape == (3500, 784)
-    assert d.validation.shape == (500, 784) and d.test.shape == (1000, 784)
+    assert d.name == "mnist5k" and d.data_dim == 486 and d.levels == 256
+    assert d.train.shape == (3500, 486)
+    assert d.validation.shape == (500, 486) and d.test.shape == (1000, 486)
+    assert d.image_shape == (28, 28) and len(d.pixels) == 486 and d.pixels == sorted(d.pixels)
     for split in ("train", "validation", "test"):
         x, labels = d.split(split), d.ground_truth[f"{split}_labels"]
         assert x.dtype == torch.float32 and float(x.min()) >= 0.0 and float(x.max()) < 1.0
@@ -326,7 +343,47 @@ def test_mnist5k_shapes_range_and_labels() -> None:
     counts = sum(torch.bincount(d.ground_truth[f"{s}_labels"], minlength=10) for s in
                  ("train", "validation", "test"))
     assert counts.tolist() == [500] * 10
-    assert d.info["options"] == {} and d.info["n_train"] == 3500 and d.info["levels"] == 256
+    assert d.info["options"] == {"min_pixel_fraction": 0.01}
+    assert d.info["n_train"] == 3500 and d.info["levels"] == 256
+    every = load_dataset("mnist5k", validation_fraction=0.1, min_pixel_fraction=0)
+    assert every.data_dim == 784 and every.pixels is None
+    assert torch.equal(every.ground_truth["test_labels"], d.ground_truth["test_labels"])
+    assert torch.equal(every.test[:, d.pixels], d.test)  # the same images, fewer pixels
+
+
+def test_frequent_pixels_keeps_the_pixels_with_ink_in_the_given_share() -> None:
+    images = np.zeros((100, 4), dtype=np.uint8)
+    images[:5, 0] = 7  # ink in 5 % of the images
+    images[:4, 1] = 1  # 4 %
+    images[:, 2] = 200  # every image
+    assert frequent_pixels(images, 0.05, "x") == [0, 2]
+    assert frequent_pixels(images, 0.04, "x") == [0, 1, 2]
+    assert frequent_pixels(images[:, [0, 2]], 0.05, "x") is None  # all kept
+    assert frequent_pixels(images, 0, "x") is None
+    for bad in (1.0, -0.1, "0.01", True, None):
+        with pytest.raises(ValueError, match="min_pixel_fraction must be a number in"):
+            frequent_pixels(images, bad, "x")
+    with pytest.raises(ValueError, match="no pixel is non-zero"):
+        frequent_pixels(np.zeros((10, 3)), 0.5, "x")
+    with pytest.raises(ValueError, match="min_pixel_fraction"):
+        load_dataset("mnist5k", min_pixel_fraction=1.5)
+
+
+def test_mnist5k_kept_pixels_make_the_test_likelihood_a_mean_over_images() -> None:
+    """With every pixel, a few test images with ink where the training images have none get
+    log-densities of about −10⁵ under the maximum-likelihood diagonal Gaussian (its variance
+    there is the floor): the test mean is theirs. With the frequent pixels only, the test and
+    training means agree within the test mean's standard error, and no image is so far out."""
+    from vi.references import no_latent_gaussian, no_latent_log_likelihood
+
+    for fraction, ok in ((0.0, False), (0.01, True)):
+        d = load_dataset("mnist5k", seed=1, min_pixel_fraction=fraction)
+        mean, var = no_latent_gaussian(d.train, var_floor=variance_floor(d.levels))
+        train = no_latent_log_likelihood(d.train, mean, var)
+        test = no_latent_log_likelihood(d.test, mean, var)
+        se = float(test.std() / len(test) ** 0.5)
+        close = abs(float(test.mean() - train.mean())) < 4 * se
+        assert (close and se < 10 and float(test.min()) > -5e3) == ok, (fraction, se)
 
 
 def test_mnist5k_reproducible_from_seed() -> None:
@@ -348,6 +405,8 @@ def assert_rows_ride_along(d: Dataset, raw_x: np.ndarray, raw_y: np.ndarray) -> 
     """Every split row of ``d`` is one of the images ``raw_x`` (each value in its pixel's bin),
     with its label ``raw_y``, and every image appears exactly once over the splits."""
     raw = raw_x.astype(np.int64)
+    if d.pixels is not None:
+        raw = raw[:, d.pixels]
     # v = 0 dequantizes to u / 256 < 1/256 exactly, so the set of non-zero pixels of an image
     # survives dequantization; it tells the images apart
     by_support = {(row > 0).tobytes(): n for n, row in enumerate(raw)}

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 from conftest import DTYPE, bonferroni_crit, member_random
@@ -485,8 +486,33 @@ def probe_contexts():
         trainer = Trainer([config, config.replace(seed=1)])
         out[name] = (config, ProbeContext(trainer.method, trainer.x, trainer.labels,
                                           trainer.seeds, trainer.configs, 0, True, True,
-                                          trainer.levels))
+                                          trainer.levels, trainer.image_shape, trainer.pixels))
     return out
+
+
+def test_images_of_data_that_keep_some_pixels_name_each_pixel_by_its_place() -> None:
+    """mnist5k keeps 486 of the 784 pixels: the images table names each column by its pixel's
+    row-major index in the 28 × 28 image, and the pictures put every value back in its place."""
+    from experiments.figures.pictures import _as_images
+
+    config = RunConfig.from_dict({"data": {"name": "mnist5k"},
+                                  "model": {"latent_dim": 2, "hidden": [8]},
+                                  "method": {"name": "amortized", "encoder_hidden": [8]},
+                                  "training": {"stopping": None, "batch_size": 20}})
+    trainer = Trainer([config])
+    ctx = trainer._context(final=True, evaluating=True, epoch=0)
+    (probe,) = build_probes({"images": {"n_recon": 2, "n_samples": 1, "manifold": 2}}, config)
+    table = probe(ctx).tables["images"]
+    pix = [c for c in table.columns if c.startswith("p") and c[1:].isdigit()]
+    assert [int(c[1:]) for c in pix] == trainer.pixels and len(pix) == 486
+    assert set(table["height"]) == {28} and set(table["width"]) == {28}
+    data = table[table["kind"] == "data"].sort_values("index")
+    images = _as_images(data, pix, (28, 28), -1.0).reshape(2, 784)
+    every = load_dataset("mnist5k", min_pixel_fraction=0).test[:2].numpy()
+    kept = np.zeros(784, dtype=bool)
+    kept[trainer.pixels] = True
+    np.testing.assert_array_equal(images[:, kept], every[:, kept])
+    assert np.all(images[:, ~kept] == -1.0)
 
 
 PROBE_OPTIONS = {

@@ -477,8 +477,7 @@ class Images(ProbeBase):
                                  -1).reshape(-1, 2)
                 zk = zz.expand(k_members, -1, -1).contiguous()
                 parts.append(("manifold", dec.mean_and_variance(zk)[0], zz))
-        side = round(math.sqrt(d))
-        height = side if side * side == d else 1
+        height, width, index = _layout(ctx, d)
         frames = []
         for kind, images, coords in parts:
             n = images.shape[1]
@@ -492,15 +491,30 @@ class Images(ProbeBase):
             zs = (np.tile(coords.cpu().numpy(), (k_members, 1)) if coords is not None
                   else np.full((k_members * n, 2), np.nan))
             cols["z1"], cols["z2"] = zs[:, 0], zs[:, 1]
-            cols["height"], cols["width"] = height, d // height
-            width = len(str(d - 1))
+            cols["height"], cols["width"] = height, width
             frame = pd.DataFrame(cols)
-            pix = pd.DataFrame(pixels, columns=[f"p{j:0{width}d}" for j in range(d)])
+            pix = pd.DataFrame(pixels, columns=index)
             frames.append(pd.concat([frame, pix], axis=1))
         out = pd.concat(frames, ignore_index=True)
         out["label"] = out["label"].astype("Int64")
         out.insert(1, "epoch", ctx.epoch)
         return ProbeResult([], {"images": out})
+
+
+def _layout(ctx: ProbeContext, d: int) -> tuple[int, int, list[str]]:
+    """(height, width, pixel column names) of the D coordinates: the data's image shape when it
+    has one (else a square, else one row), and one column ``p<j>`` per coordinate, j its flat
+    row-major index in the image (the kept pixels only, when the data keep some)."""
+    if ctx.image_shape is not None:
+        height, width = ctx.image_shape
+    else:
+        side = round(math.sqrt(d))
+        height, width = (side, side) if side * side == d else (1, d)
+    index = ctx.pixels if ctx.pixels is not None else list(range(d))
+    if len(index) != d or max(index) >= height * width:
+        height, width, index = 1, d, list(range(d))
+    digits = len(str(height * width - 1))
+    return height, width, [f"p{j:0{digits}d}" for j in index]
 
 
 class Latents(ProbeBase):

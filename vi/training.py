@@ -84,6 +84,8 @@ class ProbeContext:
     final: bool
     evaluating: bool
     levels: int | None
+    image_shape: tuple[int, int] | None = None
+    pixels: list[int] | None = None
 
     def random(self, *key: str | int) -> MemberRandom:
         """The members' streams for ``key`` at this epoch (fresh, repeatable from the seeds)."""
@@ -174,6 +176,7 @@ class Trainer:
         cache = datasets if datasets is not None else {}
         data = [self._dataset(cfg, cache) for cfg in self.configs]
         self.levels = data[0].levels
+        self.image_shape, self.pixels = data[0].image_shape, data[0].pixels
         self.x = {s: torch.stack([d.split(s) for d in data]).to(self.device, self.dtype)
                   for s in ("train", "validation", "test")}
         self.labels = {s: torch.stack([d.ground_truth[f"{s}_labels"] for d in data])
@@ -279,7 +282,7 @@ class Trainer:
                  ) -> ProbeContext:
         return ProbeContext(self.method, self.x, self.labels, self.seeds, self.configs,
                             self.epoch if epoch is None else epoch, final, evaluating,
-                            self.levels)
+                            self.levels, self.image_shape, self.pixels)
 
     # -- evaluation --------------------------------------------------------------------------
     def evaluate(self, splits: Sequence[str], *, epoch: int | None = None,

@@ -51,16 +51,28 @@ def _pixels(img: pd.DataFrame) -> list[str]:
     return sorted(cols, key=lambda c: int(c[1:]))
 
 
-def _shape(img: pd.DataFrame, n: int) -> tuple[int, int]:
-    """(height, width) from the table's columns, else the square root of the pixel count."""
+def _shape(img: pd.DataFrame, pix: list[str]) -> tuple[int, int]:
+    """(height, width) from the table's columns, else the square root of the pixel count. The
+    pixel columns ``p<j>`` name each value's flat row-major index j in the image; data that keep
+    only some pixels (``mnist5k``) have fewer columns than height × width."""
+    n, top = len(pix), max(int(c[1:]) for c in pix)
     if {"height", "width"} <= set(img.columns) and img["height"].notna().any():
         shape = int(img["height"].dropna().iloc[0]), int(img["width"].dropna().iloc[0])
     else:
         side = round(np.sqrt(n))
         shape = side, side
-    if shape[0] * shape[1] != n:
+    if top >= shape[0] * shape[1] or (n != shape[0] * shape[1] and "height" not in img):
         raise SkipFigure(f"{n} pixels per image do not make a {shape[0]}×{shape[1]} image")
     return shape
+
+
+def _as_images(rows: pd.DataFrame, pix: list[str], shape: tuple[int, int],
+               background: float) -> np.ndarray:
+    """[rows, height, width]: each row's pixel values at their indices; pixels the data do not
+    keep show ``background`` (they are blank in at least 99 % of the images)."""
+    out = np.full((len(rows), shape[0] * shape[1]), background)
+    out[:, [int(c[1:]) for c in pix]] = rows[pix].to_numpy(float)
+    return out.reshape(-1, *shape)
 
 
 def _mosaic(images: np.ndarray, ncols: int) -> np.ndarray:
@@ -97,7 +109,7 @@ def pictures(res: ExperimentResults) -> Iterator[tuple[str, Figure]]:
         img = None
     if img is not None and not img.empty and _pixels(img):
         pix = _pixels(img)
-        shape = _shape(img, len(pix))
+        shape = _shape(img, pix)
         data = img[img["kind"] == "data"]
         scale = data if len(data) else img
         vmin, vmax = float(np.nanmin(scale[pix].to_numpy(float))), \
@@ -150,7 +162,7 @@ def _image_grid(res: ExperimentResults, d: pd.DataFrame, pix: list[str],
             if k.empty:
                 empty_panel(ax, "no images")
                 continue
-            ims = k[pix].to_numpy(float).reshape(-1, *shape)
+            ims = _as_images(k, pix, shape, vrange[0])
             ax.imshow(_mosaic(ims, ncols), cmap=cmap, vmin=vrange[0], vmax=vrange[1],
                       interpolation="nearest")
     where = "" if pd.isna(h) else f", H = {h:g}"
@@ -172,7 +184,7 @@ def _manifold(res: ExperimentResults, d: pd.DataFrame, pix: list[str], shape: tu
         col = np.searchsorted(z1, cell["z1"].to_numpy())
         row = len(z2) - 1 - np.searchsorted(z2, cell["z2"].to_numpy())
         grid = np.full((len(z2) * len(z1), *shape), np.nan)
-        grid[row * len(z1) + col] = cell[pix].to_numpy(float).reshape(-1, *shape)
+        grid[row * len(z1) + col] = _as_images(cell, pix, shape, vrange[0])
         dz1 = (z1[-1] - z1[0]) / max(len(z1) - 1, 1) or 1.0
         dz2 = (z2[-1] - z2[0]) / max(len(z2) - 1, 1) or 1.0
         ax.imshow(_mosaic(grid, len(z1)), cmap=cmap, vmin=vrange[0], vmax=vrange[1],
