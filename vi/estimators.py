@@ -27,8 +27,8 @@ Which zero-mean terms each estimator drops (all are unbiased for the ELBO; teste
     with no direct λ-dependence it equals ``reparam``); for other f it is biased.
 ``score``    (REINFORCE / BBVI, Williams 1992; Ranganath, Gerrish & Blei 2014)
     (1/M) Σ_m [f(z_m) − b_m] ∇_λ log q(z_m; λ) with z_m held fixed, f evaluated at stop(λ). Like
-    ``stl`` it drops the direct term E_q[∇_λ f|_z] (zero for the ELBO: this is exactly SPEC's
-    formula, not the variant with an extra −∇ log q), and the baseline term
+    ``stl`` it drops the direct term E_q[∇_λ f|_z] (zero for the ELBO: this is the plain
+    REINFORCE form, not the variant with an extra −∇ log q), and the baseline term
     E_q[b ∇_λ log q] = 0, which holds because each b_m is independent of z_m:
 
     - ``none``: b = 0.
