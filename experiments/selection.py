@@ -225,6 +225,8 @@ def choose(candidates: pd.DataFrame, select: dict) -> pd.DataFrame:
                     copy[k] = v
                 if tuple(copy[k] for k in GROUP) not in have:
                     source = r["shared_from"] or f"{r['method']}/{r['estimator']}+{r['baseline']}"
+                    if "dataset" in rule_["to"] and ":" not in source:
+                        source = f"{r['dataset']}:{source}"  # chosen on another data set
                     copy["shared_from"] = source
                     extra.append(copy)
         if extra:

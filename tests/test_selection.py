@@ -120,6 +120,18 @@ def test_shared_choices_name_their_source() -> None:
     assert (chosen["method.lr"] == 0.003).all()
 
 
+def test_a_choice_shared_with_another_data_set_names_the_data_set_it_was_made_on() -> None:
+    select = {**SELECT, "share": [
+        {"from": {"estimator": "reparam", "baseline": "none"},
+         "to": {"estimator": "stl", "baseline": "none"}},
+        {"from": {"dataset": "digits"}, "to": {"dataset": "mnist5k"}}]}
+    chosen = sel.choose(sel.candidate_table(runs(CROSS), select), select)
+    source = {(r["dataset"], r["estimator"]): r["shared_from"] for _, r in chosen.iterrows()}
+    assert source[("digits", "stl")] == "amortized/reparam+none"
+    assert source[("mnist5k", "reparam")] == "digits:amortized/reparam+none"
+    assert source[("mnist5k", "stl")] == "digits:amortized/reparam+none"
+
+
 @pytest.mark.parametrize("bad", [
     {"candidates": {}},
     {"candidates": {"vem": {"lr": -1.0}}},

@@ -85,7 +85,7 @@ def per_run_gaps(res: ExperimentResults) -> pd.DataFrame:
     if res.runs is None:
         return per
     ident = res.runs[["run_id", "dataset", "method", "estimator_label", "seed", "status",
-                      "converged", *(c for c in ("latent_dim", "method.refine_steps")
+                      "converged", *(c for c in ("latent_dim", "n_mc", "method.refine_steps")
                                      if c in res.runs.columns)]]
     splits = ordered(per["split"], ("train", "validation", "test"))
     grid = ident.merge(pd.DataFrame({"split": splits}), how="cross")
