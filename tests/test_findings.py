@@ -334,6 +334,21 @@ def test_judgements_and_overall_rule() -> None:
     assert F._overall([]) == F.NOT_MEASURED
 
 
+def test_rounding_errors_at_a_threshold_are_unclear() -> None:
+    """A slope that is exactly zero in theory, computed as -5e-17 with the interval
+    [-5.2e-17, -3.5e-18] on one CPU, is neither a contradiction nor a support; an effect that
+    clears the threshold by more than rounding still is."""
+    cells = pd.DataFrame({"n": [3, 3, 3, 3], "mean": [-5e-17, 5e-17, -1e-6, 1e-6],
+                          "sd": [1e-17] * 4, "lo": [-5.2e-17, 3.5e-18, -2e-6, 5e-7],
+                          "hi": [-3.5e-18, 5.2e-17, -5e-7, 2e-6]})
+    j = F._judge(cells)["judgement"].tolist()
+    assert j == [F.UNCLEAR, F.UNCLEAR, F.CONTRADICTS, F.SUPPORTS]
+    # relative to the threshold's magnitude: 1e3 + 1e-10 is 1e3 to rounding
+    cells = pd.DataFrame({"n": [3], "mean": [1e3 + 1e-10], "sd": [1e-12],
+                          "lo": [1e3 + 5e-11], "hi": [1e3 + 2e-10]})
+    assert F._judge(cells, support=1e3)["judgement"].tolist() == [F.UNCLEAR]
+
+
 def test_paired_differences_pair_by_seed() -> None:
     frame = pd.DataFrame({"cell": ["a"] * 4, "seed": [0, 1, 0, 1],
                           "method": ["x", "x", "y", "y"], "value": [10.0, 20.0, 1.0, 2.0]})

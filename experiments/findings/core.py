@@ -30,9 +30,10 @@ SUPPORTS, CONTRADICTS, UNCLEAR, SINGLE = "supports", "contradicts", "unclear", "
 
 RULE_TAIL = ("A cell supports the claim when its 95 % t-interval lies above the threshold, "
              "contradicts it when the interval lies below the contradiction threshold, and is "
-             "unclear otherwise; a cell with fewer than 2 units has no interval and is shown but "
-             "not judged. Verdict over the judged cells: supported when every one supports; "
-             "not supported when any contradicts; otherwise (or with no judged cell) "
+             "unclear otherwise (an interval end within a relative 1e-9 of its threshold is a "
+             "rounding error, so unclear); a cell with fewer than 2 units has no interval and is "
+             "shown but not judged. Verdict over the judged cells: supported when every one "
+             "supports; not supported when any contradicts; otherwise (or with no judged cell) "
              "inconclusive.")
 
 
@@ -163,10 +164,27 @@ def _cells(units: pd.DataFrame, by: list[str], value: str = "d") -> pd.DataFrame
     return pd.DataFrame(rows, columns=cols)
 
 
+#: effects closer than this (relative, with an absolute floor of the same size) to a threshold
+#: are numerical zeros: far below any effect the study reports (nats, log-ratios)
+NUMERICAL_TOL = 1e-9
+
+
+def _tolerance(threshold: float, *values: float) -> float:
+    """The margin an interval end must clear: NUMERICAL_TOL × the largest magnitude involved
+    (at least NUMERICAL_TOL)."""
+    scale = max([1.0, abs(threshold)] + [abs(v) for v in values if np.isfinite(v)])
+    return NUMERICAL_TOL * scale
+
+
 def _judge(cells: pd.DataFrame, support: float = 0.0, contradict: float | None = None
            ) -> pd.DataFrame:
     """Add ``judgement``: supports when lo > support, contradicts when hi < contradict
-    (default: = support), else unclear; ``single seed`` (not judged) when n < 2."""
+    (default: = support), else unclear; ``single seed`` (not judged) when n < 2.
+
+    An interval end within ``NUMERICAL_TOL`` (relative to the magnitudes involved, at least
+    absolute) of its threshold is unclear: a quantity that is exactly the threshold in theory
+    (a slope of zero, say) comes out as ±1e-17 from floating-point rounding, and its verdict
+    must not depend on the machine that rounded it."""
     contradict = support if contradict is None else contradict
     out = []
     for r in cells.itertuples(index=False):
@@ -175,9 +193,9 @@ def _judge(cells: pd.DataFrame, support: float = 0.0, contradict: float | None =
             out.append(SINGLE)
         elif not (np.isfinite(lo) and np.isfinite(hi)):
             out.append(UNCLEAR)
-        elif lo > support:
+        elif lo > support + _tolerance(support, lo, hi, float(r.mean)):
             out.append(SUPPORTS)
-        elif hi < contradict:
+        elif hi < contradict - _tolerance(contradict, lo, hi, float(r.mean)):
             out.append(CONTRADICTS)
         else:
             out.append(UNCLEAR)
