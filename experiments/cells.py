@@ -258,7 +258,7 @@ def _cost(group: list[Cell]) -> float:
     m = c["method"]
     traits = METHODS[m["name"]]
     passes = m["e_steps"] + m["m_steps"] if traits.has_local_table else 1
-    if traits.refines:
+    if traits.refines_in_training:
         passes += m["refine_steps"] * (2 if traits.refine_through else 1)
     width = max([c["model"]["latent_dim"], *c["model"]["hidden"], *m["encoder_hidden"]])
     return len(group) ** 0.3 * m["n_mc"] * passes * width * c["training"]["max_epochs"]

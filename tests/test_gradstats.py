@@ -92,7 +92,7 @@ def test_batched_equals_loop_of_autograd_calls(name, estimator, baseline, kl):
                                          random=MemberRandom.from_seeds(SEEDS, "g"))
     replay = MemberRandom.from_seeds(SEEDS, "g")  # refinement (refining methods) first, noise
     refined = None
-    if method.refines:
+    if method.refines_in_training:
         lam0 = method.encoder(x).detach()
         refined = method.local_ascent(x, lam0, replay, method.settings.refine_steps).detach()
     noise = replay.randn((k, method.settings.n_mc, x.shape[1], 2), 2, dtype=DTYPE)

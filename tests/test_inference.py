@@ -203,21 +203,42 @@ def test_flat_optimizer_keeps_a_non_finite_member_to_itself():
 def test_methods_declare_their_traits():
     assert METHODS == {"vem": VariationalEM, "amortized": Amortized,
                        "semi_amortized": SemiAmortized, "sa_vae": SAVAE}
-    traits = {name: (cls.has_encoder, cls.has_local_table, cls.refines, cls.refine_through,
-                     cls.heldout_init, cls.curve_inits, cls.groups, cls.step_sizes)
+    traits = {name: (cls.has_encoder, cls.has_local_table, cls.refines_in_training,
+                     cls.refines_at_inference, cls.refine_through, cls.curve_inits, cls.groups,
+                     cls.step_sizes)
               for name, cls in METHODS.items()}
-    refining = (True, False, True, False, "encoder", ("prior", "encoder"),
+    refining = (True, False, True, True, False, ("prior", "encoder"),
                 ("variational", "encoder", "decoder"), ("lr", "encoder_lr", "refine_lr"))
     assert traits == {
-        "vem": (False, True, False, False, "prior", ("prior",),
+        "vem": (False, True, False, False, False, ("prior",),
                 ("variational", "local", "decoder"), ("lr", "local_lr")),
-        "amortized": (True, False, False, False, "encoder", ("prior", "encoder"),
+        "amortized": (True, False, False, False, False, ("prior", "encoder"),
                       ("variational", "encoder", "decoder"), ("lr", "encoder_lr")),
         "semi_amortized": refining,
-        "sa_vae": (*refining[:3], True, *refining[4:]),
+        "sa_vae": (*refining[:4], True, *refining[5:]),
     }
+
+
+def test_step_sizes_follow_from_the_traits_and_a_bad_declaration_is_refused():
+    """A method's step sizes are the fields its traits use (one list, ``STEP_SIZE_FIELDS``); a
+    method that refines only at inference uses ``refine_lr`` too; declared ones are checked."""
+    class TestTimeRefiner(Amortized):  # no name: not registered
+        refines_at_inference = True
+
+    assert TestTimeRefiner.step_sizes == ("lr", "encoder_lr", "refine_lr")
+    assert not TestTimeRefiner.refines_in_training
     for cls in METHODS.values():
         assert set(cls.step_sizes) <= set(STEP_SIZE_FIELDS)
+    with pytest.raises(TypeError, match="must include 'lr'"):
+        class NoLr(Amortized):
+            step_sizes = ("encoder_lr",)
+    with pytest.raises(TypeError, match="must include 'lr'"):
+        class Momentum(Amortized):
+            step_sizes = ("lr", "momentum")
+    with pytest.raises(TypeError, match="refine_through needs refines_in_training"):
+        class Through(Amortized):
+            refine_through = True
+    assert set(METHODS) == {"vem", "amortized", "semi_amortized", "sa_vae"}
 
 
 def test_settings_are_validated_and_members_differ_only_in_step_sizes():

@@ -16,7 +16,7 @@ member.) Parameter groups, the gradient of the ELBO:
                  comparable across methods.
 ``local``        methods with a local table: the rows as parameters (the same numbers).
 ``encoder``      methods with an encoder: ∇_φ (1/B) Σ_n L_n(f_φ(x_n)).
-``decoder``      ∇_θ (1/B) Σ_n L_n at λ (refined once for a refining method).
+``decoder``      ∇_θ (1/B) Σ_n L_n at λ (refined once for a method that refines in training).
 
 (For ``sa_vae``, whose encoder is trained through the refinement, ``encoder`` is still measured
 at λ⁽⁰⁾, the gradient ``semi_amortized`` uses: the study measures variances of the three
@@ -194,7 +194,7 @@ def per_sample_grads(
             bval = method.running_mean.value.to(x)
     lam0 = method.training_lambda(x, idx)
     lam_dec = lam0
-    if method.refines and "decoder" in wanted:
+    if method.refines_in_training and "decoder" in wanted:
         lam_dec = refined.detach() if refined is not None else _refined(method, x, lam0, random)
     h = method.decoder.latent_dim
     k, b = x.shape[:2]
@@ -328,8 +328,8 @@ def variance_sweep(
     """
     wanted = _wanted(method, groups)
     lam0 = method.training_lambda(x, idx)
-    refined = _refined(method, x, lam0, random) if method.refines and "decoder" in wanted \
-        else None
+    refined = (_refined(method, x, lam0, random)
+               if method.refines_in_training and "decoder" in wanted else None)
     bval = method.running_mean.value.to(x)
     if not bool((method.running_mean.steps > 0).all()) and any(b == "mean"
                                                                 for _, b, _ in estimators):

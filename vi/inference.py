@@ -15,8 +15,9 @@ in seed and step sizes: data x [K, B, D], posterior parameters λ [K, B, 2H], no
 flags instead of raising, so one diverging member is set aside while the others go on.
 
 Each method declares its traits as class attributes (``has_encoder``, ``has_local_table``,
-``step_sizes``, ``groups``, ``heldout_init``, ``curve_inits``): code outside this module reads
-them and never tests a method's name.
+``refines_in_training``, ``refines_at_inference``, ``refine_through``, ``groups``,
+``curve_inits``; ``step_sizes`` follows from them): code outside this module reads them and never
+tests a method's name.
 """
 
 from __future__ import annotations
@@ -56,7 +57,9 @@ __all__ = [
     "frozen",
 ]
 
-#: the settings that may differ between the members of one ensemble (besides the seed)
+#: the step-size fields of ``MethodSettings``: the settings that may differ between the members
+#: of one ensemble (besides the seed), and the axes a step-size selection may search. Which of
+#: them a method uses is its ``step_sizes`` trait.
 STEP_SIZE_FIELDS = ("lr", "encoder_lr", "local_lr", "refine_lr")
 
 
@@ -132,7 +135,9 @@ class MethodSettings:
             )
         if self.e_tol is not None and not (math.isfinite(self.e_tol) and self.e_tol > 0):
             raise ValueError(f"e_tol must be a positive number or null; got {self.e_tol}")
-        if METHODS[self.name].refines and self.refine_steps < 1:
+        traits = METHODS[self.name]
+        if (traits.refines_in_training or traits.refines_at_inference) and \
+                self.refine_steps < 1:
             raise ValueError(f"{self.name} needs refine_steps >= 1 (0 is the plain VAE)")
         if not (math.isfinite(self.refine_lr) and self.refine_lr > 0):
             raise ValueError(f"refine_lr must be finite and positive; got {self.refine_lr}")
@@ -253,30 +258,49 @@ class InferenceMethod(nn.Module):
 
     Traits (class attributes, read by everything outside this module):
 
-    ``name``             the method's name in configurations
-    ``has_encoder``      it has an inference network f_φ (``self.encoder``)
-    ``has_local_table``  it keeps a per-datapoint table of λ (``self.local``)
-    ``refines``          it refines λ by gradient steps (``refine_steps``, ``refine_lr``)
-    ``refine_through``   its encoder is trained through the refinement
-    ``step_sizes``       the ``MethodSettings`` step-size fields it uses
-    ``groups``           its parameter groups for gradient statistics
-    ``heldout_init``     where inference of a new point starts: ``prior`` (λ = 0) or
-                         ``encoder`` (f_φ(x))
-    ``curve_inits``      the starts of its test-time inference curve
+    ``name``                  the method's name in configurations
+    ``has_encoder``           it has an inference network f_φ (``self.encoder``); inference of
+                              a new point starts there (else at the prior, λ = 0)
+    ``has_local_table``       it keeps a per-datapoint table of λ (``self.local``)
+    ``refines_in_training``   a training step refines λ by ``refine_steps`` gradient steps of
+                              size ``refine_lr`` before the decoder's update
+    ``refines_at_inference``  ``infer`` refines the encoder's λ the same way (the method's own
+                              posterior for new points is the refined one)
+    ``refine_through``        its encoder is trained through the refinement
+    ``groups``                its parameter groups for gradient statistics
+    ``curve_inits``           the starts of its test-time inference curve
+    ``step_sizes``            the ``STEP_SIZE_FIELDS`` its training and its own inference use,
+                              derived from the traits above unless a class declares it: ``lr``
+                              (θ), ``encoder_lr`` (has an encoder), ``local_lr`` (has a local
+                              table), ``refine_lr`` (refines in training or at inference). They
+                              are the axes of its step-size selection (``local_lr`` of a method
+                              without a table moves only the held-out E-steps of the probes,
+                              which a grid fixes).
     """
 
     name: ClassVar[str] = ""
     has_encoder: ClassVar[bool] = False
     has_local_table: ClassVar[bool] = False
-    refines: ClassVar[bool] = False
+    refines_in_training: ClassVar[bool] = False
+    refines_at_inference: ClassVar[bool] = False
     refine_through: ClassVar[bool] = False
-    step_sizes: ClassVar[tuple[str, ...]] = ("lr",)
     groups: ClassVar[tuple[str, ...]] = ("variational", "decoder")
-    heldout_init: ClassVar[str] = "prior"
     curve_inits: ClassVar[tuple[str, ...]] = ("prior",)
+    step_sizes: ClassVar[tuple[str, ...]] = ("lr",)
 
     def __init_subclass__(cls, **kwargs) -> None:
         super().__init_subclass__(**kwargs)
+        if "step_sizes" not in cls.__dict__:
+            used = {"lr": True, "encoder_lr": cls.has_encoder,
+                    "local_lr": cls.has_local_table,
+                    "refine_lr": cls.refines_in_training or cls.refines_at_inference}
+            cls.step_sizes = tuple(f for f in STEP_SIZE_FIELDS if used[f])
+        unknown = sorted(set(cls.step_sizes) - set(STEP_SIZE_FIELDS))
+        if unknown or "lr" not in cls.step_sizes:
+            raise TypeError(f"{cls.__name__}.step_sizes must include 'lr' and name only "
+                            f"{', '.join(STEP_SIZE_FIELDS)}; got {cls.step_sizes}")
+        if cls.refine_through and not cls.refines_in_training:
+            raise TypeError(f"{cls.__name__}: refine_through needs refines_in_training")
         if cls.name:
             METHODS[cls.name] = cls
 
@@ -469,9 +493,7 @@ class VariationalEM(InferenceMethod):
 
     name = "vem"
     has_local_table = True
-    step_sizes = ("lr", "local_lr")
     groups = ("variational", "local", "decoder")
-    heldout_init = "prior"
     curve_inits = ("prior",)
 
     def __init__(self, decoder: GaussianDecoder, settings: Sequence[MethodSettings],
@@ -535,9 +557,7 @@ class Amortized(InferenceMethod):
 
     name = "amortized"
     has_encoder = True
-    step_sizes = ("lr", "encoder_lr")
     groups = ("variational", "encoder", "decoder")
-    heldout_init = "encoder"
     curve_inits = ("prior", "encoder")
 
     def __init__(self, decoder: GaussianDecoder, settings: Sequence[MethodSettings],
@@ -579,10 +599,9 @@ class SemiAmortized(Amortized):
     """
 
     name = "semi_amortized"
-    refines = True
-    step_sizes = ("lr", "encoder_lr", "refine_lr")
+    refines_in_training = True
+    refines_at_inference = True
     groups = ("variational", "encoder", "decoder")
-    heldout_init = "encoder"
     curve_inits = ("prior", "encoder")
 
     def train_step(self, x, idx, random, active):
