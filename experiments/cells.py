@@ -21,6 +21,8 @@ import pandas as pd
 from experiments.grids import Grid, get_path, run_id_for
 
 __all__ = [
+    "DEFAULT_NO_ROW",
+    "DEFAULT_NO_SELECTION",
     "MAX_MEMBERS",
     "SELECTION",
     "Cell",
@@ -35,7 +37,6 @@ __all__ = [
 SELECTION = Path("lr_selection") / "selected.csv"
 #: the most members one ensemble holds (bigger groups are split)
 MAX_MEMBERS = 64
-_STEP_SIZES = ("lr", "encoder_lr", "local_lr", "refine_lr")
 
 
 class PrepareError(ValueError):
@@ -88,10 +89,11 @@ def read_selection(results: Path) -> pd.DataFrame | None:
     return table
 
 
-def _apply_selection(config: dict, table: pd.DataFrame | None) -> str:
-    """Set the selected step sizes of the cell's (dataset, method, estimator, baseline)."""
+def _apply_selection(config: dict, table: pd.DataFrame | None) -> str | None:
+    """Set the selected step sizes of the cell's (dataset, method, estimator, baseline); its
+    ``lr_source`` (``selected`` or ``shared``), or None when ``table`` has no row for it."""
     if table is None:
-        return "default"
+        return None
     key = {"dataset": config["data"]["name"], "method": config["method"]["name"],
            "estimator": config["method"]["estimator"],
            "baseline": config["method"]["baseline"]}
@@ -99,14 +101,52 @@ def _apply_selection(config: dict, table: pd.DataFrame | None) -> str:
     for k, v in key.items():
         match = match[match[k].astype(str) == str(v)]
     if match.empty:
-        return "default"
+        return None
     row = match.iloc[0]
-    for name in _STEP_SIZES:
+    from vi.inference import STEP_SIZE_FIELDS
+
+    for name in STEP_SIZE_FIELDS:
         column = f"method.{name}"
         if column in row and pd.notna(row[column]):
             config["method"][name] = float(row[column])
     shared = row.get("shared_from")
     return "shared" if isinstance(shared, str) and shared else "selected"
+
+
+def _selection_command(results: Path, scale: str | None) -> str:
+    flag = "" if scale in (None, "default") else (" --quick" if scale == "quick"
+                                                  else f" --scale {scale}")
+    return f"python -m experiments run lr_selection{flag} --results {results}"
+
+
+def _missing_selection(grid: str, results: Path, scale: str | None) -> PrepareError:
+    """Why an experiment that takes its step sizes from lr_selection cannot run: no choice."""
+    path = results / SELECTION
+    interrupted = (path.parent / "manifest.json").is_file()
+    why = (f"{path} is missing: the lr_selection in {results} has run but its choice was "
+           f"never written (interrupted before the end)" if interrupted
+           else f"{path} does not exist")
+    return PrepareError(f"{grid} takes its step sizes from lr_selection, but {why}; run "
+                        f"`{_selection_command(results, scale)}` first, or pass --default-lr "
+                        f"to train with the grid's own step sizes (lr_source records it)")
+
+
+def _missing_rows(grid: str, results: Path, scale: str | None,
+                  groups: list[tuple]) -> PrepareError:
+    shown = ", ".join("/".join(str(v) for v in g) for g in groups[:6])
+    more = f" and {len(groups) - 6} more" if len(groups) > 6 else ""
+    return PrepareError(f"{grid} takes its step sizes from lr_selection, but "
+                        f"{results / SELECTION} has no row for {len(groups)} (dataset/method/"
+                        f"estimator/baseline) group(s) of its cells: {shown}{more}; select "
+                        f"them (`{_selection_command(results, scale)}` with a grid that "
+                        f"covers them), or pass --default-lr to train them with the grid's "
+                        f"own step sizes (lr_source records it)")
+
+
+#: ``lr_source`` of a cell trained with the grid's step sizes because ``--default-lr`` was
+#: given: no selected.csv at all, or no row for the cell's group in it
+DEFAULT_NO_SELECTION = "default (--default-lr: no lr_selection/selected.csv)"
+DEFAULT_NO_ROW = "default (--default-lr: no row in lr_selection/selected.csv)"
 
 
 def _defaults() -> dict[str, Any]:
@@ -123,15 +163,24 @@ def prepare(
     seeds: list[int] | None = None,
     device: str | None = None,
     candidates: dict[tuple, list[dict]] | None = None,
+    default_lr: bool = False,
+    selection_pending: bool = False,
 ) -> list[Cell]:
     """Expand ``grid`` into cells and validate every one (configuration, probes, data, sizes)
     without writing anything or building a model. Raises ``PrepareError`` naming the cell.
 
     ``candidates`` ({(dataset, method, estimator, baseline): [step sizes]}) adds the extension
     rounds of a step-size selection (``experiments.selection``).
+
+    A grid with ``lr: "selected"`` needs ``lr_selection/selected.csv`` with a row for every
+    cell's (dataset, method, estimator, baseline): without one ``prepare`` refuses, naming
+    what is missing, unless ``default_lr`` (the cell keeps the grid's step sizes and its
+    ``lr_source`` says why). ``selection_pending``: the selection runs first in the same
+    command (``reproduce``), so these cells are only being validated (``lr_source``
+    ``pending``).
     """
     from experiments.grids import deep_merge
-    from experiments.selection import initial_candidates
+    from experiments.selection import check_candidates, initial_candidates
     from vi.config import RunConfig
     from vi.probes import build_probes
 
@@ -141,11 +190,22 @@ def prepare(
                or not 0 <= s < 2**32]
         if bad or not seeds:
             raise PrepareError(f"seeds must be integers in [0, 2^32); got {seeds}")
-    selection = read_selection(results) if g.lr == "selected" else None
+    selection = None
+    if g.lr == "selected" and not selection_pending:
+        selection = read_selection(results)
+        if selection is None and not default_lr:
+            raise _missing_selection(g.name, results, scale)
     defaults = _defaults()
     partials = g.cells(seeds)
     if not partials:
         raise PrepareError(f"grid {g.name!r} has no cells (every combination is excluded)")
+    if g.select is not None:
+        from vi.inference import METHODS
+
+        try:  # the axes searched are each method's step sizes (its traits)
+            check_candidates(g.select, {n: cls.step_sizes for n, cls in METHODS.items()})
+        except ValueError as err:
+            raise PrepareError(f"{g.name}: {err}") from err
     expanded: list[tuple[dict, int | None]] = []
     for partial in partials:
         if g.select is None:
@@ -166,6 +226,7 @@ def prepare(
     data_checked: dict[str, Any] = {}
     cells: list[Cell] = []
     seen: set[str] = set()
+    unselected: list[tuple] = []
     for i, (partial, rnd) in enumerate(expanded):
         full = deep_merge(defaults, partial)
         where = f"{g.name}, cell {i + 1} of {len(expanded)} ({_describe(full)})"
@@ -173,6 +234,17 @@ def prepare(
             full["device"] = device
         full["probes"] = g.probes_for(full)
         lr_source = "grid" if g.lr == "grid" else _apply_selection(full, selection)
+        if lr_source is None:
+            m = full["method"]
+            if selection_pending:
+                lr_source = "pending"
+            elif selection is None:
+                lr_source = DEFAULT_NO_SELECTION
+            else:
+                lr_source = DEFAULT_NO_ROW
+                group = (full["data"]["name"], m["name"], m["estimator"], m["baseline"])
+                if group not in unselected:
+                    unselected.append(group)
         try:
             config = RunConfig.from_dict(full)
             build_probes(config.probes, config)
@@ -186,6 +258,8 @@ def prepare(
         seen.add(run_id)
         cells.append(Cell(g.name, run_id, values, lr_source,
                           str(results / g.name / "runs" / run_id), rnd))
+    if unselected and not default_lr:
+        raise _missing_rows(g.name, results, scale, unselected)
     return cells
 
 

@@ -6,9 +6,10 @@ A grid is data. Its keys:
 ``description``  one sentence: what the experiment shows
 ``cost``         measured wall time at default scale with ``--jobs 2`` on a 2-core CPU
 ``order``        where ``reproduce`` runs it (lower first)
-``lr``           ``"selected"``: step sizes from ``results/lr_selection/selected.csv`` when it
-                 has the cell's (dataset, method, estimator, baseline), else the grid's own
-                 (``lr_source`` records which); ``"grid"``: the grid's own values
+``lr``           ``"selected"``: step sizes from ``results/lr_selection/selected.csv``, which
+                 must have the cell's (dataset, method, estimator, baseline) (``run`` refuses
+                 otherwise; ``--default-lr`` keeps the grid's own, and ``lr_source`` records
+                 which); ``"grid"``: the grid's own values
 ``base``         a partial run configuration (``vi.config.RunConfig``) shared by every cell
 ``method_base``  optional ``{method name: partial configuration}`` applied on top of ``base``
 ``axes``         ``{axis: [entries]}``; the cells are the Cartesian product of the axes in the

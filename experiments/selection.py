@@ -23,6 +23,11 @@ training data). Per group:
 ``share`` rules give groups that were not selected the choice of a group that was (e.g. STL
 the step sizes chosen for reparam); ``selected.csv`` names the source in ``shared_from``.
 
+The axes searched for a method are its step sizes, the ``step_sizes`` trait of its
+``vi.inference`` class: a grid gives a centre for each of them and for nothing else
+(``check_candidates``, run when the cells are prepared; the order of the step-size columns is
+the order in which the grid's candidates first name them).
+
 Pure pandas (no torch). ``candidate_table`` and ``choose`` turn ``runs.csv`` into
 ``candidates.csv`` and ``selected.csv``; ``extensions`` says which candidates to add.
 """
@@ -30,17 +35,16 @@ Pure pandas (no torch). ``candidate_table`` and ``choose`` turn ``runs.csv`` int
 from __future__ import annotations
 
 import math
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
-__all__ = ["GROUP", "STEP_SIZE_FIELDS", "candidate_table", "check_select", "choose",
-           "extensions", "initial_candidates", "select_rule"]
+__all__ = ["GROUP", "candidate_table", "check_candidates", "check_select", "choose",
+           "extensions", "initial_candidates", "select_rule", "step_size_columns"]
 
 GROUP = ["dataset", "method", "estimator", "baseline"]
-#: the step-size fields, as runs.csv names them
-STEP_SIZE_FIELDS = ("method.lr", "method.encoder_lr", "method.local_lr", "method.refine_lr")
 DEFAULTS = {"metric": "elbo", "split": "validation", "unstable_gap": 20.0,
             "extend_factor": 3.0, "max_extensions": 2}
 _KEYS = (*DEFAULTS, "candidates", "share")
@@ -58,25 +62,19 @@ def check_select(select: Any) -> None:
     if not isinstance(candidates, dict) or not candidates:
         raise ValueError("'select.candidates' must be an object {method: {step size: centre}} "
                          "or {method: {dataset: {step size: centre}}}")
-    centres = []
-    for method, fields in candidates.items():
+    for method, where, fields in _centres(select):
         if not isinstance(fields, dict) or not fields:
-            raise ValueError(f"select.candidates.{method} must be an object of centre values")
-        if all(isinstance(v, dict) for v in fields.values()):
-            centres += [(f"{method}.{dataset}", c) for dataset, c in fields.items()]
-        else:
-            centres.append((method, fields))
-    for method, fields in centres:
-        if not isinstance(fields, dict) or not fields:
-            raise ValueError(f"select.candidates.{method} must be an object of centre values")
+            raise ValueError(f"select.candidates.{where} must be an object of centre values")
         for name, value in fields.items():
-            if f"method.{name}" not in STEP_SIZE_FIELDS:
-                raise ValueError(f"select.candidates.{method}: {name!r} is not a step size; "
-                                 f"valid: {', '.join(f.split('.')[1] for f in STEP_SIZE_FIELDS)}")
             if isinstance(value, bool) or not isinstance(value, int | float) or not (
                     math.isfinite(value) and value > 0):
-                raise ValueError(f"select.candidates.{method}.{name} must be a positive number "
+                raise ValueError(f"select.candidates.{where}.{name} must be a positive number "
                                  f"(the centre of the cross)")
+        first = _centre_fields(select, method)
+        if set(fields) != set(first):
+            raise ValueError(f"select.candidates.{where} names {', '.join(fields)}; every "
+                             f"centre of {method} must name the same step sizes "
+                             f"({', '.join(first)})")
     share = select.get("share", [])
     if not isinstance(share, list) or not all(
             isinstance(r, dict) and set(r) == {"from", "to"} and isinstance(r["from"], dict)
@@ -90,6 +88,55 @@ def check_select(select: Any) -> None:
     m = rule["max_extensions"]
     if isinstance(m, bool) or not isinstance(m, int) or not 0 <= m <= 10:
         raise ValueError("select.max_extensions must be an integer in [0, 10]")
+
+
+def _centres(select: dict) -> list[tuple[str, str, Any]]:
+    """(method, where, centre) for every centre of the candidates (one per data set where the
+    grid gives per-dataset centres)."""
+    out = []
+    for method, fields in select["candidates"].items():
+        if isinstance(fields, dict) and fields and all(isinstance(v, dict)
+                                                       for v in fields.values()):
+            out += [(method, f"{method}.{dataset}", c) for dataset, c in fields.items()]
+        else:
+            out.append((method, method, fields))
+    return out
+
+
+def _centre_fields(select: dict, method: str) -> list[str]:
+    """The step sizes (configuration names) a method's first centre names, in grid order."""
+    centre = select["candidates"].get(method) or {}
+    if centre and all(isinstance(v, dict) for v in centre.values()):
+        centre = next(iter(centre.values()))
+    return list(centre) if isinstance(centre, dict) else []
+
+
+def step_size_columns(select: dict) -> list[str]:
+    """Every step size the selection searches, as runs.csv names them (``method.lr``, …), in
+    the order the grid's candidates first name them."""
+    names: dict[str, None] = {}
+    for method in select["candidates"]:
+        names |= dict.fromkeys(_centre_fields(select, method))
+    return [f"method.{n}" for n in names]
+
+
+def check_candidates(select: dict, step_sizes: dict[str, tuple[str, ...]]) -> None:
+    """Raise ``ValueError`` unless every method's centres name exactly its step sizes
+    (``step_sizes``: method → the ``step_sizes`` trait of its class, ``vi.inference``), so a
+    selection searches every step size a method uses and nothing it does not."""
+    for method, where, fields in _centres(select):
+        if method not in step_sizes:
+            raise ValueError(f"select.candidates: unknown method {method!r}; valid: "
+                             f"{', '.join(step_sizes)}")
+        own = tuple(step_sizes[method])
+        extra = [n for n in fields if n not in own]
+        missing = [n for n in own if n not in fields]
+        if extra or missing:
+            said = "; ".join(part for part in (
+                f"{', '.join(map(repr, extra))} not a step size of {method}" if extra else "",
+                f"no centre for {', '.join(missing)}" if missing else "") if part)
+            raise ValueError(f"select.candidates.{where}: {said} ({method}'s step sizes, from "
+                             f"its traits: {', '.join(own)})")
 
 
 def select_rule(select: dict) -> dict:
@@ -123,12 +170,9 @@ def initial_candidates(select: dict, method: str, dataset: str | None = None
 
 
 def _fields(select: dict, method: str) -> list[str]:
-    """The step sizes selected for a method (runs.csv names), in a fixed order."""
-    centre = select["candidates"].get(method, {})
-    if centre and all(isinstance(v, dict) for v in centre.values()):
-        centre = next(iter(centre.values()))
-    chosen = {f"method.{n}" for n in centre}
-    return [f for f in STEP_SIZE_FIELDS if f in chosen]
+    """The step sizes selected for a method (runs.csv names), in the grid's order."""
+    chosen = {f"method.{n}" for n in _centre_fields(select, method)}
+    return [f for f in step_size_columns(select) if f in chosen]
 
 
 def candidate_table(runs: pd.DataFrame, select: dict) -> pd.DataFrame:
@@ -168,11 +212,12 @@ def candidate_table(runs: pd.DataFrame, select: dict) -> pd.DataFrame:
         return cand
     order = cand.assign(_stable=~cand["unstable"], _converged=~cand["unconverged"],
                         _neg=-cand["score"].fillna(-math.inf))
-    sort_by = ["_stable", "_converged", "_neg", *[f for f in STEP_SIZE_FIELDS if f in cand]]
+    steps = [f for f in step_size_columns(select) if f in cand]
+    sort_by = ["_stable", "_converged", "_neg", *steps]
     order = order.sort_values(sort_by, ascending=[False, False, True] +
                               [True] * (len(sort_by) - 3), kind="stable")
     order["rank"] = order.groupby(GROUP, sort=False, dropna=False).cumcount() + 1
-    front = [*GROUP, *[f for f in STEP_SIZE_FIELDS if f in cand]]
+    front = [*GROUP, *steps]
     cols = front + [c for c in order.columns if c not in front and not c.startswith("_")]
     return order[cols].sort_values([*GROUP, "rank"], kind="stable").reset_index(drop=True)
 
@@ -259,6 +304,27 @@ def extensions(candidates: pd.DataFrame, select: dict) -> dict[tuple, list[dict[
         if new:
             out[tuple(key)] = new
     return out
+
+
+def missing_choice(exp_dir: Path, listed: set[str]) -> str:
+    """Why a finished aggregation of a step-size selection lacks its choice ("" when it does
+    not): its runs.csv holds selection rounds, but ``listed`` (the CSVs its manifest records)
+    has no ``selected.csv`` or ``candidates.csv``, as when the command stopped between
+    aggregating the last round and writing the choice."""
+    runs = Path(exp_dir) / "runs.csv"
+    if "runs.csv" not in listed or {"selected.csv", "candidates.csv"} <= listed:
+        return ""
+    try:
+        rounds = pd.read_csv(runs, usecols=lambda c: c == "selection_round")
+    except (OSError, ValueError, pd.errors.ParserError, pd.errors.EmptyDataError):
+        return ""  # an unreadable runs.csv is reported by its own check
+    if "selection_round" not in rounds or rounds["selection_round"].isna().all():
+        return ""
+    lacking = sorted({"selected.csv", "candidates.csv"} - listed)
+    return (f"{Path(exp_dir)}: a step-size selection whose runs are aggregated but whose "
+            f"{' and '.join(lacking)} {'was' if len(lacking) == 1 else 'were'} never written "
+            f"(interrupted before its choice); rerun it to finish (python -m experiments run "
+            f"{Path(exp_dir).name} with the same options)")
 
 
 def _round(value: float) -> float:

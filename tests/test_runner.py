@@ -20,6 +20,7 @@ from experiment_tools import (
     csv_rows,
     grid_dict,
     provenance,
+    refused,
     run_dirs,
     tiny_grid,
 )
@@ -27,6 +28,7 @@ from experiment_tools import (
 from experiments import aggregate as agg
 from experiments.cli import main
 from experiments.grids import GRID_DIR, available, load_grid, run_id_for
+from experiments.cells import DEFAULT_NO_ROW, DEFAULT_NO_SELECTION
 from experiments.runner import group_ensembles, prepare
 from experiments.schema import read_metrics, read_runs
 
@@ -244,10 +246,12 @@ def selected_results(_selected_once: Path, tmp_path: Path) -> Path:
     return Path(shutil.copytree(_selected_once, tmp_path / "r"))
 
 
-def test_lr_selection_is_recorded_and_used(selected_results: Path, tmp_path: Path) -> None:
+def test_lr_selection_is_recorded_and_used(selected_results: Path, tmp_path: Path,
+                                           capsys) -> None:
     """The selection scores candidates on the validation split, writes selected.csv and
     candidates.csv, and a later experiment takes its step sizes from it (lr_source in
-    runs.csv: selected, shared by a share rule, or default where it has no row)."""
+    runs.csv: selected, or shared by a share rule). A cell it has no row for is refused, unless
+    --default-lr asks for the grid's own step sizes (lr_source says so)."""
     exp = selected_results / "lr_selection"
     selected = pd.read_csv(exp / "selected.csv", dtype={"baseline": str})
     candidates = pd.read_csv(exp / "candidates.csv", dtype={"baseline": str})
@@ -273,12 +277,16 @@ def test_lr_selection_is_recorded_and_used(selected_results: Path, tmp_path: Pat
                                "estimator": [{"method.estimator": "reparam"},
                                              {"method.estimator": "stl", "method.kl": "mc"}],
                                "seed": [0]})
-    assert main(["run", str(consumer), "--results", str(selected_results)]) == 0
+    refused(capsys, ["run", str(consumer), "--results", str(selected_results)],
+            "has no row for 2 (dataset/method/estimator/baseline) group(s) of its cells: "
+            "digits/vem/reparam/none, digits/vem/stl/none", tmp_path)
+    assert main(["run", str(consumer), "--results", str(selected_results),
+                 "--default-lr"]) == 0
     used = read_runs(selected_results / "consumer" / "runs.csv").set_index(
         ["method", "estimator"])
     assert used.loc[("amortized", "reparam"), "lr_source"] == "selected"
     assert used.loc[("amortized", "stl"), "lr_source"] == "shared"
-    assert set(used.loc["vem", "lr_source"]) == {"default"}
+    assert set(used.loc["vem", "lr_source"]) == {DEFAULT_NO_ROW}
     for estimator in ("reparam", "stl"):
         assert used.loc[("amortized", estimator), "method.lr"] == chosen["method.lr"]
         assert used.loc[("amortized", estimator), "method.encoder_lr"] == chosen[
@@ -297,6 +305,50 @@ def test_run_refuses_a_damaged_selection(selected_results: Path, tmp_path: Path,
     err = capsys.readouterr().err
     assert str(path) in err and "manifest" in err and err.count("\n") == 1
     assert not (selected_results / "elbo_curves").exists()
+
+
+def _consumer(folder: Path) -> Path:
+    return tiny_grid(folder, "consumer", lr="selected", scales={"quick": {}},
+                     axes={"method.name": ["amortized"], "seed": [0]})
+
+
+def test_a_missing_selection_is_refused_unless_defaults_are_asked_for(
+        selected_results: Path, tmp_path: Path, capsys) -> None:
+    """No selected.csv (deleted, or never made): a grid that takes its step sizes from it is
+    refused with one message naming the file and the command that makes it; --default-lr
+    trains it with the grid's own step sizes and records that in lr_source."""
+    exp = selected_results / "lr_selection"
+    (exp / "selected.csv").unlink()
+    grid = _consumer(tmp_path)
+    line = refused(capsys, ["run", str(grid), "--results", str(selected_results)],
+                   f"{exp / 'selected.csv'} is missing", tmp_path)
+    assert "python -m experiments run lr_selection" in line and "--default-lr" in line
+    fresh = tmp_path / "fresh"
+    line = refused(capsys, ["run", str(grid), "--results", str(fresh), "--quick"],
+                   "does not exist", tmp_path)
+    assert f"run lr_selection --quick --results {fresh}" in line
+    assert main(["run", str(grid), "--results", str(selected_results), "--default-lr"]) == 0
+    (source,) = read_runs(selected_results / "consumer" / "runs.csv")["lr_source"]
+    assert source == DEFAULT_NO_SELECTION
+
+
+def test_a_selection_interrupted_before_its_choice_is_reported(
+        selected_results: Path, tmp_path: Path, capsys) -> None:
+    """The selection's runs aggregated (manifest complete) but selected.csv and candidates.csv
+    never written, as when the command stops between the two: ``check`` reports it, and a grid
+    that needs the choice is refused, saying the selection was interrupted."""
+    exp = selected_results / "lr_selection"
+    manifest = json.loads((exp / "manifest.json").read_text())
+    for name in ("selected.csv", "candidates.csv"):
+        del manifest["files"][name]
+        (exp / name).unlink()
+    (exp / "manifest.json").write_text(json.dumps(manifest))
+    capsys.readouterr()
+    assert main(["check", "--results", str(selected_results)]) == 1
+    err = capsys.readouterr().err
+    assert "candidates.csv and selected.csv were never written" in err, err
+    refused(capsys, ["run", str(_consumer(tmp_path)), "--results", str(selected_results)],
+            "its choice was never written (interrupted", tmp_path)
 
 
 def test_a_forced_selection_reruns_each_cell_once(selected_results: Path, tmp_path: Path,

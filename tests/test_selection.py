@@ -135,7 +135,7 @@ def test_a_choice_shared_with_another_data_set_names_the_data_set_it_was_made_on
 @pytest.mark.parametrize("bad", [
     {"candidates": {}},
     {"candidates": {"vem": {"lr": -1.0}}},
-    {"candidates": {"vem": {"momentum": 0.9}}},
+    {"candidates": {"vem": {"digits": {"lr": 0.1, "local_lr": 0.1}, "ppca": {"lr": 0.1}}}},
     {"candidates": {"vem": {"lr": 0.1}}, "extend_factor": 1.0},
     {"candidates": {"vem": {"lr": 0.1}}, "max_extensions": 11},
     {"candidates": {"vem": {"lr": 0.1}}, "share": [{"from": {"method": "vem"}}]},
@@ -144,3 +144,30 @@ def test_a_choice_shared_with_another_data_set_names_the_data_set_it_was_made_on
 def test_malformed_select_blocks_are_refused(bad: dict) -> None:
     with pytest.raises(ValueError):
         sel.check_select(bad)
+
+
+def test_the_candidates_name_exactly_each_methods_step_sizes_from_its_traits() -> None:
+    """The axes a selection searches are the methods' ``step_sizes`` traits (one list): a centre
+    missing one of a method's step sizes, naming one it does not use, or naming an unknown
+    method is refused, and the real grid passes."""
+    import json
+
+    from experiments.grids import GRID_DIR
+    from vi.inference import METHODS
+
+    traits = {name: cls.step_sizes for name, cls in METHODS.items()}
+    sel.check_candidates(SELECT, traits)
+    real = json.loads((GRID_DIR / "lr_selection.json").read_text())["select"]
+    sel.check_candidates(real, traits)
+    semi = {"candidates": {"semi_amortized": {"digits": {"lr": 0.001, "refine_lr": 0.03}}}}
+    with pytest.raises(ValueError, match=r"semi_amortized\.digits: no centre for encoder_lr "
+                                         r"\(semi_amortized's step sizes, from its traits: "
+                                         r"lr, encoder_lr, refine_lr\)"):
+        sel.check_candidates(semi, traits)
+    with pytest.raises(ValueError, match="'momentum' not a step size of vem"):
+        sel.check_candidates({"candidates": {"vem": {"lr": 0.1, "local_lr": 0.1,
+                                                     "momentum": 0.9}}}, traits)
+    with pytest.raises(ValueError, match="unknown method 'vme'"):
+        sel.check_candidates({"candidates": {"vme": {"lr": 0.1}}}, traits)
+    assert sel.step_size_columns(real) == ["method.lr", "method.local_lr", "method.encoder_lr",
+                                           "method.refine_lr"]
