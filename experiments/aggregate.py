@@ -445,6 +445,11 @@ def _check_experiment(exp_dir: Path) -> list[str]:
                 if path.name not in listed:
                     problems.append(f"{path}: not listed in manifest.json (left over or added "
                                     f"by hand)")
+            from experiments.selection import missing_choice
+
+            unfinished = missing_choice(exp_dir, listed)  # a selection without its choice
+            if unfinished:
+                problems.append(unfinished)
     metrics, runs = exp_dir / "metrics.csv", exp_dir / "runs.csv"
     if metrics.is_file() != runs.is_file():
         have, lack = (metrics, runs) if metrics.is_file() else (runs, metrics)

@@ -3,8 +3,9 @@
     list                                   the experiments, what each shows, its default cost
     run EXPERIMENT [--quick | --scale S] [--seeds S ...] [--jobs N] [--no-ensemble]
         [--launcher local|slurm] [--partition P --time MIN --gpus-per-node G]
-        [--results DIR] [--force] [--device D]
+        [--results DIR] [--force] [--device D] [--default-lr]
     reproduce [--quick | --scale S] [--jobs N] [--results DIR] [--force] [--device D]
+        [--default-lr]
     figures [--results DIR] [EXPERIMENT ...]
     references [--results DIR]
     findings [--results DIR]
@@ -169,6 +170,9 @@ def _run_options(p: argparse.ArgumentParser, jobs_default: int = 1) -> None:
                    help="train every cell on its own instead of batching seeds and step sizes")
     p.add_argument("--checkpoint-seconds", type=_seconds, default=30.0, metavar="S",
                    help="checkpoint running cells at most every S seconds (default 30)")
+    p.add_argument("--default-lr", action="store_true",
+                   help="train cells that lr_selection has no step sizes for with the grid's "
+                        "own (recorded in lr_source); without it such a run is refused")
 
 
 # ------------------------------------------------------------------------------- helpers
@@ -234,7 +238,8 @@ def cmd_reproduce(args) -> int:
     results = results_dir(args)
     grids = [load(name) for name in available()]
     for g in grids:  # validate everything before the first run starts
-        prepare_cells(g, results, args)
+        # (lr_selection runs first: the step sizes it selects are validated when it is done)
+        prepare_cells(g, results, args, selection_pending=True)
         pending = results / g.name / ".force.json"
         if pending.is_file() and not args.force:
             raise UsageError(f"{g.name}: an interrupted `--force` run is unfinished; repeat "

@@ -102,13 +102,16 @@ def load(name: str):
         raise UsageError(str(err)) from err
 
 
-def prepare_cells(grid, results: Path, args, seeds=None, candidates=None):
+def prepare_cells(grid, results: Path, args, seeds=None, candidates=None,
+                  selection_pending=False):
     from experiments.grids import GridError
     from experiments.runner import PrepareError, prepare
 
     try:
         return prepare(grid, results, scale=scale_of(args), seeds=seeds,
-                       device=getattr(args, "device", None), candidates=candidates)
+                       device=getattr(args, "device", None), candidates=candidates,
+                       default_lr=getattr(args, "default_lr", False),
+                       selection_pending=selection_pending)
     except (PrepareError, GridError) as err:
         raise UsageError(str(err)) from err
 
