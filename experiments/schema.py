@@ -1,6 +1,7 @@
 """The results contract (docs/results.md): column names, metric names and their validation.
 
-Imports only numpy and pandas, so the figure maker and ``check`` run without torch.
+Imports only numpy, pandas and the standard-library ``vi.contract`` (the metric names, tables
+and columns the library writes), so the figure maker and ``check`` run without torch.
 
 ``metrics.csv`` is tidy: one measurement a row, columns ``METRIC_COLUMNS``. Columns that do not
 apply are empty (NaN in pandas), never a sentinel number. Wall-clock time lives only in
@@ -9,13 +10,18 @@ apply are empty (NaN in pandas), never a sentinel number. Wall-clock time lives 
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
+from vi import contract
+from vi.contract import IDENTITY_COLUMNS, METRIC_COLUMNS
+
 __all__ = [
     "BPD_METRICS",
+    "EXPERIMENT_TABLES",
     "IDENTITY_COLUMNS",
     "METRICS",
     "METRIC_COLUMNS",
@@ -34,45 +40,11 @@ __all__ = [
     "validate_runs",
 ]
 
-IDENTITY_COLUMNS = (
-    "run_id", "experiment", "dataset", "method", "estimator", "baseline", "kl",
-    "latent_dim", "n_mc", "seed",
-)
-METRIC_COLUMNS = (*IDENTITY_COLUMNS, "epoch", "step", "wall_s", "split", "param_group",
-                  "metric", "value")
-
-#: metric name → what it measures (units); the only names a metrics.csv may contain. The trainer
-#: writes the first three, the probes (``vi.probes``, by name in ``PROBES``) the rest; a test
-#: pins this list to theirs (this module stays torch-free).
-METRICS: dict[str, str] = {
-    "elbo": "ELBO per data point of the method's own posterior, full split (nats)",
-    "elbo_running": "running mean of the minibatch ELBO estimates over a training epoch (nats)",
-    "e_steps": "E-steps the held-out fit took before the stopping rule fired (count)",
-    "iwae": "IWAE estimate of log p(x) with the defensive proposal built on q* (nats)",
-    "log_px_exact": "exact log p(x) of a linear decoder (nats)",
-    "log_px_mle": "exact log p(x) under the closed-form PPCA maximum-likelihood fit of the "
-                  "training split (nats)",
-    "approximation_gap_mle": "closed-form approximation gap of the best diagonal q at the PPCA "
-                             "maximum-likelihood decoder (nats)",
-    "elbo_qstar": "ELBO of the per-datapoint optimum q* on the trained decoder (nats)",
-    "elbo_qphi": "ELBO of the method's own posterior, evaluated like L[q*] (nats)",
-    "approximation_gap": "log p(x) − L[q*] (nats)",
-    "amortization_gap": "L[q*] − L[q_φ] (nats)",
-    "qstar_steps": "optimisation steps taken to fit q* (count)",
-    "iwae_ess_min": "smallest effective sample size of the IWAE weights over the points",
-    "iwae_low_ess_points": "points whose IWAE effective sample size is below low_ess · k",
-    "test_curve_elbo": "held-out ELBO after `step` E-steps of test-time inference (nats)",
-    "grad_var_total": "total variance tr Σ of a single gradient estimate",
-    "grad_var_relative": "tr Σ / ||mean gradient||²",
-    "grad_snr_mean": "mean over coordinates of |ĝ_i| / sqrt(v_i)",
-    "grad_snr_median": "median over coordinates of |ĝ_i| / sqrt(v_i)",
-    "grad_mean_norm": "||mean gradient||",
-    "active_units": "latent dimensions with Cov_x(E_q[z_h]) above the threshold (count)",
-    "kl_total": "KL(q(z | x) ‖ p(z)) averaged over the points (nats)",
-}
-#: the probes a grid may name (``vi.probes.PROBES``; pinned by a test)
-PROBES = ("gradvar", "gaps", "test_curve", "exact", "activity", "images", "latents",
-          "variance_sweep")
+#: what the trainer and the probes may write: metric names with their descriptions, per-run
+#: tables with their columns, and the probes a grid may name (live views of ``vi.contract``, so
+#: a probe declared by any imported module is known here too)
+METRICS = contract.METRICS
+PROBES = contract.PROBES
 STATUSES = ("ok", "diverged", "failed")
 STOP_REASONS = ("plateau", "max_epochs", "budget", "diverged")
 SPLITS = ("train", "validation", "test")
@@ -82,23 +54,35 @@ PARAM_GROUPS = ("variational", "local", "encoder", "decoder", "prior")  # prior/
 RUN_COLUMNS = (*IDENTITY_COLUMNS, "status", "message", "stop_reason", "converged",
                "epochs_run", "best_epoch", "git_commit", "git_dirty", "torch_version",
                "python_version", "device", "started", "finished")
-#: columns each per-run table must have (more may follow), by table name
-TABLE_COLUMNS: dict[str, tuple[str, ...]] = {
-    "images": (*IDENTITY_COLUMNS, "epoch", "kind", "index", "label", "z1", "z2", "height",
-               "width"),
-    "latents": (*IDENTITY_COLUMNS, "epoch", "point", "label", "mu1", "logvar1"),
-    "variance_sweep": (*IDENTITY_COLUMNS, "epoch", "param_group", "grad_estimator",
-                       "grad_baseline", "grad_kl", "grad_n_mc", "draws", "metric", "value"),
-    "gaps": (*IDENTITY_COLUMNS, "epoch", "split", "point", "log_px_iwae", "iwae_ess",
-             "iwae_low_ess", "elbo_qstar", "elbo_qphi", "approximation_gap",
-             "amortization_gap"),
-    "activity": (*IDENTITY_COLUMNS, "epoch", "split", "dim", "kl_per_dim", "activity", "active"),
+#: tables an experiment (not a probe) writes, with the columns they must have
+EXPERIMENT_TABLES: dict[str, tuple[str, ...]] = {
     "selected": ("dataset", "method", "estimator", "baseline", "metric", "split", "score",
                  "n_seeds", "n_diverged", "interior", "at_cap", "unstable", "unconverged",
                  "shared_from"),
     "candidates": ("dataset", "method", "estimator", "baseline", "score", "n_seeds",
                    "n_diverged", "unstable", "unconverged", "rank", "round"),
 }
+
+
+class _TableColumns(Mapping):
+    """Table name → the columns it must have (more may follow): the experiments' own tables
+    and every per-run table the contract declares (identity columns first)."""
+
+    def __getitem__(self, name: str) -> tuple[str, ...]:
+        if name in EXPERIMENT_TABLES:
+            return EXPERIMENT_TABLES[name]
+        return contract.table_columns(name)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter([*contract.TABLES, *(t for t in EXPERIMENT_TABLES
+                                         if t not in contract.TABLES)])
+
+    def __len__(self) -> int:
+        return len(list(iter(self)))
+
+
+TABLE_COLUMNS: Mapping[str, tuple[str, ...]] = _TableColumns()
+
 #: bits per dimension of the discrete data sets (dequantization bound), by metric
 BPD_METRICS = ("elbo", "iwae", "log_px_exact")
 _REQUIRED_NONEMPTY = ("run_id", "experiment", "dataset", "method", "estimator", "metric",

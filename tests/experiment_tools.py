@@ -189,16 +189,16 @@ def read_only(folder: Path) -> Iterator[None]:
 
 
 #: code run in a fresh interpreter before ``main``: importing torch, or any part of the library
-#: but its standard-library helper ``vi.files``, raises
+#: but its standard-library modules ``vi.files`` and ``vi.contract``, raises
 NO_TORCH = ("import sys\n"
             "class _NoTorch:\n"
             "    def find_spec(self, name, path=None, target=None):\n"
             "        if name.split('.')[0] == 'torch' or (name.startswith('vi.')\n"
-            "                                             and name != 'vi.files'):\n"
+            "                and name not in ('vi.files', 'vi.contract')):\n"
             "            raise ImportError('imported ' + name)\n"
             "sys.meta_path.insert(0, _NoTorch())\n"
             "from experiments.cli import main\n")
 #: code run after ``main`` under ``NO_TORCH``: fails if anything heavy got imported after all
 NO_TORCH_AFTER = ("heavy = [m for m in sys.modules if m.split('.')[0] == 'torch'\n"
-                  "         or (m.startswith('vi.') and m != 'vi.files')]\n"
+                  "         or (m.startswith('vi.') and m not in ('vi.files', 'vi.contract'))]\n"
                   "assert not heavy, heavy\n")

@@ -16,7 +16,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 #: the library's layers, bottom up: a module may import from its own layer or below
 LAYERS = [
-    {"files", "streams", "families", "nets", "data", "optim"},
+    {"files", "streams", "families", "nets", "data", "optim", "contract"},
     {"estimators", "linear_gaussian", "decoders"},
     {"objectives", "references"},
     {"inference"},

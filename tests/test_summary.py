@@ -248,7 +248,7 @@ def test_write_summary_is_atomic_and_sorted(two_experiments: Path) -> None:
 
 def test_summary_and_findings_read_csvs_only(two_experiments: Path) -> None:
     """Neither module may import torch or the training library: of ``vi``, only the
-    standard-library ``vi.files`` (the atomic writes)."""
+    standard-library ``vi.contract`` (the results contract) and ``vi.files`` (atomic writes)."""
     code = textwrap.dedent("""
         import json, sys
         from experiments import findings, summary
@@ -258,5 +258,5 @@ def test_summary_and_findings_read_csvs_only(two_experiments: Path) -> None:
     """)
     out = subprocess.run([sys.executable, "-c", code, str(two_experiments)], cwd=ROOT,
                          capture_output=True, text=True, check=True)
-    assert json.loads(out.stdout.strip().splitlines()[-1]) == ["vi", "vi.files"]
+    assert json.loads(out.stdout.strip().splitlines()[-1]) == ["vi", "vi.contract", "vi.files"]
     assert (two_experiments / "FINDINGS.md").is_file()

@@ -43,6 +43,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, grad, vjp, vmap
 
+from vi.contract import GRADIENT_METRICS
 from vi.estimators import validate_estimator
 from vi.inference import InferenceMethod, MethodSettings, frozen
 from vi.objectives import elbo
@@ -57,8 +58,8 @@ __all__ = [
     "variance_sweep",
 ]
 
-METRICS = ("grad_var_total", "grad_var_relative", "grad_snr_mean", "grad_snr_median",
-           "grad_mean_norm")
+#: the statistics ``gradient_statistics`` returns, by their metric names (``vi.contract``)
+METRICS = GRADIENT_METRICS
 #: the default sweep: (estimator, baseline, KL mode). STL differs from reparam only when the
 #: KL term is estimated too (with an analytic KL the two are identical), so both appear with
 #: ``kl="mc"`` beside reparam with the analytic KL.

@@ -5,7 +5,9 @@ declares when it is due (``due``), whether a non-finite value means the run dive
 (``fatal``), and returns rows (one value per ensemble member) and optional per-run tables
 (``vi.training.ProbeResult``). A grid names probes with their options
 (``"probes": {"gaps": {"iwae_k": 1000}}``); ``build_probes`` validates them against the run's
-configuration before anything is trained. Adding a measurement means adding one class here.
+configuration, and against the results contract (``vi.contract``: every metric and table it
+writes declared), before anything is trained. Adding a measurement means adding one class, here
+or in any module (subclassing ``ProbeBase`` registers it).
 
 ==================  =========================================================================
 ``gradvar``         gradient variance and SNR per parameter group (``vi.gradstats``) on a fixed
@@ -40,7 +42,7 @@ import pandas as pd
 import torch
 from torch import Tensor
 
-from vi import gradstats, linear_gaussian
+from vi import contract, gradstats, linear_gaussian
 from vi.config import LIMITS, RunConfig, _build
 from vi.evaluation import gap_decomposition, latent_activity, test_time_curve
 from vi.inference import StoppingRule
@@ -53,12 +55,17 @@ PROBES: dict[str, type[ProbeBase]] = {}
 
 
 class ProbeBase:
-    """A probe: ``name``, ``Options`` (a dataclass), ``fatal``, ``metrics`` it may write,
-    ``tables`` it may write; ``due(ctx)`` and ``__call__(ctx)``."""
+    """A probe: ``name``, ``Options`` (a frozen dataclass subclassing ``ProbeBase.Options``),
+    ``fatal``, the ``metrics`` and ``tables`` it writes; ``due(ctx)`` and ``__call__(ctx)``.
+
+    What a probe writes is part of the results contract (``vi.contract``). The study's probes
+    are declared there; a probe class may instead give its metrics as ``{name: description}``
+    and its tables as ``{name: columns}``, which declares them when the class is created. On
+    the class, ``metrics`` and ``tables`` then hold the names."""
 
     name: ClassVar[str] = ""
     fatal: ClassVar[bool] = False
-    metrics: ClassVar[dict[str, str]] = {}
+    metrics: ClassVar[tuple[str, ...]] = ()
     tables: ClassVar[tuple[str, ...]] = ()
 
     @dataclass(frozen=True)
@@ -68,8 +75,16 @@ class ProbeBase:
 
     def __init_subclass__(cls, **kwargs) -> None:
         super().__init_subclass__(**kwargs)
-        if cls.name:
-            PROBES[cls.name] = cls
+        if not cls.name:
+            return
+        own = {k: cls.__dict__[k] for k in ("metrics", "tables") if k in cls.__dict__}
+        if own:
+            declared = contract.declare_probe(cls.name, own.get("metrics", ()),
+                                              own.get("tables", ()))
+        else:
+            declared = contract.PROBES.get(cls.name, contract.ProbeContract())
+        cls.metrics, cls.tables = declared.metrics, declared.tables
+        PROBES[cls.name] = cls
 
     def __init__(self, options: Any) -> None:
         self.options = options
@@ -81,14 +96,26 @@ class ProbeBase:
         raise NotImplementedError
 
 
+def _check_options(name: str, cls: type[ProbeBase]) -> None:
+    options = getattr(cls, "Options", None)
+    if not (isinstance(options, type) and issubclass(options, ProbeBase.Options)
+            and dataclasses.is_dataclass(options)):
+        raise contract.ContractError(
+            f"probe {name!r}: its Options must be a dataclass subclassing ProbeBase.Options "
+            f"(@dataclass(frozen=True) class Options(ProbeBase.Options): ...); got {options!r}")
+
+
 def build_probes(spec: dict[str, dict], config: RunConfig) -> list[ProbeBase]:
-    """The probes a configuration names, their options validated (``ValueError`` naming the
-    probe and the problem)."""
+    """The probes a configuration names, checked against the results contract
+    (``vi.contract.check_probe``) and their options validated: a ``ValueError`` naming the
+    probe and the problem, before anything is trained."""
     probes = []
     for name, values in spec.items():
         if name not in PROBES:
             raise ValueError(f"unknown probe {name!r}; valid: {', '.join(PROBES)}")
         cls = PROBES[name]
+        _check_options(name, cls)
+        contract.check_probe(name)
         try:
             options = _build(cls.Options, values, f"probes.{name}.")
             options.validate(config)
@@ -100,10 +127,8 @@ def build_probes(spec: dict[str, dict], config: RunConfig) -> list[ProbeBase]:
 
 def probe_metrics() -> dict[str, str]:
     """Every metric name a probe may write, with what it measures."""
-    out: dict[str, str] = {}
-    for cls in PROBES.values():
-        out.update(cls.metrics)
-    return out
+    return {m: contract.METRICS[m] for cls in PROBES.values() for m in cls.metrics
+            if m in contract.METRICS}
 
 
 def _positive(where: str, value: int, high: int = LIMITS["steps"]) -> None:
@@ -140,16 +165,9 @@ class GradVar(ProbeBase):
     (None: 0, 1, 2, 4, 8, … and the restored best state at the end)."""
 
     name = "gradvar"
-    metrics: ClassVar[dict[str, str]] = {
-        "grad_var_total": "total variance tr Σ of a single gradient estimate",
-        "grad_var_relative": "tr Σ / ||mean gradient||²",
-        "grad_snr_mean": "mean over coordinates of |ĝ_i| / sqrt(v_i)",
-        "grad_snr_median": "median over coordinates of |ĝ_i| / sqrt(v_i)",
-        "grad_mean_norm": "||mean gradient||",
-    }
 
     @dataclass(frozen=True)
-    class Options:
+    class Options(ProbeBase.Options):
         draws: int = 100
         batch: int = 64
         n_mc: int | None = None
@@ -209,21 +227,9 @@ class Gaps(ProbeBase):
     flagged."""
 
     name = "gaps"
-    tables = ("gaps",)
-    metrics: ClassVar[dict[str, str]] = {
-        "iwae": "IWAE estimate of log p(x) with the defensive proposal built on q* (nats)",
-        "log_px_exact": "exact log p(x) of a linear decoder (nats)",
-        "elbo_qstar": "ELBO of the per-datapoint optimum q* on the trained decoder (nats)",
-        "elbo_qphi": "ELBO of the method's own posterior, evaluated like L[q*] (nats)",
-        "approximation_gap": "log p(x) − L[q*] (nats)",
-        "amortization_gap": "L[q*] − L[q_φ] (nats)",
-        "qstar_steps": "optimisation steps taken to fit q* (count)",
-        "iwae_ess_min": "smallest effective sample size of the IWAE weights over the points",
-        "iwae_low_ess_points": "points whose IWAE effective sample size is below low_ess · k",
-    }
 
     @dataclass(frozen=True)
-    class Options:
+    class Options(ProbeBase.Options):
         splits: tuple[str, ...] = ("train", "test")
         points: int | None = None
         qstar_init: str = "posterior"
@@ -286,12 +292,9 @@ class TestCurve(ProbeBase):
 
     __test__ = False
     name = "test_curve"
-    metrics: ClassVar[dict[str, str]] = {
-        "test_curve_elbo": "held-out ELBO after `step` E-steps of test-time inference (nats)",
-    }
 
     @dataclass(frozen=True)
-    class Options:
+    class Options(ProbeBase.Options):
         steps: tuple[int, ...] = (0, 1, 2, 4, 8, 16, 32, 64, 128, 256)
         points: int | None = 100
         n_mc: int = 100
@@ -333,17 +336,9 @@ class Exact(ProbeBase):
 
     name = "exact"
     fatal = True
-    metrics: ClassVar[dict[str, str]] = {
-        "log_px_exact": "exact log p(x) of a linear decoder (nats)",
-        "approximation_gap": "log p(x) − L[q*] (nats)",
-        "log_px_mle": "exact log p(x) under the closed-form PPCA maximum-likelihood fit of the "
-                      "training split (nats)",
-        "approximation_gap_mle": "closed-form approximation gap of the best diagonal q at the "
-                                 "PPCA maximum-likelihood decoder (nats)",
-    }
 
     @dataclass(frozen=True)
-    class Options:
+    class Options(ProbeBase.Options):
         def validate(self, config: RunConfig) -> None:
             m = config.model
             if m.decoder_mean != "linear":
@@ -395,14 +390,9 @@ class Activity(ProbeBase):
     per-dimension values at the end as table ``activity``."""
 
     name = "activity"
-    tables = ("activity",)
-    metrics: ClassVar[dict[str, str]] = {
-        "active_units": "latent dimensions with Cov_x(E_q[z_h]) above the threshold (count)",
-        "kl_total": "KL(q(z | x) ‖ p(z)) averaged over the points (nats)",
-    }
 
     @dataclass(frozen=True)
-    class Options:
+    class Options(ProbeBase.Options):
         threshold: float = 0.01
         split: str = "test"
 
@@ -444,10 +434,9 @@ class Images(ProbeBase):
     ``manifold`` x ``manifold`` grid of u in (0, 1)²; one image a row, pixels as columns."""
 
     name = "images"
-    tables = ("images",)
 
     @dataclass(frozen=True)
-    class Options:
+    class Options(ProbeBase.Options):
         n_recon: int = 16
         n_samples: int = 16
         manifold: int = 12
@@ -522,10 +511,9 @@ class Latents(ProbeBase):
     the digit labels."""
 
     name = "latents"
-    tables = ("latents",)
 
     @dataclass(frozen=True)
-    class Options:
+    class Options(ProbeBase.Options):
         def validate(self, config: RunConfig) -> None:
             from vi.data import LABELLED
 
@@ -561,10 +549,9 @@ class VarianceSweep(ProbeBase):
 
     name = "variance_sweep"
     fatal = True
-    tables = ("variance_sweep",)
 
     @dataclass(frozen=True)
-    class Options:
+    class Options(ProbeBase.Options):
         n_mc: tuple[int, ...] = (1, 4, 16)
         draws: int = 100
         batch: int = 64

@@ -36,6 +36,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from vi.config import RunConfig, ensemble_key
+from vi.contract import IDENTITY_COLUMNS, METRIC_COLUMNS, ContractError
 from vi.data import Dataset, load_dataset, variance_floor
 from vi.decoders import GaussianDecoder
 from vi.evaluation import split_elbo
@@ -55,12 +56,8 @@ __all__ = [
     "train",
 ]
 
-IDENTITY_COLUMNS = (
-    "run_id", "experiment", "dataset", "method", "estimator", "baseline", "kl",
-    "latent_dim", "n_mc", "seed",
-)
-ROW_COLUMNS = (*IDENTITY_COLUMNS, "epoch", "step", "wall_s", "split", "param_group", "metric",
-               "value")
+#: the results contract's columns (``vi.contract``)
+ROW_COLUMNS = METRIC_COLUMNS
 CHECKPOINT_FORMAT = 2
 _DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
@@ -323,6 +320,7 @@ class Trainer:
             if not probe.due(ctx):
                 continue
             result = probe(ctx)
+            _check_declared(probe, result)
             if probe.fatal:
                 bad |= result.failed
             for r in result.rows:
@@ -699,6 +697,21 @@ class Trainer:
         for name in ("best", "best_epoch", "best_step", "best_elapsed", "bad"):
             setattr(trainer, name, [s["stop"][name] for s in states])
         return trainer
+
+
+def _check_declared(probe: Probe, result: ProbeResult) -> None:
+    """A probe that declares its ``metrics`` and ``tables`` (``vi.probes``) writes no others."""
+    metrics, tables = getattr(probe, "metrics", None), getattr(probe, "tables", None)
+    extra = []
+    if metrics is not None:
+        extra += [f"metric {m!r}" for m in dict.fromkeys(r["metric"] for r in result.rows)
+                  if m not in metrics]
+    if tables is not None:
+        extra += [f"table {t!r}" for t in result.tables if t not in tables]
+    if extra:
+        raise ContractError(f"probe {probe.name!r} wrote {', '.join(extra)}, which it does not "
+                            f"declare (metrics {list(metrics or ())}, tables "
+                            f"{list(tables or ())})")
 
 
 def _member_mask(*, k_all: int, keep: Sequence[int], like: Tensor) -> Tensor:

@@ -1,0 +1,213 @@
+"""The results contract: what the trainer and the probes may write (docs/results.md).
+
+Standard library only, so the tools that read results (``experiments.schema``, ``check``,
+``figures``, the summary) know the contract without importing torch, and the library
+(``vi.training``, ``vi.probes``) writes against the same names.
+
+- ``METRIC_COLUMNS``: the columns of a metric row (``IDENTITY_COLUMNS`` first);
+- ``METRICS``: every metric name a row may carry → what it measures (units): the only place a
+  metric is described;
+- ``TABLES``: every per-run table a probe may write → the columns it must have besides the
+  identity columns (more may follow; ``table_columns`` gives the published header);
+- ``PROBES``: every probe → the metrics and tables it writes (``ProbeContract``).
+
+The study's own trainer metrics and probes are declared below. A probe defined anywhere else
+declares what it brings through ``declare_probe`` (``vi.probes.ProbeBase`` does it for a probe
+class that gives its metrics as ``{name: description}`` and its tables as ``{name: columns}``);
+a process that imports that module then knows its names. ``check_probe`` refuses a probe that
+names a metric or table nobody declared, naming the missing entry; ``vi.probes.build_probes``
+calls it before anything is trained.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+
+__all__ = [
+    "GRADIENT_METRICS",
+    "IDENTITY_COLUMNS",
+    "METRICS",
+    "METRIC_COLUMNS",
+    "PROBES",
+    "TABLES",
+    "TRAINER_METRICS",
+    "ContractError",
+    "ProbeContract",
+    "check_probe",
+    "declare_metric",
+    "declare_probe",
+    "declare_table",
+    "table_columns",
+]
+
+#: the columns naming a run in every row and table
+IDENTITY_COLUMNS = (
+    "run_id", "experiment", "dataset", "method", "estimator", "baseline", "kl",
+    "latent_dim", "n_mc", "seed",
+)
+#: the columns of a metric row (``metrics.csv``)
+METRIC_COLUMNS = (*IDENTITY_COLUMNS, "epoch", "step", "wall_s", "split", "param_group",
+                  "metric", "value")
+
+#: metric name → what it measures (units)
+METRICS: dict[str, str] = {
+    # the trainer (vi.training)
+    "elbo": "ELBO per data point of the method's own posterior, full split (nats)",
+    "elbo_running": "running mean of the minibatch ELBO estimates over a training epoch (nats)",
+    "e_steps": "E-steps the held-out fit took before the stopping rule fired (count)",
+    # gaps, exact
+    "iwae": "IWAE estimate of log p(x) with the defensive proposal built on q* (nats)",
+    "log_px_exact": "exact log p(x) of a linear decoder (nats)",
+    "log_px_mle": "exact log p(x) under the closed-form PPCA maximum-likelihood fit of the "
+                  "training split (nats)",
+    "approximation_gap_mle": "closed-form approximation gap of the best diagonal q at the PPCA "
+                             "maximum-likelihood decoder (nats)",
+    "elbo_qstar": "ELBO of the per-datapoint optimum q* on the trained decoder (nats)",
+    "elbo_qphi": "ELBO of the method's own posterior, evaluated like L[q*] (nats)",
+    "approximation_gap": "log p(x) − L[q*] (nats)",
+    "amortization_gap": "L[q*] − L[q_φ] (nats)",
+    "qstar_steps": "optimisation steps taken to fit q* (count)",
+    "iwae_ess_min": "smallest effective sample size of the IWAE weights over the points",
+    "iwae_low_ess_points": "points whose IWAE effective sample size is below low_ess · k",
+    # test_curve
+    "test_curve_elbo": "held-out ELBO after `step` E-steps of test-time inference (nats)",
+    # gradvar (also the metric column of the variance_sweep table)
+    "grad_var_total": "total variance tr Σ of a single gradient estimate",
+    "grad_var_relative": "tr Σ / ||mean gradient||²",
+    "grad_snr_mean": "mean over coordinates of |ĝ_i| / sqrt(v_i)",
+    "grad_snr_median": "median over coordinates of |ĝ_i| / sqrt(v_i)",
+    "grad_mean_norm": "||mean gradient||",
+    # activity
+    "active_units": "latent dimensions with Cov_x(E_q[z_h]) above the threshold (count)",
+    "kl_total": "KL(q(z | x) ‖ p(z)) averaged over the points (nats)",
+}
+#: the metrics the trainer itself writes
+TRAINER_METRICS = ("elbo", "elbo_running", "e_steps")
+#: the statistics of a gradient estimate (``vi.gradstats.gradient_statistics``)
+GRADIENT_METRICS = ("grad_var_total", "grad_var_relative", "grad_snr_mean", "grad_snr_median",
+                    "grad_mean_norm")
+
+#: per-run table name → the columns a probe writes besides the identity columns
+TABLES: dict[str, tuple[str, ...]] = {
+    "images": ("epoch", "kind", "index", "label", "z1", "z2", "height", "width"),
+    "latents": ("epoch", "point", "label", "mu1", "logvar1"),
+    "variance_sweep": ("epoch", "param_group", "grad_estimator", "grad_baseline", "grad_kl",
+                       "grad_n_mc", "draws", "metric", "value"),
+    "gaps": ("epoch", "split", "point", "log_px_iwae", "iwae_ess", "iwae_low_ess",
+             "elbo_qstar", "elbo_qphi", "approximation_gap", "amortization_gap"),
+    "activity": ("epoch", "split", "dim", "kl_per_dim", "activity", "active"),
+}
+
+
+@dataclass(frozen=True)
+class ProbeContract:
+    """What one probe writes: metric names (rows) and table names."""
+
+    metrics: tuple[str, ...] = ()
+    tables: tuple[str, ...] = ()
+
+
+#: probe name → what it writes
+PROBES: dict[str, ProbeContract] = {
+    "gradvar": ProbeContract(GRADIENT_METRICS),
+    "gaps": ProbeContract(("iwae", "log_px_exact", "elbo_qstar", "elbo_qphi",
+                           "approximation_gap", "amortization_gap", "qstar_steps",
+                           "iwae_ess_min", "iwae_low_ess_points"), ("gaps",)),
+    "test_curve": ProbeContract(("test_curve_elbo",)),
+    "exact": ProbeContract(("log_px_exact", "approximation_gap", "log_px_mle",
+                            "approximation_gap_mle")),
+    "activity": ProbeContract(("active_units", "kl_total"), ("activity",)),
+    "images": ProbeContract((), ("images",)),
+    "latents": ProbeContract((), ("latents",)),
+    "variance_sweep": ProbeContract((), ("variance_sweep",)),
+}
+
+_NAME = re.compile(r"^[a-z][a-z0-9_]*$")
+
+
+class ContractError(ValueError):
+    """A declaration that breaks the contract (a clash, a bad name, a missing entry)."""
+
+
+def _check_name(kind: str, name: object) -> str:
+    if not isinstance(name, str) or not _NAME.match(name):
+        raise ContractError(f"{kind} name {name!r} must be lower-case letters, digits and "
+                            f"underscores, starting with a letter")
+    return name
+
+
+def declare_metric(name: str, description: str) -> None:
+    """Declare a metric a row may carry. Declaring a known name again with the same description
+    does nothing; with another description it is a ``ContractError``."""
+    _check_name("metric", name)
+    if not isinstance(description, str) or not description.strip():
+        raise ContractError(f"metric {name!r} needs a description (what it measures, units)")
+    known = METRICS.get(name)
+    if known is not None and known != description:
+        raise ContractError(f"metric {name!r} is already declared as {known!r}; a second "
+                            f"description {description!r} would make it mean two things")
+    METRICS[name] = description
+
+
+def declare_table(name: str, columns: Iterable[str]) -> None:
+    """Declare a per-run table and the columns it must have besides the identity columns (the
+    same columns again does nothing; other columns are a ``ContractError``)."""
+    _check_name("table", name)
+    if isinstance(columns, str):
+        raise ContractError(f"table {name!r}: columns must be a list of names, not a string")
+    columns = tuple(columns)
+    for c in columns:
+        if not isinstance(c, str) or not c:
+            raise ContractError(f"table {name!r}: column names must be non-empty strings; "
+                                f"got {c!r}")
+    known = TABLES.get(name)
+    if known is not None and known != columns:
+        raise ContractError(f"table {name!r} is already declared with columns {known}; "
+                            f"not {columns}")
+    TABLES[name] = columns
+
+
+def declare_probe(name: str, metrics: Mapping[str, str] | Iterable[str] = (),
+                  tables: Mapping[str, Iterable[str]] | Iterable[str] = ()) -> ProbeContract:
+    """Declare what probe ``name`` writes. ``metrics`` and ``tables`` are names already
+    declared, or mappings that declare them on the way (``{metric: description}``,
+    ``{table: columns}``). Names nobody declared are recorded and refused by ``check_probe``."""
+    _check_name("probe", name)
+    if isinstance(metrics, str) or isinstance(tables, str):
+        raise ContractError(f"probe {name!r}: metrics and tables are collections of names, "
+                            f"not a string")
+    if isinstance(metrics, Mapping):
+        for metric, description in metrics.items():
+            declare_metric(metric, description)
+    if isinstance(tables, Mapping):
+        for table, columns in tables.items():
+            declare_table(table, columns)
+    entry = ProbeContract(tuple(metrics), tuple(tables))
+    PROBES[name] = entry
+    return entry
+
+
+def check_probe(name: str) -> ProbeContract:
+    """What probe ``name`` writes, every entry declared; else a ``ContractError`` naming the
+    probe and each missing entry."""
+    entry = PROBES.get(name)
+    if entry is None:
+        raise ContractError(f"probe {name!r} is not declared in the results contract "
+                            f"(vi.contract.declare_probe); declared: {', '.join(PROBES)}")
+    missing = [f"metric {m!r}" for m in entry.metrics if m not in METRICS]
+    missing += [f"table {t!r}" for t in entry.tables if t not in TABLES]
+    if missing:
+        raise ContractError(
+            f"probe {name!r} writes {', '.join(missing)}, which the results contract does not "
+            f"declare: give each metric a description (metrics = {{name: description}}) and "
+            f"each table its columns (tables = {{name: columns}}) in the probe class, or "
+            f"declare them with vi.contract.declare_metric / declare_table")
+    return entry
+
+
+def table_columns(name: str) -> tuple[str, ...]:
+    """The columns a published per-run table must have: the identity columns, then the
+    columns its probe writes (``KeyError`` for an undeclared table)."""
+    return (*IDENTITY_COLUMNS, *TABLES[name])
