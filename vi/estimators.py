@@ -67,6 +67,8 @@ __all__ = [
 ]
 
 Integrand = Callable[[Tensor, Tensor], Tensor]
+from vi.nets import member_mean
+from vi.optim import IntegerTable
 BASELINES = ("none", "mean", "loo", "cv")
 
 
@@ -238,12 +240,13 @@ class RunningMean:
     @property
     def value(self) -> Tensor:
         started = self.steps > 0
-        corrected = self.avg / torch.where(started, 1.0 - self.decay**self.steps, 1.0)
+        corrected = self.avg / torch.where(started, self._correction(self.steps, torch.float64),
+                                           1.0)
         return torch.where(started, corrected, 0.0).unsqueeze(-1)
 
     def update(self, samples: Tensor, active: Tensor | None = None) -> None:
         """Fold in each member's mean of a batch of integrand values [M, K, B]."""
-        means = samples.detach().double().mean(dim=(0, 2)).to(self.avg.device)
+        means = member_mean(samples, member_dim=1).to(self.avg.device)
         keep = (torch.ones_like(means, dtype=torch.bool) if active is None
                 else active.to(self.avg.device))
         self.steps += keep.double()
@@ -256,3 +259,5 @@ class RunningMean:
     def load_state_dict(self, state: dict[str, Tensor]) -> None:
         self.avg.copy_(state["avg"])
         self.steps.copy_(state["steps"])
+        # 1 − decayᵗ gathered from one table: the same bits for a member alone or in a batch
+        self._correction = IntegerTable(lambda i: 1.0 - self.decay ** i)

@@ -34,7 +34,7 @@ from torch import Tensor, nn
 
 from vi.decoders import GaussianDecoder
 from vi.estimators import Estimate, RunningMean, validate_estimator
-from vi.nets import ACTIVATIONS, StackedMLP
+from vi.nets import ACTIVATIONS, StackedMLP, member_sum
 from vi.objectives import KL_MODES, elbo
 from vi.optim import FlatOptimizer, RowOptimizer, validate_optimizer
 from vi.streams import MemberRandom
@@ -214,8 +214,8 @@ def _clip(leaves: Sequence[Tensor], max_norm: float | None) -> None:
     """Per-member gradient-norm clipping over every leaf (never across members)."""
     if max_norm is None:
         return
-    norm2 = sum(p.grad.pow(2).sum(dim=1) for p in leaves)
-    scale = (max_norm / (norm2.sqrt() + 1e-6)).clamp(max=1.0).unsqueeze(1)
+    norm2 = sum(member_sum(p.grad.pow(2)) for p in leaves)  # member-order independent
+    scale = (max_norm / (norm2.sqrt() + 1e-6)).clamp(max=1.0).unsqueeze(1).to(leaves[0].dtype)
     for p in leaves:
         p.grad.mul_(scale)
 

@@ -2,8 +2,9 @@
 
 Figure ``lr_selection[_<dataset>]``: rows = estimator, columns = method; x = the decoder step
 size ``lr`` (log), y = validation ELBO at each seed's best epoch; one line per value of the
-method's inference step size (``local_lr`` for vem, ``encoder_lr`` for amortized,
-``refine_lr`` for semi_amortized; colour, legend in the panel) joining the candidates' medians
+method's inference step sizes (``local_lr`` for vem, ``encoder_lr`` for amortized,
+``encoder_lr`` and ``refine_lr`` for semi_amortized; colour, legend in the panel) joining the
+candidates' medians
 over seeds (the selection's score, ``candidates.csv``). Marker shape = the round that added the
 candidate (initial cross, extension rounds), hollow = unconverged (a seed reached the epoch cap
 before a plateau), red ring = unstable; small dots = seeds, × on the lower edge = diverged seeds,
@@ -55,7 +56,7 @@ log = logging.getLogger(__name__)
 INPUTS = {"candidates.csv": ("dataset", "method", "estimator", "baseline", "method.lr", "score",
                              "unstable", "unconverged", "round"),
           "selected.csv": ("dataset", "method", "estimator", "baseline", "method.lr")}
-#: the inference step size of each method, as runs.csv names it
+#: the inference step sizes a method may have, as runs.csv names them
 SECOND = ("method.local_lr", "method.encoder_lr", "method.refine_lr")
 #: round → (marker, legend text)
 ROUNDS = {0: ("o", "candidate median, initial cross (●)"),
@@ -69,10 +70,19 @@ def _key(frame: pd.DataFrame, cols: list[str]) -> pd.Series:
                              ).agg("|".join, axis=1)
 
 
-def _second(c: pd.DataFrame) -> str | None:
-    """The inference step size a method's candidates vary (None: only lr)."""
-    have = [s for s in SECOND if s in c.columns and c[s].notna().any()]
-    return have[0] if have else None
+def _second(c: pd.DataFrame) -> list[str]:
+    """The inference step sizes a method's candidates name (empty: only lr)."""
+    return [s for s in SECOND if s in c.columns and c[s].notna().any()]
+
+
+def _levels(frame: pd.DataFrame, secs: list[str]) -> pd.Series:
+    """Each row's inference step sizes as a tuple (one line of the panel per distinct tuple)."""
+    return pd.Series([tuple(float(row[s]) for s in secs) for _, row in frame.iterrows()],
+                     index=frame.index, dtype=object)
+
+
+def _level_text(secs: list[str], level: tuple) -> str:
+    return ", ".join(f"{s.split('.')[1]} = {v:g}" for s, v in zip(secs, level, strict=True))
 
 
 @register("lr_selection", inputs=INPUTS)
@@ -155,9 +165,9 @@ def _title(method: str, lab: str, s: pd.DataFrame, c: pd.DataFrame) -> str:
     if s.empty:
         return head
     r = s.iloc[0]
-    sec = _second(c) or _second(s)
-    chosen = f"lr {r['method.lr']:g}" + (f", {sec.split('.')[1]} {r[sec]:g}" if sec and
-                                           pd.notna(r.get(sec)) else "")
+    secs = _second(c) or _second(s)
+    chosen = ", ".join([f"lr {r['method.lr']:g}"] + [f"{sec.split('.')[1]} {r[sec]:g}"
+                                                     for sec in secs if pd.notna(r.get(sec))])
     flags = [f for f in ("unstable", "unconverged", "at_cap") if f in r and
              schema.as_bool(pd.Series([r[f]])).iloc[0] is True]
     if "edge" in r and isinstance(r["edge"], str) and r["edge"]:
@@ -187,19 +197,20 @@ def _panel(ax, c: pd.DataFrame, s: pd.DataFrame, r: pd.DataFrame) -> tuple[pd.Se
     """Lines, medians, seeds and the star of one method × estimator; returns (the values to
     keep in view, the hue labels drawn)."""
     log_axis(ax, "x")
-    sec = _second(c)
-    levels = ordered(c[sec]) if sec else [None]
+    secs = _second(c)
+    level_of = _levels(c, secs)
+    levels = sorted(set(level_of)) if secs else [None]
     colours = dict(zip(levels, sns.color_palette("viridis", len(levels) + 1)[:len(levels)],
                        strict=True))
-    keys = ["method.lr", *([sec] if sec else [])]
+    keys = ["method.lr", *secs]
     runs = r.assign(_k=_key(r, keys)) if len(r) else r
     found: set[str] = set()
     values = [c["score"].dropna()]
     for level in levels:
-        cl = c if level is None else c[c[sec] == level]
+        cl = c if level is None else c[level_of == level]
         cl = cl.sort_values("method.lr")
         colour = colours[level]
-        name = "_" if level is None else f"{sec.split('.')[1]} = {level:g}"
+        name = "_" if level is None else _level_text(secs, level)
         found.add(name)
         ok = cl[cl["score"].notna()]
         ax.plot(ok["method.lr"], ok["score"], color=colour, lw=1.4, label=name)
@@ -227,7 +238,7 @@ def _panel(ax, c: pd.DataFrame, s: pd.DataFrame, r: pd.DataFrame) -> tuple[pd.Se
     for _, row in s.iterrows():
         y = c.loc[_key(c, keys) == _key(s.loc[[row.name]], keys).iloc[0], "score"]
         if len(y) and pd.notna(y.iloc[0]):
-            level = row[sec] if sec else None
+            level = _levels(s.loc[[row.name]], secs).iloc[0] if secs else None
             ax.plot([row["method.lr"]], [y.iloc[0]], ls="none", marker="*", ms=16, mec="k",
                     mew=0.8, color=colours.get(level, "0.5"), label=MARKS["selected"],
                     zorder=5)
