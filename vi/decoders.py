@@ -45,6 +45,25 @@ def _choice(kind: str, value: str, valid: Sequence[str]) -> str:
     return value
 
 
+class _MemberFirstGrad(torch.autograd.Function):
+    """Identity whose backward makes the incoming gradient contiguous (member axis first): the
+    gradient of a caller's ``mean(0)`` over samples arrives as a stride-0 view in sample-first
+    order, and the element-wise backward of the log-density would inherit that order, so the
+    reductions into σ² would sum in an order that depends on the number of members."""
+
+    @staticmethod
+    def forward(ctx, t: Tensor) -> Tensor:
+        return t.view_as(t)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tensor:
+        return grad.contiguous()
+
+
+def _member_first_grad(t: Tensor) -> Tensor:
+    return _MemberFirstGrad.apply(t)
+
+
 class GaussianDecoder(nn.Module):
     """p_θ(x | z) = N(x; μ_θ(z), diag σ²_θ(z)) with prior p(z) = N(0, I_H), K members.
 
@@ -189,8 +208,21 @@ class GaussianDecoder(nn.Module):
         if x.shape[-1] != self.data_dim:
             raise ValueError(f"decoder expects x [..., {self.data_dim}]; got x {tuple(x.shape)}")
         mean, var = self.mean_and_variance(z, views)
+        lead = mean.dim() - 3
+        if lead > 0:
+            # member axis first, where the network computed it: the gradient of a per-member
+            # parameter (σ²) sums over samples and points in one contiguous block per member,
+            # in the same order whatever the number of members (no ensemble-mate changes its
+            # rounding)
+            k = mean.shape[-3]
+            mean = mean.movedim(-3, 0)
+            var = (var.movedim(-3, 0) if var.dim() == mean.dim()
+                   else var.reshape(k, *([1] * lead), *var.shape[-2:]) if var.dim() == 3
+                   else var)
+            x = x.reshape(k, *([1] * lead), *x.shape[-2:])
         # the log-density of ``distribution(z)``, without building an Independent each step
-        return Normal(mean, var.sqrt(), validate_args=False).log_prob(x).sum(-1)
+        out = Normal(mean, var.sqrt(), validate_args=False).log_prob(x).sum(-1)
+        return _member_first_grad(out).movedim(0, -2) if lead > 0 else out
 
     def prior(self, like: Tensor) -> Independent:
         """p(z) = N(0, I_H)."""

@@ -50,6 +50,8 @@ import torch
 from torch import Tensor
 
 from vi import families
+from vi.nets import member_mean
+from vi.optim import IntegerTable
 
 __all__ = [
     "BASELINES",
@@ -67,8 +69,6 @@ __all__ = [
 ]
 
 Integrand = Callable[[Tensor, Tensor], Tensor]
-from vi.nets import member_mean
-from vi.optim import IntegerTable
 BASELINES = ("none", "mean", "loo", "cv")
 
 
@@ -234,6 +234,8 @@ class RunningMean:
         if not 0.0 <= decay < 1.0:
             raise ValueError(f"running-mean decay must lie in [0, 1); got {decay}")
         self.decay = float(decay)
+        # 1 − decayᵗ gathered from one table: the same bits for a member alone or in a batch
+        self._correction = IntegerTable(lambda i: 1.0 - self.decay ** i)
         self.avg = torch.zeros(int(members), dtype=torch.float64, device=device)
         self.steps = torch.zeros(int(members), dtype=torch.float64, device=device)
 
@@ -259,5 +261,3 @@ class RunningMean:
     def load_state_dict(self, state: dict[str, Tensor]) -> None:
         self.avg.copy_(state["avg"])
         self.steps.copy_(state["steps"])
-        # 1 − decayᵗ gathered from one table: the same bits for a member alone or in a batch
-        self._correction = IntegerTable(lambda i: 1.0 - self.decay ** i)

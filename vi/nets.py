@@ -26,7 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["ACTIVATIONS", "FlatParameters", "StackedMLP", "mlp_shapes"]
+__all__ = ["ACTIVATIONS", "FlatParameters", "StackedMLP", "member_mean", "member_sum",
+           "mlp_shapes"]
 
 ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {
     "tanh": torch.tanh,
@@ -119,3 +120,23 @@ class StackedMLP(nn.Module):
                 u = torch.rand(target.shape, generator=generator, device=target.device,
                                dtype=target.dtype)
                 target.copy_((2 * u - 1) * bound)
+
+
+def member_sum(t: Tensor, member_dim: int = 0) -> Tensor:
+    """Σ over every axis but the member axis: [K] in float64, summed in one fixed sequential
+    order per member.
+
+    A plain ``sum`` picks its reduction strategy (and so its summation order and rounding) from
+    the tensor's shape: a [1, P] tensor is reduced as one contiguous vector, a [K, P] one row by
+    row. A member's sum would then depend on how many members share its tensor. Here each
+    member's values are laid out contiguously and accumulated by a sequential ``cumsum`` in
+    float64, so its sum is the same bits alone or in any ensemble (used for per-member norms,
+    baselines and stopping decisions)."""
+    flat = t.detach().movedim(member_dim, 0).reshape(t.shape[member_dim], -1).double()
+    return flat.cumsum(dim=1)[:, -1] if flat.shape[1] else flat.new_zeros(flat.shape[0])
+
+
+def member_mean(t: Tensor, member_dim: int = 0) -> Tensor:
+    """Mean over every axis but the member axis, [K] in float64 (see ``member_sum``)."""
+    return member_sum(t, member_dim) / max(1, t.numel() // max(1, t.shape[member_dim]))
+

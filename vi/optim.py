@@ -25,7 +25,16 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-__all__ = ["OPTIMIZERS", "FlatOptimizer", "RowOptimizer", "robbins_monro", "validate_optimizer"]
+__all__ = [
+    "OPTIMIZERS",
+    "FlatOptimizer",
+    "IntegerTable",
+    "RowOptimizer",
+    "adam_update",
+    "robbins_monro",
+    "robbins_monro_rate",
+    "validate_optimizer",
+]
 
 OPTIMIZERS = ("adam", "sgd")
 BETAS = (0.9, 0.999)
@@ -54,12 +63,72 @@ def _column(values: Sequence[float] | Tensor, like: Tensor) -> Tensor:
     return torch.as_tensor(values, dtype=like.dtype, device=like.device).reshape(-1, 1)
 
 
+class IntegerTable:
+    """f(t) for integer t ≥ 0, computed once by Python's float64 arithmetic and gathered.
+
+    Bias corrections 1 − βᵗ, Robbins–Monro rates and running-mean corrections are functions of
+    an integer step count. Computing them with an element-wise ``pow`` on CPU would make an
+    ensemble member's numbers depend on its ensemble-mates: the kernel takes a vectorised or a
+    scalar code path depending on where an element lies in its tensor, and the two round
+    differently. A gather from one table gives every member and every row the same bits for
+    the same t, whatever tensor it sits in."""
+
+    def __init__(self, fn) -> None:
+        self.fn = fn
+        self.table = torch.zeros(0, dtype=torch.float64)
+
+    def __call__(self, t: Tensor, dtype: torch.dtype) -> Tensor:
+        t = t.long()
+        top = int(t.max()) if t.numel() else 0
+        if top >= self.table.numel():
+            size = max(2 * self.table.numel(), top + 1, 1024)
+            self.table = torch.tensor([float(self.fn(i)) for i in range(size)],
+                                      dtype=torch.float64, device=t.device)
+        if self.table.device != t.device:
+            self.table = self.table.to(t.device)
+        return self.table[t].to(dtype)
+
+
+_BC1 = IntegerTable(lambda i: 1.0 - BETAS[0] ** i)
+_BC2 = IntegerTable(lambda i: 1.0 - BETAS[1] ** i)
+_RM: dict[tuple[float, float], IntegerTable] = {}
+
+
+def robbins_monro_rate(t: Tensor, delay: float, power: float, dtype: torch.dtype) -> Tensor:
+    """(1 + t/τ)^(−κ) for integer step counts t (exact gather, see ``IntegerTable``)."""
+    key = (float(delay), float(power))
+    if key not in _RM:
+        _RM[key] = IntegerTable(lambda i: robbins_monro(i, *key))
+    return _RM[key](t, dtype)
+
+
+def adam_update(p: Tensor, g: Tensor, m: Tensor, v: Tensor, lr: Tensor, t: Tensor
+                ) -> tuple[Tensor, Tensor, Tensor]:
+    """One Adam step (Kingma & Ba 2015) from step count t (≥ 1, integer tensor) for every
+    element, *minimising*: returns (p', m', v') with
+
+        m' = β₁ m + (1 − β₁) g,   v' = β₂ v + (1 − β₂) g²,
+        p' = p − (α / (1 − β₁ᵗ)) m' / (√(v' / (1 − β₂ᵗ)) + ε).
+
+    The one Adam expression of the library (flat leaves and table rows, every member): only
+    correctly rounded operations (+, −, ×, ÷, √) and an exact gather of the bias corrections,
+    each a separate kernel, so an element's result is the same bits whether its tensor holds
+    one member or twenty and whether the element falls in a vectorised block or a tail."""
+    b1, b2 = BETAS
+    new_m = m * b1 + g * (1 - b1)
+    new_v = v * b2 + (g * g) * (1 - b2)
+    bc1, bc2 = _BC1(t, p.dtype), _BC2(t, p.dtype)
+    step = (lr / bc1) * new_m / ((new_v / bc2).sqrt() + EPS)
+    return p - step, new_m, new_v
+
+
 class FlatOptimizer:
     """Adam or Robbins–Monro SGD over flat leaves [K, P], one step size per (leaf, member).
 
     ``groups``: [(leaf, step sizes [K])]. ``step()`` *minimises*: it moves each leaf against its
     ``.grad``. Members whose entry of ``active`` is False are left untouched (parameters and
-    state), so a stopped or diverged member stays exactly where it was.
+    state), so a stopped or diverged member stays exactly where it was. Every member's update
+    is the same arithmetic as it would be alone (``adam_update``), bit for bit.
     """
 
     def __init__(self, groups: Sequence[tuple[Tensor, Sequence[float] | Tensor]],
@@ -72,14 +141,12 @@ class FlatOptimizer:
             if lr.shape[0] != p.shape[0]:
                 raise ValueError(f"{lr.shape[0]} step sizes for a leaf of {p.shape[0]} members")
             validate_optimizer(kind, float(lr.min()), rm_power, rm_delay)
+            if not bool(torch.isfinite(lr).all()):
+                raise ValueError(f"learning rates must be finite in {p.dtype}; got "
+                                 f"{lr.flatten().tolist()}")
         members = self.params[0].shape[0]
         like = self.params[0]
-        self.steps = torch.zeros(members, 1, dtype=like.dtype, device=like.device)
-        # fast path: while every member has taken every step, the step count is one number, and
-        # a leaf whose members share one step size takes a scalar one (fused in-place updates)
-        self.count: int | None = 0
-        self.scalar_lrs = [float(lr[0]) if bool((lr == lr[0]).all()) else None
-                           for lr in self.lrs]
+        self.steps = torch.zeros(members, 1, dtype=torch.long, device=like.device)
         if kind == "adam":
             self.exp_avg = [torch.zeros_like(p) for p in self.params]
             self.exp_avg_sq = [torch.zeros_like(p) for p in self.params]
@@ -91,50 +158,17 @@ class FlatOptimizer:
     @torch.no_grad()
     def step(self, active: Tensor | None = None) -> None:
         mask = None if active is None or bool(active.all()) else active.reshape(-1, 1)
-        self.steps += 1 if mask is None else mask.to(self.steps.dtype)
-        self.count = self.count + 1 if mask is None and self.count is not None else None
-        if self.kind == "adam" and self.count is not None:
-            self._adam_uniform(self.count)
-            return
+        self.steps += 1 if mask is None else mask.long()
         t = self.steps
-        if self.kind == "sgd":
-            rate = robbins_monro(t - 1, self.rm_delay, self.rm_power)
-            for p, lr in zip(self.params, self.lrs, strict=True):
-                update = (lr * rate) * p.grad
-                p.copy_(p - update if mask is None else torch.where(mask, p - update, p))
-            return
-        b1, b2 = BETAS
-        bc1 = 1 - b1 ** t
-        bc2_sqrt = torch.sqrt(1 - b2 ** t)
         for i, (p, lr) in enumerate(zip(self.params, self.lrs, strict=True)):
-            g, m, v = p.grad, self.exp_avg[i], self.exp_avg_sq[i]
-            if mask is None:
-                m.lerp_(g, 1 - b1)
-                v.mul_(b2).addcmul_(g, g, value=1 - b2)
-                p.sub_((lr / bc1) * m / (v.sqrt() / bc2_sqrt + EPS))
+            if self.kind == "sgd":
+                rate = robbins_monro_rate(t - 1, self.rm_delay, self.rm_power, p.dtype)
+                new, state = p - (lr * rate) * p.grad, ()
             else:
-                new_m = torch.lerp(m, g, 1 - b1)
-                new_v = v * b2 + (1 - b2) * g * g
-                update = (lr / bc1) * new_m / (new_v.sqrt() / bc2_sqrt + EPS)
-                m.copy_(torch.where(mask, new_m, m))
-                v.copy_(torch.where(mask, new_v, v))
-                p.copy_(torch.where(mask, p - update, p))
-
-    def _adam_uniform(self, t: int) -> None:
-        """Adam when every member is at step t: the same arithmetic with scalar bias
-        corrections, in place (a scalar step size where the members share one)."""
-        b1, b2 = BETAS
-        bc1, bc2_sqrt = 1 - b1**t, math.sqrt(1 - b2**t)
-        for i, p in enumerate(self.params):
-            g, m, v = p.grad, self.exp_avg[i], self.exp_avg_sq[i]
-            m.lerp_(g, 1 - b1)
-            v.mul_(b2).addcmul_(g, g, value=1 - b2)
-            denom = v.sqrt().div_(bc2_sqrt).add_(EPS)
-            lr = self.scalar_lrs[i]
-            if lr is not None:
-                p.addcdiv_(m, denom, value=-lr / bc1)
-            else:
-                p.sub_(self.lrs[i] / bc1 * m / denom)
+                new, m, v = adam_update(p, p.grad, self.exp_avg[i], self.exp_avg_sq[i], lr, t)
+                state = ((self.exp_avg[i], m), (self.exp_avg_sq[i], v))
+            for buf, val in ((p, new), *state):
+                buf.copy_(val if mask is None else torch.where(mask, val, buf))
 
     def state_dict(self) -> dict[str, Tensor]:
         """Per-member state, member axis first (no step sizes: they come from the settings)."""
@@ -146,9 +180,7 @@ class FlatOptimizer:
         return state
 
     def load_state_dict(self, state: dict[str, Tensor]) -> None:
-        self.steps.copy_(state["steps"])
-        counts = self.steps.unique()
-        self.count = int(counts[0]) if counts.numel() == 1 else None
+        self.steps.copy_(state["steps"].round().long())
         if self.kind == "adam":
             for i in range(len(self.params)):
                 self.exp_avg[i].copy_(state[f"exp_avg{i}"])
@@ -203,16 +235,13 @@ class RowOptimizer:
         t = self.steps.view(-1).index_select(0, flat).view(idx.shape) + 1
         rows = get(self.table)
         if self.kind == "sgd":
-            rate = self.lr * robbins_monro((t - 1).to(rows.dtype), self.rm_delay,
-                                           self.rm_power).unsqueeze(-1)
+            rate = self.lr * robbins_monro_rate(t - 1, self.rm_delay, self.rm_power,
+                                                rows.dtype).unsqueeze(-1)
             new = rows - rate * grad
             state = ()
         else:
-            b1, b2 = BETAS
-            m = torch.lerp(get(self.exp_avg), grad, 1 - b1)
-            v = get(self.exp_avg_sq) * b2 + (1 - b2) * grad * grad
-            tf = t.to(rows.dtype).unsqueeze(-1)
-            new = rows - self.lr * (m / (1 - b1 ** tf)) / ((v / (1 - b2 ** tf)).sqrt() + EPS)
+            new, m, v = adam_update(rows, grad, get(self.exp_avg), get(self.exp_avg_sq),
+                                    self.lr, t.unsqueeze(-1))
             state = ((self.exp_avg, m), (self.exp_avg_sq, v))
         if active is not None and not bool(active.all()):
             keep = active.reshape(-1, 1)
