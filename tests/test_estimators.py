@@ -1,5 +1,7 @@
 """Gradient estimators as surrogates: unbiasedness on textbook integrands, single-draw
-variances against closed forms, the exact score-function surrogate, and the argument checks.
+variances against closed forms, the exact score-function surrogate, second derivatives in
+expectation (where a gradient is differentiated again), the declared capabilities, and the
+argument checks.
 
 Unbiasedness is tested by drawing R independent estimates in one call: λ is replicated into R
 rows (one copy per row), so ∇ of the summed surrogate w.r.t. the [R, 2H] tensor is R independent
@@ -21,24 +23,24 @@ from vi import families
 from vi.estimators import (
     BASELINES,
     ESTIMATORS,
+    Estimate,
+    Estimator,
     RunningMean,
+    configurations,
     draw_noise,
     estimate,
     get_estimator,
     reparam,
     score,
     stl,
+    twice_differentiable,
     validate_estimator,
+    validate_twice_differentiable,
 )
 
-CONFIGS = [
-    ("reparam", "none"),
-    ("stl", "none"),
-    ("score", "none"),
-    ("score", "mean"),
-    ("score", "loo"),
-    ("score", "cv"),
-]
+# every (estimator, baseline) the registry declares: a new estimator is tested at once
+CONFIGS = configurations()
+UNBIASED = configurations(unbiased=True)
 MEAN_BASELINE = 2.5  # any constant keeps the `mean` baseline unbiased
 R, M = 20_000, 4
 
@@ -81,7 +83,7 @@ def _quadratic_problem(h: int):
 
 
 @pytest.mark.parametrize("h", [1, 3], ids=["1d", "3d"])
-@pytest.mark.parametrize(("estimator", "baseline"), CONFIGS)
+@pytest.mark.parametrize(("estimator", "baseline"), UNBIASED)
 def test_unbiased_on_quadratic(h, estimator, baseline):
     """E[ĝ] = ∇_λ E_q[f] for f(z) = Σ a_i z_i² + c_i z_i: ∇_μ = 2aμ + c, ∇_{log σ²} = a σ²."""
     a, c, lam, g = _quadratic_problem(h)
@@ -90,7 +92,8 @@ def test_unbiased_on_quadratic(h, estimator, baseline):
     mu, logvar = lam[:h], lam[h:]
     torch.testing.assert_close(target, torch.cat([2 * a * mu + c, a * logvar.exp()]))
 
-    eps = draw_noise(M, (R,), h, generator=g, dtype=DTYPE)
+    eps = draw_noise(max(M, ESTIMATORS[estimator].baselines[baseline]), (R,), h, generator=g,
+                     dtype=DTYPE)
     bv = MEAN_BASELINE if baseline == "mean" else None
     grads = per_copy_grads(f, lam.expand(R, 2 * h), eps, estimator, baseline, bv)
     assert_unbiased(grads, target)
@@ -265,8 +268,9 @@ def test_score_surrogate_is_the_textbook_formula(baseline, generator):
 
 @pytest.mark.parametrize(("estimator", "baseline"), CONFIGS)
 def test_surrogate_value_is_the_monte_carlo_mean(estimator, baseline, generator):
-    """The magic box is zero-valued: every surrogate's value is (1/M) Σ_m f(z_m), and the
-    ``samples`` are the detached f(z_m), identical across estimators under common noise."""
+    """The DiCE weight is one and the baseline term zero in value: every surrogate's value is
+    (1/M) Σ_m f(z_m), and the ``samples`` are the detached f(z_m), identical across
+    estimators under common noise."""
     lam = torch.randn(4, 4, generator=generator, dtype=DTYPE).requires_grad_(True)
     eps = torch.randn(M, 4, 2, generator=generator, dtype=DTYPE)
     f, _ = quadratic(torch.tensor([0.5, -1.0], dtype=DTYPE), torch.tensor([1.0, 2.0], dtype=DTYPE))
@@ -287,9 +291,10 @@ def test_stl_equals_reparam_without_direct_dependence(generator):
 
 
 def test_registry_and_direct_calls_agree(generator):
-    assert ESTIMATORS == {"reparam": reparam, "stl": stl, "score": score}
-    for name, fn in ESTIMATORS.items():
-        assert get_estimator(name) is fn
+    assert {n: e.fn for n, e in ESTIMATORS.items()} == {"reparam": reparam, "stl": stl,
+                                                         "score": score}
+    for name, entry in ESTIMATORS.items():
+        assert isinstance(entry, Estimator) and get_estimator(name) is entry
     lam = torch.randn(3, 4, generator=generator, dtype=DTYPE)
     eps = torch.randn(M, 3, 2, generator=generator, dtype=DTYPE)
     f, _ = quadratic(torch.tensor([0.5, -1.0], dtype=DTYPE), torch.tensor([1.0, 2.0], dtype=DTYPE))
@@ -336,6 +341,188 @@ def test_running_mean():
 
 
 # ---------------------------------------------------------------------------------------------
+# Second derivatives: where a gradient is differentiated again (SA-VAE's refinement)
+
+R2 = 50_000
+
+
+def per_copy_hessians(f, params, n_lam, eps, estimator, baseline, baseline_value=None):
+    """R independent Hessians [R, P, P] of the surrogate in the parameters [R, P] (row r is
+    copy r): the first ``n_lam`` columns are λ, the rest parameters f closes over (θ)."""
+    p = params.clone().requires_grad_(True)
+    est = estimate(lambda z, lam_f: f(z, lam_f, p), p[:, :n_lam], eps, estimator=estimator,
+                   baseline=baseline, baseline_value=baseline_value)
+    (g,) = torch.autograd.grad(est.surrogate.sum(), p, create_graph=True)
+    rows = [torch.autograd.grad(g[:, i].sum(), p, retain_graph=True)[0]
+            for i in range(p.shape[1])]
+    return torch.stack(rows, dim=1).detach()
+
+
+def magic_box(f, lam, eps, baseline="none", baseline_value=None):
+    """The first-order-only score surrogate f + (log q − stop log q) · stop(f − b), b = 0: the
+    right value and gradient, the wrong second derivative (the negative control)."""
+    z = families.sample(lam.detach(), eps)
+    values = f(z, lam.detach())
+    log_q = families.log_prob(lam, z)
+    return Estimate((values + (log_q - log_q.detach()) * values.detach()).mean(0),
+                    values.detach())
+
+
+def _toy(z, lam_f, p):
+    """f(z) = −(z − θ)²/2 with θ = p[:, 2]: E_q[f] = −((μ − θ)² + σ²)/2."""
+    return -0.5 * (z[..., 0] - p[:, 2]) ** 2
+
+
+# the exact Hessian of E_q[f] in (μ, log σ², θ) at μ = 0.3, σ = 1, θ = 0
+TOY_POINT = (0.3, 0.0, 0.0)
+TOY_HESSIAN = [[-1.0, 0.0, 1.0], [0.0, -0.5, 0.0], [1.0, 0.0, -1.0]]
+
+
+@pytest.mark.parametrize(("estimator", "baseline"),
+                         [c for c in CONFIGS if twice_differentiable(c[0], direct=False)])
+def test_second_derivatives_on_a_closed_form_integrand(estimator, baseline, generator):
+    """f(z) = −(z − θ)²/2, z ~ N(μ, σ²) at μ = 0.3, log σ² = 0, θ = 0: E[f] = −((μ − θ)² + σ²)/2,
+    so ∂²/∂μ² = −1, ∂²/∂(log σ²)² = −σ²/2, ∂²/∂μ∂θ = 1, ∂²/∂θ² = −1, the rest 0. Every
+    estimator that declares its second derivatives unbiased for an f without direct
+    λ-dependence matches all nine entries in expectation (z-test over R per-copy Hessians)."""
+    params = torch.tensor(TOY_POINT, dtype=DTYPE).expand(R2, 3)
+    m = max(M, ESTIMATORS[estimator].baselines[baseline])
+    eps = draw_noise(m, (R2,), 1, generator=generator, dtype=DTYPE)
+    hess = per_copy_hessians(_toy, params, 2, eps, estimator, baseline,
+                             MEAN_BASELINE if baseline == "mean" else None)
+    assert_unbiased(hess.reshape(R2, -1), torch.tensor(TOY_HESSIAN, dtype=DTYPE).reshape(-1))
+
+
+def test_first_order_surrogate_has_the_wrong_second_derivative(generator):
+    """The negative control: the magic box's ∂ĝ_μ/∂μ is f ∂²log q/∂μ² = −f/σ², mean
+    (μ² + σ²)/(2σ²) = +0.545 where the truth is −1, and the z-test catches it. The DiCE
+    surrogate, on the same draws, passes."""
+    lam = torch.tensor(TOY_POINT[:2], dtype=DTYPE).expand(R2, 2).clone().requires_grad_(True)
+    eps = draw_noise(1, (R2,), 1, generator=generator, dtype=DTYPE)
+
+    def f(z, lam_f):
+        return -0.5 * z[..., 0] ** 2
+
+    def d2_mu(surrogate):
+        (g,) = torch.autograd.grad(surrogate.sum(), lam, create_graph=True)
+        return torch.autograd.grad(g[:, 0].sum(), lam)[0][:, :1].detach()
+
+    old = d2_mu(magic_box(f, lam, eps).surrogate)
+    assert float(old.mean()) == pytest.approx((0.3**2 + 1) / 2, abs=5 * float(old.std()) / R2**0.5)
+    with pytest.raises(AssertionError, match="biased"):
+        assert_unbiased(old, torch.tensor([-1.0], dtype=DTYPE))
+    assert_unbiased(d2_mu(score(f, lam, eps).surrogate), torch.tensor([-1.0], dtype=DTYPE))
+
+
+ELBO_X = 1.0
+ELBO_POINT = (0.2, -0.5, 0.0)
+
+
+def _elbo_mc(z, lam_f, p):
+    """The MC-KL ELBO integrand of p(z) = N(0, 1), p(x | z) = N(x; z + θ, 1) at x = 1:
+    log p(z) + log p(x | z) − log q(z; λ)."""
+    zz = z[..., 0]
+    return (-0.5 * zz**2 - 0.5 * (ELBO_X - zz - p[:, 2]) ** 2 - math.log(2 * math.pi)
+            - families.log_prob(lam_f, z))
+
+
+def _elbo_hessian(fisher: bool = False) -> torch.Tensor:
+    """The exact Hessian of L = −(μ² + σ²)/2 − ((x − θ − μ)² + σ²)/2 + log σ²/2 + const in
+    (μ, log σ², θ): ∂²μ = −2, ∂²(log σ²) = −σ², ∂μ∂θ = −1, ∂²θ = −1, the rest 0; with
+    ``fisher`` plus the Fisher information of q, diag(1/σ², 1/2) on λ."""
+    var = math.exp(ELBO_POINT[1])
+    h = torch.tensor([[-2.0, 0.0, -1.0], [0.0, -var, 0.0], [-1.0, 0.0, -1.0]], dtype=DTYPE)
+    if fisher:
+        h[0, 0] += 1 / var
+        h[1, 1] += 0.5
+    return h
+
+
+@pytest.mark.parametrize(("estimator", "baseline"), CONFIGS)
+def test_second_derivatives_of_the_mc_kl_elbo(estimator, baseline, generator):
+    """The ELBO with the MC KL at (μ, log σ²) = (0.2, −0.5): true Hessian diagonal
+    (−2, −0.607) on λ, off-diagonal 0. An estimator declared twice differentiable for an
+    integrand with direct λ-dependence matches it; one that drops the direct term (f sees
+    stop(λ)) estimates the Hessian of E_{q(λ)}[f(z; λ₀)], which is the truth plus the Fisher
+    information of q (the Hessian of KL(q_λ ‖ q_λ₀)): that is why SA-VAE refuses it with
+    kl = "mc". Either way its first derivative stays unbiased (the tests above)."""
+    params = torch.tensor(ELBO_POINT, dtype=DTYPE).expand(R2, 3)
+    m = max(M, ESTIMATORS[estimator].baselines[baseline])
+    eps = draw_noise(m, (R2,), 1, generator=generator, dtype=DTYPE)
+    hess = per_copy_hessians(_elbo_mc, params, 2, eps, estimator, baseline,
+                             MEAN_BASELINE if baseline == "mean" else None).reshape(R2, -1)
+    ok = twice_differentiable(estimator, direct=True)
+    assert ok == (not ESTIMATORS[estimator].drops_direct)
+    assert_unbiased(hess, _elbo_hessian(fisher=not ok).reshape(-1))
+    if not ok:
+        with pytest.raises(AssertionError, match="biased"):
+            assert_unbiased(hess, _elbo_hessian().reshape(-1))
+
+
+@pytest.mark.parametrize(("estimator", "baseline"),
+                         [c for c in CONFIGS if twice_differentiable(c[0], direct=False)])
+def test_second_derivatives_of_the_analytic_kl_elbo(estimator, baseline, generator):
+    """The same ELBO with the KL in closed form (the estimator sees log p(x | z) only, no
+    direct λ-dependence): every estimator declared twice differentiable there matches the
+    exact Hessian."""
+    params = torch.tensor(ELBO_POINT, dtype=DTYPE).expand(R2, 3)
+    m = max(M, ESTIMATORS[estimator].baselines[baseline])
+    eps = draw_noise(m, (R2,), 1, generator=generator, dtype=DTYPE)
+    p = params.clone().requires_grad_(True)
+
+    def rec(z, lam_f):
+        return -0.5 * (ELBO_X - z[..., 0] - p[:, 2]) ** 2 - 0.5 * math.log(2 * math.pi)
+
+    est = estimate(rec, p[:, :2], eps, estimator=estimator, baseline=baseline,
+                   baseline_value=MEAN_BASELINE if baseline == "mean" else None)
+    surrogate = est.surrogate - families.kl_to_standard_normal(p[:, :2])
+    (g,) = torch.autograd.grad(surrogate.sum(), p, create_graph=True)
+    hess = torch.stack([torch.autograd.grad(g[:, i].sum(), p, retain_graph=True)[0]
+                        for i in range(3)], dim=1).detach()
+    assert_unbiased(hess.reshape(R2, -1), _elbo_hessian().reshape(-1))
+
+
+def test_twice_differentiable_validation_names_the_valid_estimators():
+    """Refinement through which gradients flow refuses, up front, an estimator whose second
+    derivatives are wrong for the objective, naming the valid ones per KL mode."""
+    for name in ESTIMATORS:
+        for kl in ("analytic", "mc"):
+            if twice_differentiable(name, kl == "mc"):
+                validate_twice_differentiable(name, kl, "x")
+            else:
+                mc = [n for n in ESTIMATORS if twice_differentiable(n, True)]
+                with pytest.raises(ValueError, match=f"Valid with kl='mc': {', '.join(mc)};"):
+                    validate_twice_differentiable(name, kl, "x")
+    with pytest.raises(ValueError, match=r"^sa_vae differentiates.*'stl' with kl='mc'"):
+        validate_twice_differentiable("stl", "mc", "sa_vae differentiates its refinement")
+
+
+# ---------------------------------------------------------------------------------------------
+# Declared capabilities
+
+
+def test_capabilities_drive_the_baseline_checks():
+    """Each estimator accepts exactly the baselines it declares, each from its declared
+    minimum number of samples; every other baseline is refused with a readable message."""
+    for name, entry in ESTIMATORS.items():
+        assert entry.objectives == ("elbo",) and entry.baselines.get("none") == 1
+        assert entry.accepts_baseline == (set(entry.baselines) != {"none"})
+        for baseline in BASELINES:
+            if baseline not in entry.baselines:
+                with pytest.raises(ValueError, match="baseline"):
+                    validate_estimator(name, baseline)
+                continue
+            need = entry.baselines[baseline]
+            validate_estimator(name, baseline, need)
+            if need > 1:
+                with pytest.raises(ValueError, match=f"needs n_mc >= {need} samples"):
+                    validate_estimator(name, baseline, need - 1)
+    assert configurations() == [(n, b) for n, e in ESTIMATORS.items() for b in e.baselines]
+    assert set(configurations(unbiased=True)) == {
+        (n, b) for n, b in configurations() if not ESTIMATORS[n].biased}
+
+
+# ---------------------------------------------------------------------------------------------
 # Argument checks
 
 
@@ -355,6 +542,7 @@ def test_wrong_noise_shape_raises():
 
 @pytest.mark.parametrize("baseline", ["loo", "cv"])
 def test_loo_and_cv_need_two_samples(baseline):
+    assert ESTIMATORS["score"].baselines[baseline] == 2
     with pytest.raises(ValueError, match=f"baseline '{baseline}' needs n_mc >= 2 samples; got 1"):
         estimate(_f, torch.zeros(3, 4), torch.zeros(1, 3, 2), estimator="score", baseline=baseline)
     with pytest.raises(ValueError, match="needs n_mc >= 2"):
@@ -378,7 +566,8 @@ def test_unknown_baseline_lists_valid_ones():
         score(_f, torch.zeros(3, 4), torch.zeros(2, 3, 2), baseline="vimco")
 
 
-@pytest.mark.parametrize("estimator", ["reparam", "stl"])
+@pytest.mark.parametrize("estimator", [n for n, e in ESTIMATORS.items()
+                                       if not e.accepts_baseline])
 def test_baseline_with_pathwise_estimator_raises(estimator):
     with pytest.raises(ValueError, match="baselines apply to the score estimator only"):
         estimate(_f, torch.zeros(3, 4), torch.zeros(2, 3, 2), estimator=estimator, baseline="loo")

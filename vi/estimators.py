@@ -14,8 +14,24 @@ Every estimator has one signature (after DeepMind's ``mc_gradients``)::
   ``torch.func.vmap`` over draws and common random numbers across estimators just work.
 
 The returned ``Estimate.surrogate`` [...] has the Monte Carlo estimate (1/M) Σ_m f(z_m) as its
-value, and its autograd gradient is the estimator. The score-function term is attached with a
-zero-valued "magic box", (log q − stop(log q)) · stop(f − b), so value and gradient are both exact.
+value, and its autograd gradient is the estimator. The score-function term is attached with
+DiCE (Foerster et al. 2018): with τ_m = log q(z_m; λ) − stop(log q(z_m; λ)) (value 0),
+
+    S = (1/M) Σ_m [ f(z_m) · exp(τ_m) + b_m · (1 − exp(τ_m)) ]
+
+(the baseline term in the form of Mao et al. 2019). Its value is the MC mean and its gradient
+the score-function estimator. exp(τ) = q(z; λ)/q(z; λ₀) at fixed z, so ∇ᵏ exp(τ) = ∇ᵏ q / q₀
+and E_{q₀}[f ∇ᵏ exp(τ)] = ∇ᵏ ∫ q f: derivatives of every order are unbiased for those of
+E_q[f] when f does not depend on λ directly, and the baseline term has mean zero at every order
+since each b_m is independent of z_m. (The "magic box" τ · stop(f − b) has the same value and
+gradient, but its second derivative is f ∇² log q in place of f (∇ log q ∇ log qᵀ + ∇² log q).)
+
+Second derivatives matter where a gradient is differentiated again (SA-VAE differentiates its
+refinement steps). An estimator that drops the direct term (``stl``, ``score``: f sees stop(λ))
+then estimates the derivatives of E_{q(λ)}[f(z; λ₀)] at λ₀, which differ from those of
+E_q[f(z; λ)] from the second order on: for the ELBO's −log q(z; λ) by the Hessian of
+KL(q_λ ‖ q_λ₀), the Fisher information of q. Each registry entry declares this
+(``Estimator.higher_order``, ``Estimator.drops_direct``; ``twice_differentiable``).
 
 Which zero-mean terms each estimator drops (all are unbiased for the ELBO; tested):
 
@@ -43,7 +59,8 @@ Which zero-mean terms each estimator drops (all are unbiased for the ELBO; teste
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
@@ -57,15 +74,19 @@ __all__ = [
     "BASELINES",
     "ESTIMATORS",
     "Estimate",
+    "Estimator",
     "Integrand",
     "RunningMean",
+    "configurations",
     "draw_noise",
     "estimate",
     "get_estimator",
     "reparam",
     "score",
     "stl",
+    "twice_differentiable",
     "validate_estimator",
+    "validate_twice_differentiable",
 ]
 
 Integrand = Callable[[Tensor, Tensor], Tensor]
@@ -89,12 +110,23 @@ def _check_noise(lam: Tensor, eps: Tensor) -> None:
         )
 
 
-def _check_no_baseline(name: str, baseline: str) -> None:
-    # A pathwise estimator called straight from the registry must not silently ignore a baseline.
-    if baseline != "none":
-        raise ValueError(
-            f"baselines apply to the score estimator only; {name!r} needs baseline 'none'"
-        )
+def _check_baseline(name: str, baseline: str, n_mc: int | None = None) -> None:
+    """The baseline is one the estimator declares, with at least the samples it needs (an
+    estimator called straight from the registry must not silently ignore a baseline)."""
+    if baseline not in BASELINES:
+        raise ValueError(f"unknown baseline {baseline!r}; valid: {', '.join(BASELINES)}")
+    accepted = ESTIMATORS[name].baselines
+    if baseline not in accepted:
+        if set(accepted) == {"none"}:
+            takers = [n for n, e in ESTIMATORS.items() if e.accepts_baseline]
+            raise ValueError(f"baselines apply to the {' and '.join(takers)} estimator"
+                             f"{'s' if len(takers) > 1 else ''} only; {name!r} needs baseline "
+                             f"'none'")
+        raise ValueError(f"{name!r} accepts the baselines {', '.join(accepted)}; got "
+                         f"{baseline!r}")
+    if n_mc is not None and int(n_mc) < accepted[baseline]:
+        raise ValueError(f"baseline {baseline!r} needs n_mc >= {accepted[baseline]} samples; "
+                         f"got {n_mc}")
 
 
 def _values(f: Integrand, z: Tensor, lam_f: Tensor) -> Tensor:
@@ -110,9 +142,10 @@ def _values(f: Integrand, z: Tensor, lam_f: Tensor) -> Tensor:
 def reparam(
     f: Integrand, lam: Tensor, eps: Tensor, baseline: str = "none", baseline_value=None
 ) -> Estimate:
-    """Pathwise estimator: ∇_λ (1/M) Σ_m f(μ + σ ⊙ ε_m; λ). Drops nothing."""
-    _check_no_baseline("reparam", baseline)
+    """Pathwise estimator: ∇_λ (1/M) Σ_m f(μ + σ ⊙ ε_m; λ). Drops nothing; its derivatives of
+    every order are the pathwise ones, unbiased for a smooth f."""
     _check_noise(lam, eps)
+    _check_baseline("reparam", baseline, eps.shape[0])
     values = _values(f, families.sample(lam, eps), lam)
     return Estimate(values.mean(0), values.detach())
 
@@ -120,9 +153,12 @@ def reparam(
 def stl(
     f: Integrand, lam: Tensor, eps: Tensor, baseline: str = "none", baseline_value=None
 ) -> Estimate:
-    """Sticking-the-landing: pathwise through z, f sees stop(λ) (Roeder et al., 2017)."""
-    _check_no_baseline("stl", baseline)
+    """Sticking-the-landing: pathwise through z, f sees stop(λ) (Roeder et al., 2017).
+
+    Differentiated again it estimates ∇² E_{q(λ)}[f(z; λ₀)] at λ₀; for the MC-KL ELBO that is
+    the ELBO's Hessian plus the Fisher information of q (the Hessian of KL(q_λ ‖ q_λ₀))."""
     _check_noise(lam, eps)
+    _check_baseline("stl", baseline, eps.shape[0])
     values = _values(f, families.sample(lam, eps), lam.detach())
     return Estimate(values.mean(0), values.detach())
 
@@ -153,41 +189,97 @@ def score(
     baseline: str = "none",
     baseline_value: Tensor | float | None = None,
 ) -> Estimate:
-    """Score-function estimator (1/M) Σ_m [f(z_m) − b_m] ∇_λ log q(z_m; λ), z_m held fixed."""
+    """Score-function estimator (1/M) Σ_m [f(z_m) − b_m] ∇_λ log q(z_m; λ), z_m held fixed, as
+    the DiCE surrogate (1/M) Σ_m [f_m exp(τ_m) + b_m (1 − exp(τ_m))], τ_m = log q(z_m; λ) −
+    stop(log q(z_m; λ)) (Foerster et al. 2018; baseline term after Mao et al. 2019), f at
+    stop(λ). Its derivatives of every order (in λ and in the parameters f closes over) are
+    unbiased when f has no direct λ-dependence."""
     _check_noise(lam, eps)
-    if baseline not in BASELINES:
-        raise ValueError(f"unknown baseline {baseline!r}; valid: {', '.join(BASELINES)}")
-    if baseline in ("loo", "cv") and eps.shape[0] < 2:
-        raise ValueError(f"baseline {baseline!r} needs n_mc >= 2 samples; got {eps.shape[0]}")
+    _check_baseline("score", baseline, eps.shape[0])
     z = families.sample(lam.detach(), eps)
     values = _values(f, z, lam.detach())
-    weight = (values - _baseline(baseline, values.detach(), lam, eps, baseline_value)).detach()
+    b = _baseline(baseline, values.detach(), lam, eps, baseline_value).detach()
     log_q = families.log_prob(lam, z)
-    magic_box = (log_q - log_q.detach()) * weight
-    return Estimate((values + magic_box).mean(0), values.detach())
+    dice = torch.exp(log_q - log_q.detach())  # value 1, ∇ᵏ dice = ∇ᵏ q / q
+    return Estimate((values * dice + b * (1.0 - dice)).mean(0), values.detach())
 
 
-ESTIMATORS: dict[str, Callable[..., Estimate]] = {"reparam": reparam, "stl": stl, "score": score}
+@dataclass(frozen=True)
+class Estimator:
+    """A registered estimator: its function and what it declares about itself (read by the
+    validation, the figures and the tests; nothing tests an estimator's name).
+
+    ``baselines``     the baselines it accepts, each with the fewest samples M it needs
+    ``drops_direct``  f sees stop(λ): the direct term E_q[∇_λ f(z; λ)|_z] is dropped (zero for
+                      the ELBO at first order, not at higher orders)
+    ``higher_order``  its surrogate's derivatives of every order are unbiased for those of
+                      E_q[f] when f has no direct λ-dependence (see ``twice_differentiable``)
+    ``biased``        its gradient of the ELBO is biased (then the unbiasedness tests skip it)
+    ``objectives``    the objectives it is meant for
+    """
+
+    fn: Callable[..., Estimate]
+    baselines: Mapping[str, int]
+    drops_direct: bool
+    higher_order: bool
+    biased: bool = False
+    objectives: tuple[str, ...] = ("elbo",)
+
+    def __call__(self, *args, **kwargs) -> Estimate:
+        return self.fn(*args, **kwargs)
+
+    @property
+    def accepts_baseline(self) -> bool:
+        """It takes a baseline other than ``none`` (its labels name the baseline)."""
+        return any(b != "none" for b in self.baselines)
+
+
+ESTIMATORS: dict[str, Estimator] = {
+    "reparam": Estimator(reparam, {"none": 1}, drops_direct=False, higher_order=True),
+    "stl": Estimator(stl, {"none": 1}, drops_direct=True, higher_order=True),
+    "score": Estimator(score, {"none": 1, "mean": 1, "loo": 2, "cv": 2}, drops_direct=True,
+                       higher_order=True),
+}
+
+
+def configurations(*, unbiased: bool = False) -> list[tuple[str, str]]:
+    """Every (estimator, baseline) pair the registry declares (only the ELBO-unbiased ones
+    with ``unbiased``), in registry order."""
+    return [(name, b) for name, e in ESTIMATORS.items() if not (unbiased and e.biased)
+            for b in e.baselines]
+
+
+def twice_differentiable(estimator: str, direct: bool) -> bool:
+    """The estimator's second derivatives are unbiased for an integrand that depends on λ
+    directly (``direct``: the ELBO with ``kl="mc"``) or not (``kl="analytic"``)."""
+    e = ESTIMATORS[estimator]
+    return e.higher_order and not (direct and e.drops_direct)
+
+
+def validate_twice_differentiable(estimator: str, kl: str, why: str) -> None:
+    """Refuse an estimator whose gradient cannot be differentiated again with the KL mode
+    ``kl``, naming the ones that can (``why`` says who differentiates it)."""
+    validate_estimator(estimator)
+    if twice_differentiable(estimator, kl == "mc"):
+        return
+    ok = {mode: [n for n in ESTIMATORS if twice_differentiable(n, mode == "mc")]
+          for mode in ("analytic", "mc")}
+    raise ValueError(
+        f"{why}, so its estimator's second derivatives must be unbiased; {estimator!r} with "
+        f"kl={kl!r} drops the direct term, whose derivative is not zero. Valid with "
+        f"kl='mc': {', '.join(ok['mc'])}; with kl='analytic': {', '.join(ok['analytic'])}")
 
 
 def validate_estimator(estimator: str, baseline: str = "none", n_mc: int | None = None) -> None:
     """Raise ``ValueError`` with the valid choices for an impossible estimator configuration."""
     if estimator not in ESTIMATORS:
         raise ValueError(f"unknown estimator {estimator!r}; valid: {', '.join(ESTIMATORS)}")
-    if baseline not in BASELINES:
-        raise ValueError(f"unknown baseline {baseline!r}; valid: {', '.join(BASELINES)}")
-    if estimator != "score" and baseline != "none":
-        raise ValueError(
-            f"baselines apply to the score estimator only; {estimator!r} needs baseline 'none'"
-        )
-    if n_mc is not None:
-        if int(n_mc) < 1:
-            raise ValueError(f"n_mc must be a positive number of samples; got {n_mc}")
-        if baseline in ("loo", "cv") and n_mc < 2:
-            raise ValueError(f"baseline {baseline!r} needs n_mc >= 2 samples; got {n_mc}")
+    if n_mc is not None and int(n_mc) < 1:
+        raise ValueError(f"n_mc must be a positive number of samples; got {n_mc}")
+    _check_baseline(estimator, baseline, n_mc)
 
 
-def get_estimator(name: str) -> Callable[..., Estimate]:
+def get_estimator(name: str) -> Estimator:
     """Look an estimator up in the registry; an unknown name lists the valid ones."""
     validate_estimator(name)
     return ESTIMATORS[name]
