@@ -24,7 +24,8 @@ A grid is data. Its keys:
                  (``experiments.selection``)
 ``scales``       optional ``{scale: {base, method_base, axes, probes, exclude, select}}``:
                  ``--quick`` (scale ``quick``) or ``--scale NAME`` merges ``base``/
-                 ``method_base`` and replaces the named ``axes``/``probes`` entries
+                 ``method_base`` and replaces the named ``axes``/``probes`` entries. A grid
+                 without a ``quick`` scale has an implicit one (``Grid.implicit_quick``)
 
 Partial configurations may be nested objects or use dotted keys; both are merged deeply.
 Expansion here is pure Python (no torch), so ``list``, ``figures`` and ``check`` stay light;
@@ -155,15 +156,37 @@ class Grid:
     path: Path | None = None
     scale: str = "default"
 
+    def implicit_quick(self) -> dict[str, Any]:
+        """The ``quick`` scale of a grid that declares none: what every study grid's quick scale
+        does, so that any grid can be tried in seconds. Networks of width 16, 2 epochs (method
+        overrides of ``training.max_epochs`` too), a stopping rule checked every epoch (unless
+        the grid trains without one), 100 evaluation points, the first seed only, and one
+        extension round for a selection; data, methods, estimators and probes are the grid's."""
+        training: dict[str, Any] = {"max_epochs": 2, "eval_points": 100}
+        if get_path(self.base, "training.stopping", {}) is not None:
+            training["stopping"] = {"check_every": 1, "patience": 1}
+        q: dict[str, Any] = {"base": {"model": {"hidden": [16]},
+                                      "method": {"encoder_hidden": [16]},
+                                      "training": training}}
+        q["method_base"] = {m: {"training": {"max_epochs": 2}} for m, v in
+                            self.method_base.items()
+                            if get_path(v, "training.max_epochs") is not None}
+        if isinstance(self.axes.get("seed"), list) and self.axes["seed"]:
+            q["axes"] = {"seed": self.axes["seed"][:1]}
+        if self.select is not None:
+            q["select"] = {"max_extensions": min(1, self.select.get("max_extensions", 1))}
+        return q
+
     def scaled(self, scale: str | None) -> Grid:
-        """This grid at another scale (``quick``, ``paper``, …; None or ``default``: itself)."""
+        """This grid at another scale (``quick``, ``paper``, …; None or ``default``: itself).
+        ``quick`` is ``implicit_quick`` where the grid declares no quick scale."""
         if scale in (None, "default"):
             return self
-        if scale not in self.scales:
+        if scale not in self.scales and scale != "quick":
             raise GridError(f"grid {self.name!r} has no scale {scale!r}; it has: "
-                            f"{', '.join(['default', *self.scales])}")
+                            f"{', '.join(dict.fromkeys(['default', 'quick', *self.scales]))}")
         g = copy.deepcopy(self)
-        q = self.scales[scale]
+        q = self.scales[scale] if scale in self.scales else self.implicit_quick()
         g.base = deep_merge(g.base, q.get("base", {}))
         for method, values in q.get("method_base", {}).items():
             g.method_base[method] = deep_merge(g.method_base.get(method, {}), values)

@@ -1,0 +1,52 @@
+"""Extending the study in one place: a custom grid runs at ``--quick`` without declaring a quick
+scale, and is drawn, summarised and reported like the study's own experiments."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from experiments.grids import GridError, load_grid
+
+
+def _write(folder: Path, grid: dict) -> Path:
+    path = folder / f"{grid['name']}.json"
+    path.write_text(json.dumps(grid))
+    return path
+
+
+def test_a_grid_without_a_quick_scale_has_an_implicit_one(tmp_path: Path) -> None:
+    grid = load_grid(_write(tmp_path, {
+        "name": "mine", "description": "d", "cost": "1 s",
+        "base": {"model": {"hidden": [256, 256]}, "training": {"max_epochs": 500}},
+        "method_base": {"vem": {"training": {"max_epochs": 900}}, "amortized": {"method": {"kl": "mc"}}},
+        "axes": {"method.name": ["vem", "amortized"], "seed": [3, 4, 5]}}))
+    quick = grid.scaled("quick")
+    assert quick.scale == "quick" and quick.axes["seed"] == [3]
+    cells = quick.cells()
+    assert len(cells) == 2
+    for cell in cells:
+        assert cell["training"]["max_epochs"] == 2, cell["method"]["name"]
+        assert cell["model"]["hidden"] == [16] and cell["method"]["encoder_hidden"] == [16]
+        assert cell["training"]["stopping"] == {"check_every": 1, "patience": 1}
+        assert cell["training"]["eval_points"] == 100
+    assert cells[1]["method"]["kl"] == "mc"  # the grid's own settings stay
+    assert grid.cells()[0]["training"]["max_epochs"] == 900  # the default scale is untouched
+    with pytest.raises(GridError, match="has no scale 'huge'; it has: default, quick"):
+        grid.scaled("huge")
+
+
+def test_the_implicit_quick_scale_keeps_training_without_a_stopping_rule(tmp_path: Path) -> None:
+    grid = load_grid(_write(tmp_path, {
+        "name": "plain", "description": "d", "cost": "1 s",
+        "base": {"training": {"stopping": None}}, "axes": {"model.latent_dim": [2, 3]}}))
+    cells = grid.scaled("quick").cells()
+    assert [c["training"]["stopping"] for c in cells] == [None, None]
+    assert [c["model"]["latent_dim"] for c in cells] == [2, 3]
+
+
+def test_a_declared_quick_scale_wins_over_the_implicit_one() -> None:
+    grid = load_grid("elbo_curves")
+    assert grid.scaled("quick").axes["seed"] == grid.scales["quick"]["axes"]["seed"]
