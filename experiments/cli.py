@@ -275,9 +275,12 @@ def cmd_figures(args) -> int:
     if not args.results.is_dir():
         raise UsageError(f"no results folder {args.results}")
     valid = sorted(p.stem for p in GRID_DIR.glob("*.json"))
-    unknown = [e for e in args.experiments if e not in valid]
+    custom = sorted(p.parent.name for p in args.results.glob("*/runs.csv")
+                    if p.parent.name not in valid)  # custom grids: generic figures
+    unknown = [e for e in args.experiments if e not in valid and e not in custom]
     if unknown:
-        raise UsageError(f"unknown experiment(s) {', '.join(unknown)}; valid: {', '.join(valid)}")
+        raise UsageError(f"unknown experiment(s) {', '.join(unknown)}; valid: "
+                         f"{', '.join(valid + custom)}")
     missing = [e for e in args.experiments if not (args.results / e).is_dir()]
     if missing:
         raise UsageError(f"no results for {', '.join(missing)} under {args.results}; run them "

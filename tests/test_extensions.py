@@ -21,7 +21,8 @@ def test_a_grid_without_a_quick_scale_has_an_implicit_one(tmp_path: Path) -> Non
     grid = load_grid(_write(tmp_path, {
         "name": "mine", "description": "d", "cost": "1 s",
         "base": {"model": {"hidden": [256, 256]}, "training": {"max_epochs": 500}},
-        "method_base": {"vem": {"training": {"max_epochs": 900}}, "amortized": {"method": {"kl": "mc"}}},
+        "method_base": {"vem": {"training": {"max_epochs": 900}},
+                        "amortized": {"method": {"kl": "mc"}}},
         "axes": {"method.name": ["vem", "amortized"], "seed": [3, 4, 5]}}))
     quick = grid.scaled("quick")
     assert quick.scale == "quick" and quick.axes["seed"] == [3]
@@ -50,3 +51,29 @@ def test_the_implicit_quick_scale_keeps_training_without_a_stopping_rule(tmp_pat
 def test_a_declared_quick_scale_wins_over_the_implicit_one() -> None:
     grid = load_grid("elbo_curves")
     assert grid.scaled("quick").axes["seed"] == grid.scales["quick"]["axes"]["seed"]
+
+
+@pytest.mark.slow
+def test_a_custom_grid_runs_quick_and_gets_generic_figures(tmp_path: Path, capsys) -> None:
+    """``run my.json --quick`` without a scales block, then ``figures my`` and ``figures``: the
+    generic figures (ELBO curves per split, final ELBO per cell) of an experiment without a
+    figure module, beside nothing else."""
+    from experiments.cli import main
+
+    grid = _write(tmp_path, {
+        "name": "mine", "description": "d", "cost": "1 s", "lr": "grid",
+        "base": {"data": {"name": "digits", "validation_fraction": 0.1},
+                 "model": {"latent_dim": 2}, "training": {"batch_size": 256}},
+        "axes": {"method.name": ["vem", "amortized"], "seed": [0, 1]}})
+    results = tmp_path / "r"
+    assert main(["run", str(grid), "--quick", "--results", str(results)]) == 0
+    assert main(["figures", "mine", "--results", str(results)]) == 0
+    drawn = sorted(p.name for p in (results / "mine" / "figures").glob("*.png"))
+    assert drawn == ["elbo_vs_epoch.png", "final_elbo.png"]  # no gaps were measured
+    (results / "mine" / "figures" / "final_elbo.png").unlink()
+    assert main(["figures", "--results", str(results)]) == 0  # every experiment, summary too
+    assert (results / "mine" / "figures" / "final_elbo.png").is_file()
+    assert "mine" in (results / "summary.csv").read_text()
+    capsys.readouterr()
+    assert main(["figures", "nothere", "--results", str(results)]) == 2
+    assert "mine" in capsys.readouterr().err  # the custom experiment is a valid name

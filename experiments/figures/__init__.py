@@ -17,7 +17,9 @@ Modules
   curves; ``pictures``: images, manifold, latent scatter; ``variance``: gradient-variance
   sweep and ratio;
 - ``registry``: which figures and tables belong to which experiment; ``make``: ``make_figures``;
-- one module per experiment (grid), named after it, which registers its figures on import.
+- one module per experiment (grid), named after it, which registers its figures on import;
+- ``generic``: the figures of an experiment without a module of its own (a custom grid): ELBO
+  curves per split, the final ELBO per cell, and gaps where the runs measured them.
 
 Conventions shared by every figure
 - Colour and marker = estimator label (``reparam``, ``stl``, ``score+none``, ``score+mean``,

@@ -27,6 +27,7 @@ __all__ = [
     "SkipFigure",
     "add_labels",
     "at_best",
+    "custom_experiments",
     "dim_suffix",
     "final_rows",
     "latent_dims",
@@ -196,19 +197,33 @@ def _load(results: Path, name: str, references: pd.DataFrame | None
     return res, problems
 
 
+def custom_experiments(results: str | Path) -> list[str]:
+    """The experiments under ``results`` without a figure module of their own (custom grids):
+    folders holding a ``runs.csv`` or ``metrics.csv``, by name."""
+    results = Path(results)
+    if not results.is_dir():
+        return []
+    known = registry.registered()
+    return sorted(p.name for p in results.iterdir() if p.is_dir() and p.name not in known
+                  and ((p / "runs.csv").is_file() or (p / "metrics.csv").is_file()))
+
+
 def validate_results(results: str | Path, experiments: Iterable[str] | None = None
                      ) -> dict[str, ExperimentResults]:
-    """Read and validate every CSV of the named experiments (default: all with a folder).
+    """Read and validate every CSV of the named experiments (default: every registered one,
+    then ``custom_experiments``, which get the generic figures).
 
     Raises ``schema.SchemaError`` listing every problem of every file (each names its path)
     before anything is drawn. Returns the experiments that have results.
     """
     results = Path(results)
     known = registry.registered()
-    names = list(known if experiments is None else experiments)
-    unknown = [n for n in names if n not in known]
+    custom = custom_experiments(results)
+    names = list([*known, *custom] if experiments is None else experiments)
+    unknown = [n for n in names if n not in known and n not in custom]
     if unknown:
-        raise ValueError(f"unknown experiment(s) {unknown}; valid: {', '.join(known)}")
+        raise ValueError(f"unknown experiment(s) {unknown}; valid: {', '.join(known)} and the "
+                         f"folders of {results} holding a runs.csv or metrics.csv")
     references, problems = _references(results)
     loaded = {}
     for name in names:

@@ -3,7 +3,8 @@
 For each experiment that has results, the table writers run first, then every figure function
 (in registration order); each figure is saved as ``results/<experiment>/figures/<stem>.png`` and
 ``.pdf``. Which functions belong to which experiment is the registry's business
-(``experiments.figures.registry``).
+(``experiments.figures.registry``); an experiment that registered none (a custom grid) gets the
+generic figures (``experiments.figures.generic``).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from pathlib import Path
 import matplotlib.pyplot as plt
 import seaborn as sns
 
+from experiments.figures import generic
 from experiments.figures.drawing import save_figure
 from experiments.figures.loading import SkipFigure, validate_results
 from experiments.figures.registry import check_registry, figure_functions, table_writers
@@ -50,7 +52,7 @@ def make_figures(results: str | Path, experiments: list[str] | None = None, *,
             for write in table_writers(name):
                 written += write(res)
             folder, mine, failed = res.folder / "figures", [], False
-            for make in figure_functions(name):
+            for make in figure_functions(name) or generic.FIGURES:  # a custom grid: generic
                 try:
                     for stem, fig in make(res):
                         mine += save_figure(fig, folder, stem)
