@@ -91,7 +91,10 @@ def read_selection(results: Path) -> pd.DataFrame | None:
 
 def _apply_selection(config: dict, table: pd.DataFrame | None) -> str | None:
     """Set the selected step sizes of the cell's (dataset, method, estimator, baseline); its
-    ``lr_source`` (``selected`` or ``shared``), or None when ``table`` has no row for it."""
+    ``lr_source`` (``selected`` or ``shared``), or None when ``table`` has no row for it. A row
+    that lacks some of the method's step sizes (its ``step_sizes`` trait; a selection made
+    before the method used them) leaves those at the grid's values, and the ``lr_source`` says
+    so: ``selected, encoder_lr from the grid``."""
     if table is None:
         return None
     key = {"dataset": config["data"]["name"], "method": config["method"]["name"],
@@ -103,14 +106,18 @@ def _apply_selection(config: dict, table: pd.DataFrame | None) -> str | None:
     if match.empty:
         return None
     row = match.iloc[0]
-    from vi.inference import STEP_SIZE_FIELDS
+    from vi.inference import METHODS, STEP_SIZE_FIELDS
 
     for name in STEP_SIZE_FIELDS:
         column = f"method.{name}"
         if column in row and pd.notna(row[column]):
             config["method"][name] = float(row[column])
     shared = row.get("shared_from")
-    return "shared" if isinstance(shared, str) and shared else "selected"
+    source = "shared" if isinstance(shared, str) and shared else "selected"
+    method = METHODS.get(key["method"])
+    lacking = [n for n in (method.step_sizes if method else ())
+               if pd.isna(row.get(f"method.{n}", float("nan")))]
+    return f"{source}, {', '.join(lacking)} from the grid" if lacking else source
 
 
 def _selection_command(results: Path, scale: str | None) -> str:

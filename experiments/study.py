@@ -160,9 +160,10 @@ def _execute(grid, cells, results: Path, args, *, launcher="local", slurm=None, 
         cell.provenance = prov
     n_sel = sum(c.lr_source in ("selected", "shared") for c in cells)
     if grid.lr == "selected" and n_sel < len(cells) and not quiet:
-        print(f"{grid.name}: {len(cells) - n_sel} of {len(cells)} runs use the grid's step "
-              f"sizes (lr_source=default): no lr_selection result for them in {results}",
-              file=sys.stderr)
+        sources = sorted({c.lr_source for c in cells} - {"selected", "shared"})
+        print(f"{grid.name}: {len(cells) - n_sel} of {len(cells)} runs take some or all of "
+              f"their step sizes from the grid, not from the lr_selection in {results} "
+              f"(lr_source: {'; '.join(sources)})", file=sys.stderr)
     t0 = time.perf_counter()
     outcomes = run_cells(cells, jobs=args.jobs, launcher=launcher, slurm=slurm, pool=pool,
                          max_members=1 if args.no_ensemble else None,

@@ -77,3 +77,33 @@ def test_a_custom_grid_runs_quick_and_gets_generic_figures(tmp_path: Path, capsy
     capsys.readouterr()
     assert main(["figures", "nothere", "--results", str(results)]) == 2
     assert "mine" in capsys.readouterr().err  # the custom experiment is a valid name
+
+
+def test_a_selection_lacking_one_of_a_methods_step_sizes_is_recorded(tmp_path: Path) -> None:
+    """A selected.csv made before a method used a step size (here semi_amortized's encoder_lr)
+    sets the others; that one keeps the grid's value and ``lr_source`` names it."""
+    import pandas as pd
+
+    from experiments.aggregate import add_to_manifest
+    from experiments.cells import SELECTION, prepare
+
+    folder = tmp_path / "r" / SELECTION.parent
+    folder.mkdir(parents=True)
+    pd.DataFrame([{"dataset": "digits", "method": "semi_amortized", "estimator": "reparam",
+                   "baseline": "none", "method.lr": 0.002, "method.refine_lr": 0.05,
+                   "shared_from": ""},
+                  {"dataset": "digits", "method": "amortized", "estimator": "reparam",
+                   "baseline": "none", "method.lr": 0.002, "method.encoder_lr": 0.004,
+                   "shared_from": ""}]).to_csv(folder / "selected.csv", index=False)
+    add_to_manifest(folder, [folder / "selected.csv"], create=True)
+    grid = load_grid(_write(tmp_path, {
+        "name": "sel", "description": "d", "cost": "1 s", "lr": "selected",
+        "base": {"data": {"name": "digits"}, "method": {"encoder_lr": 0.007}},
+        "axes": {"method.name": ["semi_amortized", "amortized"]}}))
+    cells = {c.config["method"]["name"]: c for c in prepare(grid, tmp_path / "r")}
+    semi, amortized = cells["semi_amortized"], cells["amortized"]
+    assert semi.lr_source == "selected, encoder_lr from the grid"
+    assert (semi.config["method"]["lr"], semi.config["method"]["refine_lr"],
+            semi.config["method"]["encoder_lr"]) == (0.002, 0.05, 0.007)
+    assert amortized.lr_source == "selected"
+    assert amortized.config["method"]["encoder_lr"] == 0.004
