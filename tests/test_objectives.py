@@ -15,6 +15,8 @@ the exact ELBO.
 from __future__ import annotations
 
 import math
+from statistics import NormalDist
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -24,9 +26,9 @@ from torch.distributions import Normal
 from torch.func import functional_call, grad, vmap
 
 from vi import linear_gaussian
-from vi.decoders import GaussianDecoder
+from vi.decoders import GaussianDecoder, log_joint
 from vi.estimators import configurations, draw_noise
-from vi.objectives import KL_MODES, elbo, iwae_bound, log_weights
+from vi.objectives import KL_MODES, PRIOR, defensive_weights, elbo, iwae_bound, log_weights
 from vi.streams import MemberRandom
 from vi.streams import generator as stream_generator
 
@@ -252,19 +254,34 @@ def test_iwae_with_the_exact_posterior_is_exact():
     assert float(iw.se.max()) < 1e-6
 
 
+def _defensive_draws(m, k, seed, alpha):
+    """The stream of ``_iwae(..., defensive=alpha)`` redrawn by hand: noise ε [k, 1, B, H], and
+    each draw's component from the extra coordinate c (prior if c < Φ⁻¹(α/4), widened q if
+    c < Φ⁻¹(α), q otherwise)."""
+    noise = member_random(seed, key="iwae").randn((k, m.B, m.H + 1), 1, dtype=DTYPE)
+    c = noise[..., m.H]
+    prior = c < NormalDist().inv_cdf(alpha / 4)
+    wide = ~prior & (c < NormalDist().inv_cdf(alpha))
+    return noise[..., :m.H], prior, wide
+
+
 def test_defensive_proposal_is_the_stated_mixture(linear_model):
-    """k = 10, α = 0.2: the first 8 samples come from q(μ, σ), the last 2 from q(μ, 2σ), and
-    every weight is p(x, z)/r(z) with r = 0.8 q(μ, σ) + 0.2 q(μ, 2σ); the estimate is the log of
-    their mean, ESS (Σ w)²/Σ w² and SE √(1/ESS − 1/k)."""
-    m, k = linear_model, 10
-    iw = _iwae(m, m.x1, m.lam1, k, 6, defensive=0.2)
-    eps = member_random(6, key="iwae").randn((k, m.B, m.H), 1, dtype=DTYPE)
-    mu, logvar = m.lam1[..., :m.H], m.lam1[..., m.H:]
-    scale = torch.tensor([1.0] * 8 + [2.0] * 2, dtype=DTYPE).reshape(k, 1, 1, 1)
-    z = mu + scale * torch.exp(0.5 * logvar) * eps
-    narrow = Normal(mu, torch.exp(0.5 * logvar)).log_prob(z).sum(-1)
-    wide = Normal(mu, 2 * torch.exp(0.5 * logvar)).log_prob(z).sum(-1)
-    log_r = torch.logaddexp(math.log(0.8) + narrow, math.log(0.2) + wide)
+    """k = 60, α = 0.2: each z comes from q(μ, σ), q(μ, 2σ) or the prior N(0, I) as its extra
+    noise coordinate says, and every weight is p(x, z)/r(z) with
+    r = 0.8 q(μ, σ) + 0.15 q(μ, 2σ) + 0.05 N(0, I); the estimate is the log of their mean, ESS
+    (Σ w)²/Σ w² and SE √(1/ESS − 1/k)."""
+    m, k, alpha = linear_model, 60, 0.2
+    assert defensive_weights(alpha) == pytest.approx((0.8, 0.15, 0.05), abs=1e-15)
+    iw = _iwae(m, m.x1, m.lam1, k, 6, defensive=alpha)
+    eps, prior, wide = _defensive_draws(m, k, 6, alpha)
+    assert bool(prior.any()) and bool(wide.any()) and bool((~prior & ~wide).any())
+    mu, sd = m.lam1[..., :m.H], torch.exp(0.5 * m.lam1[..., m.H:])
+    z = torch.where(prior.unsqueeze(-1), eps,
+                    mu + torch.where(wide.unsqueeze(-1), 2.0, 1.0) * sd * eps)
+    log_r = torch.logsumexp(torch.stack([
+        math.log(0.8) + Normal(mu, sd).log_prob(z).sum(-1),
+        math.log(0.15) + Normal(mu, 2 * sd).log_prob(z).sum(-1),
+        math.log(0.05) + Normal(0.0, 1.0).log_prob(z).sum(-1)]), 0)
     lw = linear_gaussian_log_joint(m, z) - log_r
     torch.testing.assert_close(iw.value, torch.logsumexp(lw, 0) - math.log(k), rtol=1e-12,
                                atol=1e-12)
@@ -281,32 +298,212 @@ def linear_gaussian_log_joint(m, z: torch.Tensor) -> torch.Tensor:
     return lik + Normal(0.0, 1.0).log_prob(z).sum(-1)
 
 
+@pytest.mark.parametrize("k", [1, 4])
 def test_defensive_iwae_is_unbiased_for_p_x_where_the_plain_one_has_infinite_variance(
-        linear_model):
+        linear_model, k):
     """With the KL-optimal λ* as proposal the plain weights have infinite variance here (see
-    the test above); the defensive mixture bounds them, and (1/k) Σ w stays unbiased for p(x):
-    E[exp(IWAE_k − log p(x))] = 1 per point, by a Bonferroni z-test over R replications."""
-    m, r, k = linear_model, 20_000, 4
+    ``test_iwae_5000_reaches_exact_log_marginal``); the defensive mixture bounds them, and
+    (1/k) Σ w stays unbiased for p(x): E[exp(IWAE_k − log p(x))] = 1 per point, by a Bonferroni
+    z-test over R replications. At k = 1 this holds only if each component is drawn with its
+    weight in r (α = 0.6 makes all three frequent)."""
+    m, r = linear_model, 20_000
     x_r, lam_r = m.x.repeat(r, 1).unsqueeze(0), m.lam_opt.repeat(r, 1).unsqueeze(0)
     log_px = linear_gaussian.exact_log_marginal(m.x, m.W, m.b, m.psi)
-    iw = _iwae(m, x_r, lam_r, k, 7, defensive=0.3)
+    iw = _iwae(m, x_r, lam_r, k, 7 + k, defensive=0.6)
     ratio = torch.exp(iw.value.reshape(r, m.B) - log_px)
     assert_unbiased(ratio, torch.ones(m.B, dtype=DTYPE))
     # and the bound (Jensen) stays below log p(x) on average
     assert bool((iw.value.reshape(r, m.B).mean(0) < log_px).all())
 
 
-@pytest.mark.parametrize("defensive", [0.0, 0.2])
-def test_iwae_chunking_does_not_change_the_value(linear_model, defensive):
-    """Chunks combine exactly, and the defensive samples are the last ones whatever the chunks.
-    (CPU ``randn`` fills in blocks of 16 numbers, so chunks of 8·B·H = 48 and 240·B·H numbers
-    draw the same stream and hence the same samples.)"""
+def test_defensive_iwae_is_nondecreasing_in_k_even_from_the_exact_posterior():
+    """E[IWAE_k] is non-decreasing in k for i.i.d. draws from one proposal (Burda et al., 2016,
+    Thm 1). The proposal is the exact posterior (a factorising one), so q alone would give
+    log p(x) at every k; the defensive mixture's weights vary, and E[IWAE_1] < E[IWAE_2] <
+    E[IWAE_3] < E[IWAE_5] < log p(x) strictly, each step by more than the Bonferroni bound
+    times its standard error (independent draws). A proposal whose mixture proportions change
+    with k (k = 1 all from q, k = 2 half from the widened q, ...) fails this: its IWAE_1 is
+    exactly log p(x) and its IWAE_2 lower."""
+    W = torch.tensor([[2.0, 0.0], [0.0, 1.0], [0.0, 0.0]], dtype=DTYPE)
+    b, psi = torch.tensor([0.1, -0.2, 0.3], dtype=DTYPE), torch.ones(3, dtype=DTYPE)
+    decoder = GaussianDecoder(3, 2, mean="linear", variance="learned").to(DTYPE)
+    decoder.set_linear_parameters(W, b, psi)
+    x = torch.tensor([[1.0, 2.0, -1.0], [0.0, -0.5, 0.5]], dtype=DTYPE)
+    lam = linear_gaussian.optimal_diagonal_posterior(x, W, b, psi)
+    log_px = linear_gaussian.exact_log_marginal(x, W, b, psi)
+    r, ks = 40_000, (1, 2, 3, 5)
+    draws = [iwae_bound(decoder, x.repeat(r, 1).unsqueeze(0), lam.repeat(r, 1).unsqueeze(0),
+                        k, member_random(30 + k), defensive=0.2).value.reshape(r, 2)
+             for k in ks]
+    means = [d.mean(0) for d in draws]
+    ses = [d.std(0) / math.sqrt(r) for d in draws]
+    crit = bonferroni_crit(2 * (len(ks) - 1) + 2 * len(ks))
+    for i in range(len(ks) - 1):
+        z = (means[i + 1] - means[i]) / torch.sqrt(ses[i] ** 2 + ses[i + 1] ** 2)
+        assert bool((z > crit).all()), f"IWAE_{ks[i + 1]} not above IWAE_{ks[i]}: z = {z}"
+    for mean, se in zip(means, ses, strict=True):
+        assert bool(((log_px - mean) / se > crit).all())
+
+
+@pytest.mark.parametrize(("defensive", "chunks"), [(0.0, (8, 48, 240, 1000)),
+                                                   (0.2, (16, 48, 240, 1000))])
+def test_iwae_chunking_does_not_change_the_value(linear_model, defensive, chunks):
+    """Chunks combine exactly and draw the same samples and components whatever the chunks.
+    (CPU ``randn`` fills in blocks of 16 numbers, so chunks whose draws are a multiple of 16
+    numbers — n·B·H for q, n·B·(H + 1) for the mixture — draw the same stream.)"""
     m = linear_model
-    vals = [_iwae(m, m.x1, m.lam1, 240, 1, chunk_size=c, defensive=defensive)
-            for c in (8, 48, 240, 1000)]
+    vals = [_iwae(m, m.x1, m.lam1, 240, 1, chunk_size=c, defensive=defensive) for c in chunks]
     for v in vals[1:]:
         torch.testing.assert_close(v.value, vals[0].value, rtol=1e-12, atol=1e-12)
         torch.testing.assert_close(v.ess, vals[0].ess, rtol=1e-10, atol=1e-10)
+
+
+# ---------------------------------------------- importance-weight variance: the exact conditions
+#
+# A two-dimensional linear-Gaussian model (D = H = 2, ψ = 1) with posterior precision
+# P = I + WᵀW = I + c S, S = [[1, s], [s, 1]]: its normalised off-diagonal
+# ρ = P₁₂/√(P₁₁P₂₂) = c s/(1 + c) is set by s. The conditions are invariant under rescaling the
+# coordinates, so this is the unit-diagonal case: P/(1 + c) = [[1, ρ], [ρ, 1]].
+#
+# For the posterior N(m, P⁻¹) and a proposal N(m, C) with the same mean, the weights
+# w = p(x, z)/q(z) = p(x) N(z; m, P⁻¹)/N(z; m, C) have the moments
+#
+#     E_q[w^j]/p(x)^j = |C|^((j−1)/2) |P|^(j/2) / |j P − (j − 1) C⁻¹|^(1/2)
+#
+# when j P − (j − 1) C⁻¹ ≻ 0, and are infinite otherwise (a Gaussian integral). The best
+# diagonal q* (Ψ-free: C = diag(P)⁻¹) has a finite second moment exactly when
+# 2P − diag(P) ≻ 0, i.e. |ρ| < ½.
+
+
+def _weight_moment(prec: torch.Tensor, cov_q: torch.Tensor, j: int) -> float:
+    """E_q[w^j]/p(x)^j for the posterior N(m, prec⁻¹) and the proposal N(m, cov_q)."""
+    a = j * prec - (j - 1) * torch.linalg.inv(cov_q)
+    if float(torch.linalg.eigvalsh(a).min()) <= 0:
+        return math.inf
+    return float(torch.det(cov_q) ** ((j - 1) / 2) * torch.det(prec) ** (j / 2)
+                 / torch.sqrt(torch.det(a)))
+
+
+def _correlated_model(rho: float, c: float = 20.0):
+    s = rho * (1 + c) / c
+    assert abs(s) < 1
+    W = math.sqrt(c) * torch.linalg.cholesky(torch.tensor([[1.0, s], [s, 1.0]], dtype=DTYPE)).T
+    b, psi = torch.zeros(2, dtype=DTYPE), torch.ones(2, dtype=DTYPE)
+    decoder = GaussianDecoder(2, 2, mean="linear", variance="learned").to(DTYPE)
+    decoder.set_linear_parameters(W, b, psi)
+    x = torch.tensor([[0.7, -0.4]], dtype=DTYPE)
+    prec = linear_gaussian.posterior_precision(W, psi)
+    d = torch.diagonal(prec).sqrt()
+    assert float(prec[0, 1] / (d[0] * d[1])) == pytest.approx(rho, abs=1e-12)
+    lam = linear_gaussian.optimal_diagonal_posterior(x, W, b, psi)
+    torch.testing.assert_close(torch.exp(-lam[0, 2:]), torch.diagonal(prec))  # q*: diag(P)⁻¹
+    return SimpleNamespace(decoder=decoder, x=x, prec=prec, lam=lam, W=W, psi=psi,
+                           log_px=linear_gaussian.exact_log_marginal(x, W, b, psi))
+
+
+@torch.no_grad()
+def _log_box_moment(m, half_width: float, *, defensive: float = 0.0, power: int = 2,
+                    h: float = 0.1) -> float:
+    """log of E_r[(w/p(x))^power] restricted to the square of ``half_width`` around μ: the sum
+    over a grid of step h of h² p(x, z) (w/p(x))^(power − 1)/p(x), with the library's weights
+    w (``log_weights``) of q* (or of the defensive mixture: the grid enters as prior draws,
+    z = ε)."""
+    grid = torch.arange(-half_width, half_width + h / 2, h, dtype=DTYPE)
+    mu, sd = m.lam[0, :2], torch.exp(0.5 * m.lam[0, 2:])
+    z = torch.stack(torch.meshgrid(grid, grid, indexing="ij"), -1).reshape(-1, 1, 1, 2) + mu
+    x, lam = m.x.unsqueeze(0), m.lam.unsqueeze(0)
+    if defensive > 0:
+        component = torch.full(z.shape[:-1], PRIOR)
+        lw = log_weights(m.decoder, x, lam, z, defensive=defensive, component=component)
+    else:
+        lw = log_weights(m.decoder, x, lam, (z - mu) / sd)
+    integrand = log_joint(m.decoder, x, z) + (power - 1) * lw - power * m.log_px
+    return float(torch.logsumexp(integrand.reshape(-1), 0)) + 2 * math.log(h)
+
+
+@pytest.mark.parametrize("rho", [0.3, 0.45, 0.55, 0.9])
+def test_best_diagonal_weights_have_finite_variance_exactly_when_2p_minus_diag_p_is_positive(
+        rho):
+    """q* = N(m, diag(P)⁻¹): E[w²] is finite exactly when 2P − diag(P) ≻ 0 (|ρ| < ½). The
+    library's weights, integrated on a grid around μ over squares of half-width 10, 20 and 40
+    (46 to 185 of q*'s standard deviations), give the closed form to 1e-9 when |ρ| < ½; beyond,
+    the restricted integral grows without bound (by more than 100 nats per doubling: 207, 837,
+    3357 nats at ρ = 0.55). A correlated posterior alone is not enough: at ρ = 0.3 E[w²] is
+    1.1375 p(x)²."""
+    m = _correlated_model(rho)
+    closed = _weight_moment(m.prec, torch.diag(torch.exp(m.lam[0, 2:])), 2)
+    boxes = [_log_box_moment(m, half) for half in (10.0, 20.0, 40.0)]
+    positive = float(torch.linalg.eigvalsh(2 * m.prec - torch.diag(torch.diagonal(m.prec))).min())
+    if abs(rho) < 0.5:
+        assert positive > 0 and math.isfinite(closed)
+        for box in boxes:
+            assert box == pytest.approx(math.log(closed), abs=1e-9)
+        if rho == 0.3:
+            assert closed == pytest.approx(0.91 / 0.8, rel=1e-12)  # (1 − ρ²)/√(1 − 4ρ²)
+    else:
+        assert positive < 0 and closed == math.inf
+        assert boxes[1] > boxes[0] + 100 and boxes[2] > boxes[1] + 100
+
+
+def test_weight_second_moment_by_monte_carlo():
+    """The same statements from the samples iwae_bound draws (k = 10⁴ per point, 200 points:
+    n = 2·10⁶ draws), with the per-point mean of (w/p(x))² = exp(2 (IWAE_k − log p(x))) k/ESS.
+
+    ρ = 0.2 (q*): the mean equals the closed form 1.0474 within the Bonferroni bound times its
+    standard error √((E[w⁴] − E[w²]²)/n) (E[w⁴] finite: 4P − 3 diag(P) ≻ 0 needs |ρ| < ¼).
+    ρ = 0.9 (q*): infinite variance; the median over the points of k/ESS (an estimate of
+    E[w²]/E[w]²) grows with k — from about 3 at k = 100 to about 50 at k = 10⁴ — where it
+    would settle for finite variance. ρ = 0.9 with the defensive mixture (α = 0.2): bounded
+    weights; the mean equals the grid value (9.43) within the bound times its standard error
+    (E[w⁴] from the grid too)."""
+    k, points = 10_000, 200
+    crit = bonferroni_crit(2)
+
+    def draws(m, kk, defensive, seed):
+        return iwae_bound(m.decoder, m.x.repeat(points, 1).unsqueeze(0),
+                          m.lam.repeat(points, 1).unsqueeze(0), kk, member_random(seed),
+                          defensive=defensive)
+
+    def check_mean(m, defensive, seed, second, fourth):
+        iw = draws(m, k, defensive, seed)
+        mean = float((torch.exp(2 * (iw.value - m.log_px)) * k / iw.ess).mean())
+        se = math.sqrt((fourth - second**2) / (k * points))
+        assert abs(mean - second) < crit * se, (mean, second, se)
+
+    weak = _correlated_model(0.2)
+    cov = torch.diag(torch.exp(weak.lam[0, 2:]))
+    check_mean(weak, 0.0, 1, _weight_moment(weak.prec, cov, 2),
+               _weight_moment(weak.prec, cov, 4))
+
+    strong = _correlated_model(0.9)
+    ratio = [float((kk / draws(strong, kk, 0.0, 2).ess).median()) for kk in (100, k)]
+    assert ratio[1] > 5 * ratio[0], ratio
+    check_mean(strong, 0.2, 3, math.exp(_log_box_moment(strong, 40.0, defensive=0.2)),
+               math.exp(_log_box_moment(strong, 40.0, defensive=0.2, power=4)))
+
+
+@torch.no_grad()
+def test_defensive_weights_are_bounded_by_the_likelihood_over_alpha():
+    """r ≥ (α/4) p(z) gives log w ≤ log p(x | z) + log(4/α) at every z, whatever q and the
+    posterior. Checked on a grid of half-width 40 around μ at ρ = 0.9, where q*'s own weights
+    exceed that bound by hundreds of nats; far from μ (where r ≈ (α/4) p) the bound is reached.
+    The second moment under the mixture is finite there: the grid integrals of half-width 10,
+    20 and 40 agree to 1e-9."""
+    m, alpha, h = _correlated_model(0.9), 0.2, 0.1
+    grid = torch.arange(-40.0, 40.0 + h / 2, h, dtype=DTYPE)
+    mu, sd = m.lam[0, :2], torch.exp(0.5 * m.lam[0, 2:])
+    z = torch.stack(torch.meshgrid(grid, grid, indexing="ij"), -1).reshape(-1, 1, 1, 2) + mu
+    x, lam = m.x.unsqueeze(0), m.lam.unsqueeze(0)
+    lik = m.decoder.log_likelihood(x, z)
+    mixture = log_weights(m.decoder, x, lam, z, defensive=alpha,
+                          component=torch.full(z.shape[:-1], PRIOR))
+    slack = lik + math.log(4 / alpha) - mixture
+    assert float(slack.min()) > -1e-9 and float(slack.min()) < 1e-6
+    plain = log_weights(m.decoder, x, lam, (z - mu) / sd)
+    assert float((plain - lik).max()) > math.log(4 / alpha) + 100
+    boxes = [_log_box_moment(m, half, defensive=alpha) for half in (10.0, 20.0, 40.0)]
+    assert boxes[1] == pytest.approx(boxes[0], abs=1e-9)
+    assert boxes[2] == pytest.approx(boxes[0], abs=1e-9)
 
 
 def _two_member_linear_decoder(m) -> GaussianDecoder:

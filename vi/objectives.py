@@ -4,7 +4,9 @@ docs/evaluation.md).
     L(λ, θ; x) = E_q[log p_θ(x, z) − log q(z; λ)]                  (``kl="mc"``)
                = E_q[log p_θ(x | z)] − KL(q(z; λ) ‖ p(z))           (``kl="analytic"``)
 
-    IWAE_k(x) = E[log (1/k) Σ_i p_θ(x, z_i) / q(z_i; λ)],  z_i ~ q   (Burda et al., 2016)
+    IWAE_k(x) = E[log (1/k) Σ_i p_θ(x, z_i) / r(z_i)],  z_i ~ r i.i.d.   (Burda et al., 2016)
+
+with r = q(z; λ), or a defensive mixture of q, a widened q and the prior p(z) (Hesterberg, 1995).
 
 Both ELBO forms are built on the generic estimator layer (``vi.estimators``); with
 ``kl="analytic"`` the estimator covers the reconstruction term only and the KL gradient is exact.
@@ -14,6 +16,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from statistics import NormalDist
 
 import torch
 from torch import Tensor
@@ -22,7 +25,8 @@ from vi import families
 from vi.decoders import GaussianDecoder, log_joint
 from vi.estimators import Estimate, estimate
 
-__all__ = ["KL_MODES", "ImportanceEstimate", "elbo", "iwae_bound", "log_weights"]
+__all__ = ["KL_MODES", "ImportanceEstimate", "defensive_weights", "elbo", "iwae_bound",
+           "log_weights"]
 
 KL_MODES = ("analytic", "mc")
 
@@ -82,24 +86,50 @@ def elbo(
     return Estimate(rec.surrogate - kl_term, rec.samples - kl_term.detach())
 
 
-def log_weights(decoder: GaussianDecoder, x: Tensor, lam: Tensor, eps: Tensor, *,
-                widen: float = 1.0, defensive: float = 0.0) -> Tensor:
-    """Importance log-weights log p_θ(x, z_i) − log r(z_i) for z_i = μ + s σ ⊙ ε_i: [k, K, B].
+#: the defensive mixture's components besides q: q widened by _WIDEN (its share of the
+#: defensive weight α is 1 − _PRIOR_SHARE) and the prior (share _PRIOR_SHARE)
+_WIDEN = 2.0
+_PRIOR_SHARE = 0.25
+Q, WIDE, PRIOR = 0, 1, 2  # component labels
 
-    r = q(λ) when ``defensive`` is 0; otherwise the mixture r = (1 − α) q(μ, σ) + α q(μ, sσ)
-    with α = ``defensive`` and s = ``widen`` (the sample's own component is set by ``widen``).
+
+def defensive_weights(defensive: float) -> tuple[float, float, float]:
+    """The mixture weights (q, widened q, prior) of the defensive proposal with weight α:
+    (1 − α, (1 − π) α, π α), π = ``_PRIOR_SHARE`` = ¼."""
+    a = float(defensive)
+    return 1.0 - a, (1.0 - _PRIOR_SHARE) * a, _PRIOR_SHARE * a
+
+
+def log_weights(decoder: GaussianDecoder, x: Tensor, lam: Tensor, eps: Tensor, *,
+                defensive: float = 0.0, component: Tensor | None = None) -> Tensor:
+    """Importance log-weights log p_θ(x, z_i) − log r(z_i): [k, K, B].
+
+    r = q(λ) when ``defensive`` is 0, with z_i = μ + σ ⊙ ε_i. Otherwise r is the defensive
+    mixture
+
+        r(z) = (1 − α) q(z; μ, σ) + ¾ α q(z; μ, 2σ) + ¼ α p(z),   α = ``defensive``,
+
+    p = N(0, I) the prior (the nominal density of Hesterberg, 1995), and each z_i comes from the
+    component ``component`` [k, K, B] names (``Q``: μ + σ ⊙ ε_i, ``WIDE``: μ + 2σ ⊙ ε_i,
+    ``PRIOR``: ε_i; all ``Q`` when None). Since r ≥ ¼ α p, every weight obeys
+    p_θ(x, z)/r(z) ≤ 4 p_θ(x | z)/α.
     """
     mu, logvar = families.split_params(lam)
-    z = mu + widen * torch.exp(0.5 * logvar) * eps
-    log_r = families.log_prob(lam, z)
-    if defensive > 0:
-        wide = families.join_params(mu, logvar + 2 * math.log(_WIDEN))
-        log_r = torch.logaddexp(log_r + math.log1p(-defensive),
-                                families.log_prob(wide, z) + math.log(defensive))
-    return log_joint(decoder, x, z) - log_r
-
-
-_WIDEN = 2.0  # the defensive component's scale, in units of q's standard deviations
+    sd = torch.exp(0.5 * logvar)
+    z = mu + sd * eps
+    if defensive <= 0:
+        return log_joint(decoder, x, z) - families.log_prob(lam, z)
+    if component is not None:
+        c = component.unsqueeze(-1)
+        z = torch.where(c == WIDE, mu + _WIDEN * sd * eps, torch.where(c == PRIOR, eps, z))
+    w_q, w_wide, w_prior = defensive_weights(defensive)
+    log_prior = families.standard_log_prob(z)
+    wide = families.join_params(mu, logvar + 2 * math.log(_WIDEN))
+    log_r = torch.logsumexp(torch.stack([
+        families.log_prob(lam, z) + math.log(w_q),
+        families.log_prob(wide, z) + math.log(w_wide),
+        log_prior + math.log(w_prior)]), 0)
+    return decoder.log_likelihood(x, z) + log_prior - log_r
 
 
 @dataclass
@@ -130,41 +160,60 @@ def iwae_bound(
     chunk_size: int | None = None,
 ) -> ImportanceEstimate:
     """log p(x) by importance sampling with k samples per point (Burda et al., 2016), the
-    project's one IWAE.
+    project's one IWAE:  log (1/k) Σ_i p_θ(x, z_i)/r(z_i),  z_1..z_k i.i.d. from r.
 
-    Proposal r = q(λ), or with ``defensive`` = α > 0 the defensive mixture
-    (1 − α) q(μ, σ) + α q(μ, 2σ) (Hesterberg, 1995): its weights p(x, z)/r(z) are bounded by
-    p(x, z)/(α q(μ, 2σ)), so a proposal narrower than the posterior (as the best diagonal q* is
-    for a correlated posterior) cannot give weights of infinite variance. The k samples are
-    allocated to the components in proportion to their weights (the first round((1 − α) k)
-    from q), with r using the realised proportions, which keeps (1/k) Σ w_i unbiased for p(x)
-    (Owen & Zhou, 2000). ``random`` is a ``vi.streams.MemberRandom`` (one stream per member).
+    Proposal r = q(λ), or with ``defensive`` = α > 0 the defensive mixture (``log_weights``)
+
+        r = (1 − α) q(μ, σ) + ¾ α q(μ, 2σ) + ¼ α p(z),
+
+    whose prior component p = N(0, I) bounds the weights (Hesterberg, 1995): r ≥ ¼ α p gives
+    p_θ(x, z)/r(z) ≤ 4 p_θ(x | z)/α ≤ 4 sup_z p_θ(x | z)/α, finite for a Gaussian decoder with
+    a variance floor. Without it the weights need not have finite variance. For a Gaussian
+    posterior N(m, P⁻¹) and a proposal N(m, C), E[w²] is finite exactly when 2P − C⁻¹ ≻ 0:
+    for q = N(m, diag(P)⁻¹) (the best diagonal q of a linear-Gaussian model) that is
+    2P − diag(P) ≻ 0 (two latent dimensions: |P₁₂|/√(P₁₁P₂₂) < ½); for the widened q,
+    2P − diag(P)/4 ≻ 0 (< ⅞), and its weights are bounded only when P ⪰ diag(P)/4 (≤ ¾). The
+    widened component keeps the samples near the posterior, where the prior's are wasted: on
+    a correlated PPCA posterior (k = 5000, 400 points) r = 0.8 q + 0.2 p reached a worst error
+    of 0.12 nat and a smallest ESS of 140, this mixture 0.035 nat and 2,960.
+
+    Each draw picks its component independently (the prior with probability α/4, the widened
+    q with 3α/4), by one extra standard-normal coordinate drawn with its noise (prior below
+    Φ⁻¹(α/4), widened q below Φ⁻¹(α), q above). The k draws are therefore i.i.d. from the fixed
+    r: (1/k) Σ w_i is unbiased for p(x), the estimate is a lower bound on log p(x) in
+    expectation, and E[IWAE_k] is non-decreasing in k (Burda et al., 2016, Theorem 1, which
+    needs i.i.d. draws from one proposal); with bounded weights (their assumption, which the
+    prior component guarantees) E[IWAE_k] → log p(x) as k → ∞. ``random`` is a
+    ``vi.streams.MemberRandom`` (one stream per member).
     Chunks of samples are combined with ``logsumexp`` (memory stays bounded for any k; the
     chunk is sized from the data by default). k = 1 with α = 0 is the ELBO with ``kl="mc"``
-    and M = 1; the bound is non-decreasing in k and tends to log p(x).
+    and M = 1.
     """
     k = int(k)
     if k < 1 or not 0.0 <= float(defensive) < 1.0:
         raise ValueError(f"k must be positive and defensive in [0, 1); got k={k}, "
                          f"defensive={defensive}")
     h = families.latent_dim_of(lam)
-    n_wide = round(float(defensive) * k) if defensive > 0 else 0
-    n_wide = min(max(n_wide, 1 if defensive > 0 else 0), k - 1 if k > 1 else 0)
-    alpha = n_wide / k
+    alpha = float(defensive)
     if chunk_size is None:
         per_sample = max(1, x.shape[:-1].numel() * max(x.shape[-1], h))
         chunk_size = max(1, min(k, 2**23 // per_sample))
     if lam.dim() != 3:
         raise ValueError(f"iwae_bound expects lam [K, B, 2H]; got {tuple(lam.shape)}")
+    if alpha > 0:  # component boundaries on the extra normal coordinate: Φ⁻¹ of cumulative weights
+        _, w_wide, w_prior = defensive_weights(alpha)
+        cuts = (NormalDist().inv_cdf(w_prior), NormalDist().inv_cdf(w_prior + w_wide))
     lse1, lse2 = [], []
     for start in range(0, k, int(chunk_size)):
         n = min(int(chunk_size), k - start)
-        eps = random.randn((n, lam.shape[1], h), 1, dtype=lam.dtype)
-        widen = torch.ones(n, *([1] * (eps.dim() - 1)), dtype=lam.dtype, device=lam.device)
-        widen[max(0, k - n_wide - start):] = _WIDEN
         if alpha > 0:
-            lw = log_weights(decoder, x, lam, eps, widen=widen, defensive=alpha).double()
+            noise = random.randn((n, lam.shape[1], h + 1), 1, dtype=lam.dtype)
+            c = noise[..., h]
+            component = torch.where(c < cuts[0], PRIOR, torch.where(c < cuts[1], WIDE, Q))
+            lw = log_weights(decoder, x, lam, noise[..., :h], defensive=alpha,
+                             component=component).double()
         else:
+            eps = random.randn((n, lam.shape[1], h), 1, dtype=lam.dtype)
             lw = log_weights(decoder, x, lam, eps).double()
         lse1.append(torch.logsumexp(lw, 0))
         lse2.append(torch.logsumexp(2 * lw, 0))
