@@ -8,6 +8,9 @@ summarised (``gradient_statistics``) by
     ĝ = (1/K) Σ_k g_k,   v_i = (1/(K−1)) Σ_k (g_ki − ĝ_i)²,   tr Σ = Σ_i v_i,
     relative variance tr Σ / ‖ĝ‖²,   SNR_i = |ĝ_i| / √v_i   (Rainforth et al., 2018).
 
+Both ratios are biased for few draws (``gradient_statistics``): the relative variance low, the
+SNR of a weak coordinate high (a zero-mean coordinate reads about √(2/(π K)), 0.08 at K = 100).
+
 (K here counts draws; the ensemble's members are a separate axis, and every statistic is per
 member.) Parameter groups, the gradient of the ELBO:
 
@@ -284,6 +287,12 @@ def gradient_statistics(g: Tensor) -> dict[str, Tensor]:
     e.g. always-zero coordinates) are left out of the SNR, which is NaN when every coordinate
     is deterministic; the relative variance is NaN when ĝ = 0. Note that ‖ĝ‖² estimates
     ‖E g‖² + tr Σ / draws, so the relative variance is biased low for few draws.
+
+    Likewise SNR_i is biased high for weak coordinates: |ĝ_i| includes the noise of the mean,
+    so a coordinate whose true SNR is 0 reads |t_{n−1}|/√n for n draws (Gaussian draws; t a
+    Student t variate), on average E|t_{n−1}|/√n ≈ √(2/(π n)) (0.080 at n = 100) with median
+    t_{n−1, 0.75}/√n ≈ 0.674/√n (0.068). Values near that floor mean "indistinguishable from 0";
+    the mean and median SNR over coordinates inherit the floor from the weak ones.
     """
     if g.dim() != 3 or g.shape[0] < 2:
         raise ValueError(f"gradient_statistics needs draws [>= 2, K, P]; got {tuple(g.shape)}")
