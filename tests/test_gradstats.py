@@ -220,6 +220,32 @@ def test_snr_median_of_an_even_number_of_coordinates():
     assert float(st["grad_snr_median"][0]) == pytest.approx(np.median(snr), rel=1e-12)
 
 
+def test_snr_of_zero_mean_coordinates_reads_the_noise_floor():
+    """SNR_i = |ĝ_i|/s_i is biased high for weak coordinates: with n Gaussian draws of a
+    coordinate of mean 0 it is |t_{n−1}|/√n, of mean E|t_{n−1}|/√n (0.0804 at n = 100, against
+    √(2/(π n)) = 0.0798) and median t_{n−1, 0.75}/√n (0.0677). 20,000 zero-mean coordinates
+    (two members, other scales): the mean SNR within the Bonferroni bound times its standard
+    error sd(|t|)/√(n P), the median within the bound times the sample median's asymptotic
+    standard error 1/(2 f(m) √P), f the density of |t_{n−1}|/√n at its median m."""
+    from scipy import stats
+
+    n, p = 100, 20_000
+    g = torch.randn(n, 2, p, generator=torch.Generator().manual_seed(5), dtype=DTYPE)
+    g[:, 1] *= 1e-3 * torch.exp(torch.linspace(-3, 3, p, dtype=DTYPE))
+    st = gradstats.gradient_statistics(g)
+    t = stats.t(n - 1)
+    mean_abs_t = t.expect(lambda v: abs(v))
+    mean, sd = mean_abs_t / math.sqrt(n), math.sqrt(t.var() - mean_abs_t**2) / math.sqrt(n)
+    median = t.ppf(0.75) / math.sqrt(n)
+    density = 2 * math.sqrt(n) * t.pdf(t.ppf(0.75))
+    assert mean == pytest.approx(0.0804, abs=5e-5) and median == pytest.approx(0.0677, abs=5e-5)
+    crit = bonferroni_crit(4)
+    for member in range(2):
+        z_mean = (float(st["grad_snr_mean"][member]) - mean) / (sd / math.sqrt(p))
+        z_median = (float(st["grad_snr_median"][member]) - median) * 2 * density * math.sqrt(p)
+        assert abs(z_mean) < crit and abs(z_median) < crit, (member, z_mean, z_median)
+
+
 def test_undefined_statistics_are_nan_and_stay_in_their_member():
     """All-zero draws: variance and ‖ĝ‖ are 0, relative variance and SNR undefined (NaN, so the
     probe leaves the row out); a NaN draw of member 0 leaves member 1's numbers as they were."""
