@@ -22,8 +22,11 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import math
+import struct
+import sys
 import types
 import typing
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -31,6 +34,7 @@ from vi.inference import STEP_SIZE_FIELDS, MethodSettings, StoppingRule
 
 __all__ = [
     "DTYPES",
+    "FLOAT_MAX",
     "LIMITS",
     "DataConfig",
     "ModelConfig",
@@ -206,18 +210,24 @@ class RunConfig:
         out.validate()
         return out
 
+    def parameter_count(self, data_dim: int) -> int:
+        """An upper bound on the parameters of one member: the decoder's (an MLP's weights and
+        biases, or a linear map, and a variance per coordinate) and an encoder's."""
+        m, h = self.model, self.model.latent_dim
+        sizes = [h, *m.hidden, 2 * data_dim] if m.decoder_mean == "mlp" else [h, data_dim]
+        decoder = sum((a + 1) * b for a, b in itertools.pairwise(sizes)) + data_dim
+        enc = [data_dim, *self.method.encoder_hidden, 2 * h]
+        encoder = sum((a + 1) * b for a, b in itertools.pairwise(enc))
+        return decoder + encoder
+
     def memory_bytes(self, data_dim: int, n_train: int, n_eval: int, members: int = 1) -> int:
         """A rough upper estimate of the memory a run needs (bytes), to refuse impossible sizes
         before anything is allocated: parameters with their gradients, optimiser moments and
         best-state snapshot, a local table with its per-row state, and the activations of a
         training step and of a held-out fit over ``n_eval`` points."""
         m, h = self.model, self.model.latent_dim
-        sizes = [h, *m.hidden, 2 * data_dim] if m.decoder_mean == "mlp" else [h, data_dim]
-        decoder = sum((a + 1) * b for a, b in itertools.pairwise(sizes)) + data_dim
-        enc = [data_dim, *self.method.encoder_hidden, 2 * h]
-        encoder = sum((a + 1) * b for a, b in itertools.pairwise(enc))
         width = max(data_dim, 2 * h, *m.hidden, *self.method.encoder_hidden)
-        params = 4 * 6 * (decoder + encoder)
+        params = 4 * 6 * self.parameter_count(data_dim)
         table = n_train * 2 * h * (3 * 4 + 8)
         n_mc = self.method.n_mc
         step = 4 * 8 * n_mc * self.training.batch_size * width
@@ -263,13 +273,8 @@ class RunConfig:
         if not isinstance(self.probes, dict) or not all(
                 isinstance(k, str) and isinstance(v, dict) for k, v in self.probes.items()):
             raise ValueError("probes must be an object {probe name: {options}}")
-        if not self.device.startswith(("cpu", "cuda", "mps")):
-            raise ValueError(f"unknown device {self.device!r}; use cpu, cuda or cuda:N")
-        if self.device.startswith("cuda"):
-            import torch
-
-            if not torch.cuda.is_available():
-                raise ValueError(f"device {self.device!r} requested but CUDA is not available")
+        _check_numbers(self)
+        _check_device(self.device)
 
 
 def ensemble_key(config: RunConfig) -> str:
@@ -282,6 +287,66 @@ def ensemble_key(config: RunConfig) -> str:
     for name in STEP_SIZE_FIELDS:
         values["method"].pop(name)
     return json.dumps(values, sort_keys=True)
+
+
+#: the largest finite number of each dtype (IEEE 754 binary32 and binary64)
+FLOAT_MAX = {"float32": 3.4028234663852886e38, "float64": sys.float_info.max}
+
+
+def _numbers(value: Any, where: str) -> Iterator[tuple[str, float | int]]:
+    """(dotted name, number) for every number in a nested configuration."""
+    if isinstance(value, dict):
+        for key, inner in value.items():
+            yield from _numbers(inner, f"{where}.{key}" if where else str(key))
+    elif isinstance(value, list | tuple):
+        for inner in value:
+            yield from _numbers(inner, where)
+    elif isinstance(value, int | float) and not isinstance(value, bool):
+        yield where, value
+
+
+def _check_numbers(config: RunConfig) -> None:
+    """Every number of the configuration (probe and data-set options included) must be finite
+    in the run's dtype: 1e308 is a float64 but overflows to inf as a float32, which would make
+    the run's first step non-finite rather than its configuration an error. A positive step
+    size must also stay positive in it (1e-50 is 0 as a float32)."""
+    top = FLOAT_MAX[config.dtype]
+    for name, value in _numbers(config.to_dict(), ""):
+        if abs(value) > top:
+            raise ValueError(f"{name} = {value!r} is not finite as a {config.dtype} (the run's "
+                             f"dtype; its largest number is {top:.6g})")
+    if config.dtype == "float32":
+        for name in STEP_SIZE_FIELDS:
+            value = getattr(config.method, name)
+            if value is not None and struct.unpack("f", struct.pack("f", value))[0] == 0:
+                raise ValueError(f"method.{name} = {value!r} is 0 as a float32 (the run's dtype)")
+
+
+def _check_device(device: str) -> None:
+    """A device this machine has: cpu, cuda[:N] with CUDA and that many devices, or mps where
+    PyTorch's MPS backend is available."""
+    if not device.startswith(("cpu", "cuda", "mps")):
+        raise ValueError(f"unknown device {device!r}; use cpu, cuda or cuda:N")
+    if device == "cpu":
+        return
+    import torch
+
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise ValueError(f"unknown device {device!r}; use cpu, cuda or cuda:N") from None
+    if parsed.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {device!r} requested but CUDA is not available")
+        count = torch.cuda.device_count()
+        if parsed.index is not None and parsed.index >= count:
+            raise ValueError(f"device {device!r} requested but this machine has {count} CUDA "
+                             f"device(s) (cuda:0 to cuda:{count - 1})")
+    elif parsed.type == "mps":
+        mps = getattr(torch.backends, "mps", None)
+        if mps is None or not mps.is_available():
+            raise ValueError(f"device {device!r} requested but MPS (Apple's GPU backend) is "
+                             f"not available on this machine")
 
 
 # --------------------------------------------------------------------------- from plain values
