@@ -18,7 +18,7 @@ from typing import Any
 
 import pandas as pd
 
-from experiments.grids import Grid, get_path, run_id_for
+from experiments.grids import MAX_CELLS, Grid, get_path, run_id_for
 
 __all__ = [
     "DEFAULT_NO_ROW",
@@ -29,6 +29,7 @@ __all__ = [
     "Outcome",
     "PrepareError",
     "cell_payload",
+    "check_config",
     "group_ensembles",
     "prepare",
     "read_selection",
@@ -188,8 +189,6 @@ def prepare(
     """
     from experiments.grids import deep_merge
     from experiments.selection import check_candidates, initial_candidates
-    from vi.config import RunConfig
-    from vi.probes import build_probes
 
     g = grid.scaled(scale)
     if seeds is not None:
@@ -199,9 +198,7 @@ def prepare(
             raise PrepareError(f"seeds must be integers in [0, 2^32); got {seeds}")
     selection = None
     if g.lr == "selected" and not selection_pending:
-        selection = read_selection(results)
-        if selection is None and not default_lr:
-            raise _missing_selection(g.name, results, scale)
+        selection = read_selection(results)  # (missing: refused once the cells are valid)
     defaults = _defaults()
     partials = g.cells(seeds)
     if not partials:
@@ -230,6 +227,9 @@ def prepare(
         rounds += [(c, r) for c, r in extra]
         for step_sizes, rnd in rounds:
             expanded.append((deep_merge(partial, {"method": dict(step_sizes)}), rnd))
+        if len(expanded) > MAX_CELLS:
+            raise PrepareError(f"{g.name}: more than {MAX_CELLS} cells with the step-size "
+                               f"candidates of its selection; shorten its axes")
     data_checked: dict[str, Any] = {}
     cells: list[Cell] = []
     seen: set[str] = set()
@@ -253,9 +253,7 @@ def prepare(
                 if group not in unselected:
                     unselected.append(group)
         try:
-            config = RunConfig.from_dict(full)
-            build_probes(config.probes, config)
-            _check_data(config, data_checked)
+            config, _ = check_config(full, checked=data_checked)
         except ValueError as err:
             raise PrepareError(f"{where}: {err}") from err
         values = config.to_dict()
@@ -265,14 +263,33 @@ def prepare(
         seen.add(run_id)
         cells.append(Cell(g.name, run_id, values, lr_source,
                           str(results / g.name / "runs" / run_id), rnd))
+    if g.lr == "selected" and selection is None and not (selection_pending or default_lr):
+        raise _missing_selection(g.name, results, scale)
     if unselected and not default_lr:
         raise _missing_rows(g.name, results, scale, unselected)
     return cells
 
 
-def _check_data(config, checked: dict[str, Any]) -> None:
+def check_config(values: dict[str, Any], probes: dict[str, dict] | None = None,
+                 checked: dict[str, Any] | None = None) -> tuple[Any, list]:
+    """A run configuration (nested plain values) validated as every cell of a grid is, without
+    allocating anything: its fields and ranges (``vi.config``), its probes (``probes``: these
+    instead of the configuration's own), its data and the sizes that depend on it, memory
+    included. Returns (``RunConfig``, the built probes); ``ValueError`` names the problem.
+    ``checked`` caches loaded data sets across calls."""
+    from vi.config import RunConfig
+    from vi.probes import build_probes
+
+    config = RunConfig.from_dict(values)
+    built = build_probes(config.probes if probes is None else probes, config)
+    _check_data(config, {} if checked is None else checked, built)
+    return config, built
+
+
+def _check_data(config, checked: dict[str, Any], probes: Sequence = ()) -> None:
     """Load the cell's data once per (data set, options, fractions, seed) and check the sizes
-    that depend on it (batch size, empty splits, memory) before anything is allocated."""
+    that depend on it (batch size, empty splits, memory: the run's and its largest probe's)
+    before anything is allocated."""
     from vi.data import load_dataset
 
     d = config.data
@@ -299,6 +316,34 @@ def _check_data(config, checked: dict[str, Any]) -> None:
     if need > limit:
         raise ValueError(f"this configuration needs about {need / 2**30:.1f} GiB per run, more "
                          f"than this machine's {limit / 2**30:.1f} GiB")
+    for probe in probes:  # probes run one at a time, after training, beside the run's state
+        extra = probe_memory_bytes(probe.name, probe.options, config, data.data_dim, n_train)
+        if need + extra > limit:
+            raise ValueError(f"probe {probe.name!r} needs about {extra / 2**30:.3g} GiB per run "
+                             f"with these options, more than the {limit / 2**30:.1f} GiB this "
+                             f"machine has (lower its draws, n_mc or batch)")
+
+
+def probe_memory_bytes(name: str, options: Any, config, data_dim: int, n_train: int) -> int:
+    """A rough upper estimate of the memory (bytes, one run) of the probes whose size the
+    options set: ``gradvar`` and ``variance_sweep`` hold a noise tensor of draws x M x B x H,
+    per parameter group a gradient per draw (draws x (2 · B · 2H + parameters), with the
+    copies their statistics make) and at least one draw's activations (M x B x the widest
+    layer, forward and backward); the others evaluate in bounded chunks (0)."""
+    if name not in ("gradvar", "variance_sweep"):
+        return 0
+    item = 8 if config.dtype == "float64" else 4
+    h = config.model.latent_dim
+    batch = min(int(options.batch), n_train)
+    width = max(data_dim, 2 * h, *config.model.hidden, *config.method.encoder_hidden)
+    if name == "gradvar":
+        sample_counts = [options.n_mc or config.method.n_mc]
+    else:
+        sample_counts = list(options.n_mc)
+    draws = int(options.draws)
+    grads = 3 * draws * (2 * batch * 2 * h + config.parameter_count(data_dim))
+    return max(item * (draws * m * batch * h + grads + 8 * m * batch * width)
+               for m in sample_counts)
 
 
 def _memory_limit() -> int:

@@ -27,6 +27,10 @@ A grid is data. Its keys:
                  ``method_base`` and replaces the named ``axes``/``probes`` entries. A grid
                  without a ``quick`` scale has an implicit one (``Grid.implicit_quick``)
 
+A grid holds at most ``MAX_CELLS`` cells (the product of its axes' lengths, counted before
+anything is expanded, and again with a selection's candidates) and nests at most
+``MAX_DEPTH`` levels; a bigger one is refused at once rather than expanded.
+
 Partial configurations may be nested objects or use dotted keys; both are merged deeply.
 Expansion here is pure Python (no torch), so ``list``, ``figures`` and ``check`` stay light;
 ``runner.prepare`` fills the defaults and validates every cell before anything runs. A cell's
@@ -40,6 +44,7 @@ import copy
 import hashlib
 import itertools
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -47,6 +52,8 @@ from typing import Any
 __all__ = [
     "GRID_DIR",
     "GRID_KEYS",
+    "MAX_CELLS",
+    "MAX_DEPTH",
     "Grid",
     "GridError",
     "available",
@@ -65,6 +72,11 @@ GRID_KEYS = ("name", "description", "cost", "order", "lr", "base", "method_base"
              "exclude", "probes", "select", "scales")
 _REQUIRED = ("name", "description", "cost", "base", "axes")
 _SCALE_KEYS = ("base", "method_base", "axes", "probes", "exclude", "select")
+#: the most cells a grid may expand to (the largest study grid has a few hundred): a typo such as
+#: a 1000-entry axis is refused before anything is expanded or validated
+MAX_CELLS = 10_000
+#: the deepest nesting of objects and lists a grid file may have (the study's reach 7)
+MAX_DEPTH = 32
 
 
 class GridError(ValueError):
@@ -205,6 +217,11 @@ class Grid:
         axes = dict(self.axes)
         if seeds is not None:
             axes["seed"] = list(seeds)
+        count = math.prod(len(entries) for entries in axes.values())
+        if count > MAX_CELLS:
+            sizes = " x ".join(f"{len(v)} {k}" for k, v in axes.items())
+            raise GridError(f"grid {self.name!r} has {count} cells ({sizes}), more than the "
+                            f"{MAX_CELLS} a grid may have; split it or shorten its axes")
         out = []
         names = list(axes)
         for combo in itertools.product(*(axes[n] for n in names)):
@@ -238,6 +255,19 @@ def available() -> dict[str, Path]:
     return {g.name: g.path for g in sorted(grids, key=lambda g: (g.order, g.name))}
 
 
+def nesting_depth(value: Any) -> int:
+    """How deeply objects and lists nest in parsed JSON (a scalar: 0), without recursion."""
+    deepest, stack = 0, [(value, 0)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, dict | list):
+            depth += 1
+            deepest = max(deepest, depth)
+            stack.extend((v, depth) for v in (item.values() if isinstance(item, dict)
+                                              else item))
+    return deepest
+
+
 def _fail(where: str, message: str) -> GridError:
     return GridError(f"{where}: {message}")
 
@@ -264,6 +294,12 @@ def load_grid(source: str | Path) -> Grid:
         raw = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError, OSError) as err:
         raise _fail(where, f"not valid JSON ({err})") from err
+    except RecursionError:
+        raise _fail(where, f"nested too deeply (a grid nests at most {MAX_DEPTH} levels)"
+                    ) from None
+    depth = nesting_depth(raw)
+    if depth > MAX_DEPTH:
+        raise _fail(where, f"nested {depth} levels deep; a grid nests at most {MAX_DEPTH}")
     if not isinstance(raw, dict):
         raise _fail(where, f"a grid must be a JSON object; got {type(raw).__name__}")
     unknown = sorted(set(raw) - set(GRID_KEYS))
