@@ -359,13 +359,16 @@ def cmd_evaluate(args) -> int:
         if args.out.suffix != ".csv":
             raise UsageError(f"--out must name a .csv file; got {args.out}")
         writable_folder(args.out.parent, "--out folder")
-    from experiments.evaluate import CheckpointError, evaluate
+    from experiments.evaluate import CheckpointError, EvaluationError, evaluate
 
     try:
         frame = evaluate(args.checkpoint, gaps=args.gaps or args.iwae_k is not None,
                          test_curve=args.test_curve, iwae_k=args.iwae_k, device=args.device)
     except CheckpointError as err:
         raise UsageError(str(err)) from err
+    except EvaluationError as err:  # it ran, and the result is unusable: say so, write nothing
+        print_error(str(err))
+        return 1
     cols = [c for c in ("run_id", "epoch", "split", "param_group", "step", "metric", "value")
             if c in frame.columns]
     print(frame[cols].to_string(index=False))
