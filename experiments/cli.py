@@ -216,11 +216,12 @@ def cmd_run(args) -> int:
     given = [k for k, v in slurm_only.items() if v is not None]
     if args.launcher != "slurm" and given:
         raise UsageError(f"{', '.join(given)} apply only with --launcher slurm")
-    if args.launcher == "slurm":
-        from experiments.launch import SUBMITIT_MISSING, submitit_available
+    if args.launcher == "slurm":  # before anything is created
+        from experiments.launch import slurm_unavailable
 
-        if not submitit_available():
-            raise UsageError(SUBMITIT_MISSING)
+        why = slurm_unavailable()
+        if why:
+            raise UsageError(why)
     results = results_dir(args)
     grid = load(args.experiment)
     prepare_cells(grid, results, args, seeds=args.seeds)  # every error before the lock is taken
@@ -398,4 +399,11 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except BrokenPipeError:  # the reader went away (e.g. `| head`): stop quietly
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
+    except RuntimeError as err:  # a worker process died: one message, rerun to resume
+        from experiments.launch import WorkerDied
+
+        if not isinstance(err, WorkerDied):
+            raise
+        print_error(str(err))
         return 1

@@ -14,9 +14,11 @@ before anything is launched.
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import sys
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
 from multiprocessing import get_context
 from pathlib import Path
 from typing import Any
@@ -25,10 +27,15 @@ from tqdm.auto import tqdm
 
 from experiments.runner import Cell, Outcome, cell_payload, complete, group_ensembles, run_ensemble
 
-__all__ = ["SUBMITIT_MISSING", "run_cells", "submitit_available", "worker_pool"]
+__all__ = ["SUBMITIT_MISSING", "WorkerDied", "run_cells", "slurm_unavailable",
+           "submitit_available", "worker_pool"]
 
 SUBMITIT_MISSING = ("--launcher slurm needs the optional package submitit: "
                     "pip install -e \".[cluster]\"")
+
+
+class WorkerDied(RuntimeError):
+    """A worker process died, so its pool can run nothing more (the message says what to do)."""
 
 
 def submitit_available() -> bool:
@@ -37,6 +44,18 @@ def submitit_available() -> bool:
     except ImportError:
         return False
     return True
+
+
+def slurm_unavailable() -> str:
+    """Why ``--launcher slurm`` cannot submit from this machine ("" when it can): submitit
+    missing, or SLURM's ``srun`` and ``sbatch`` (which submitit calls) not on the PATH."""
+    if not submitit_available():
+        return SUBMITIT_MISSING
+    missing = [c for c in ("srun", "sbatch") if shutil.which(c) is None]
+    if missing:
+        return (f"--launcher slurm needs SLURM's {' and '.join(missing)} on the PATH, which "
+                f"this machine lacks: run from a SLURM login node, or use --launcher local")
+    return ""
 
 
 def _entry(payloads: list[dict], checkpoint_seconds: float) -> list[Outcome]:
@@ -124,22 +143,36 @@ def run_cells(
 
 def _in_pool(pool: ProcessPoolExecutor, groups: list[list[Cell]], bar,
              checkpoint_seconds: float) -> list[Outcome]:
+    """Run the groups on the pool. A worker that dies (killed, out of memory) breaks the whole
+    pool (``concurrent.futures`` ends its other workers too): ``WorkerDied`` then stops the
+    command, whose unfinished runs keep their folders and checkpoints for a rerun to resume."""
     done = []
-    owner = {pool.submit(_entry, [cell_payload(c) for c in g], checkpoint_seconds): g
-             for g in groups}
-    futures = set(owner)
+    name = groups[0][0].experiment if groups and groups[0] else ""
+    futures: set = set()
     try:
+        owner = {}
+        for g in groups:
+            owner[pool.submit(_entry, [cell_payload(c) for c in g], checkpoint_seconds)] = g
+            futures = set(owner)
         while futures:
             finished, futures = wait(futures, return_when=FIRST_COMPLETED)
             for f in finished:
                 try:
                     result = f.result()
-                except Exception as err:  # the worker died (killed, out of memory): rerun later
+                except BrokenProcessPool:
+                    raise
+                except Exception as err:  # the ensemble's own code raised in the worker
                     result = [Outcome(c.run_id, "failed",
                                       f"worker process: {type(err).__name__}: {err}", "ran", 0.0)
                               for c in owner[f]]
                 done += result
                 bar.update(len(result))
+    except BrokenProcessPool:
+        for f in futures:
+            f.cancel()
+        raise WorkerDied(f"a worker process died (killed, or out of memory) while {name} ran; "
+                         f"the runs not finished by then were stopped and keep their "
+                         f"checkpoints: run the same command again to resume them") from None
     except BaseException:
         for f in futures:
             f.cancel()
