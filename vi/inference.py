@@ -4,10 +4,11 @@
 ``vem``             Variational EM with stochastic gradients: a table of local λ_n; per minibatch
                     E-steps on its rows (θ fixed), then ``m_steps`` on θ (rows fixed).
 ``amortized``       The VAE (Kingma & Welling 2014): λ_n = f_φ(x_n), one joint step on (θ, φ).
-``semi_amortized``  λ⁽⁰⁾ = f_φ(x) refined by K gradient steps (Kim et al., 2018); θ is trained
-                    at the refined λ⁽ᴷ⁾, φ on the ELBO at λ⁽⁰⁾ (Kim et al.'s "VAE + SVI").
-``sa_vae``          as ``semi_amortized``, but φ is trained on the ELBO at λ⁽ᴷ⁾ with gradients
-                    through the refinement (Kim et al.'s SA-VAE).
+``semi_amortized``  λ⁽⁰⁾ = f_φ(x) refined by K gradient steps; θ is trained at the refined
+                    λ⁽ᴷ⁾, φ on the ELBO at λ⁽⁰⁾: "VAE + SVI" (Hjelm et al., 2016; Krishnan,
+                    Liang & Hoffman, 2018), a baseline in Kim et al. (2018).
+``sa_vae``          as ``semi_amortized``, but θ and φ are trained on the ELBO at λ⁽ᴷ⁾ with
+                    gradients through the refinement (Kim et al.'s SA-VAE, 2018).
 
 Every method is an *ensemble* of K members (``vi.nets``) that share one configuration and differ
 in seed and step sizes: data x [K, B, D], posterior parameters λ [K, B, 2H], noise
@@ -33,7 +34,12 @@ import torch
 from torch import Tensor, nn
 
 from vi.decoders import GaussianDecoder
-from vi.estimators import Estimate, RunningMean, validate_estimator
+from vi.estimators import (
+    Estimate,
+    RunningMean,
+    validate_estimator,
+    validate_twice_differentiable,
+)
 from vi.nets import ACTIVATIONS, StackedMLP, member_sum
 from vi.objectives import KL_MODES, elbo
 from vi.optim import FlatOptimizer, RowOptimizer, validate_optimizer
@@ -139,6 +145,10 @@ class MethodSettings:
         if (traits.refines_in_training or traits.refines_at_inference) and \
                 self.refine_steps < 1:
             raise ValueError(f"{self.name} needs refine_steps >= 1 (0 is the plain VAE)")
+        if traits.refine_through:
+            validate_twice_differentiable(
+                self.estimator, self.kl, f"{self.name} differentiates its refinement steps' "
+                f"gradients again")
         if not (math.isfinite(self.refine_lr) and self.refine_lr > 0):
             raise ValueError(f"refine_lr must be finite and positive; got {self.refine_lr}")
         if self.refine_clip is not None and not (math.isfinite(self.refine_clip)
@@ -367,16 +377,25 @@ class InferenceMethod(nn.Module):
                                 if t.is_floating_point()))
 
     def local_ascent(self, x: Tensor, lam: Tensor, random: MemberRandom, steps: int, *,
-                     active: Tensor | None = None, create_graph: bool = False) -> Tensor:
+                     active: Tensor | None = None, create_graph: bool = False,
+                     settings: MethodSettings | None = None) -> Tensor:
         """K plain gradient-ascent steps λ ← λ + α_k clip(ĝ_λ) (the refinement; α_k per
-        member; each point's gradient rescaled to norm at most ``refine_clip``): λ⁽ᴷ⁾. A
-        non-finite gradient makes λ⁽ᴷ⁾ non-finite, and so whatever is computed from it."""
-        clip = self.settings.refine_clip
+        member): λ⁽ᴷ⁾. ĝ_λ is the ELBO gradient estimate of ``settings`` (default: the
+        method's own estimator, baseline, KL mode and M) on fresh noise at every step; each
+        point's gradient, μ and log σ² concatenated, is rescaled to norm at most
+        ``refine_clip``. (Kim et al. 2018's refinement uses momentum 0.5 and clips the μ and
+        log σ² gradients separately; this one takes plain steps.) With ``create_graph`` the
+        steps stay differentiable, so λ⁽ᴷ⁾ is a function of λ⁽⁰⁾ and θ. A non-finite gradient
+        makes λ⁽ᴷ⁾ non-finite, and so whatever is computed from it."""
+        s = settings or self.settings
+        clip = s.refine_clip
+        bval = self.baseline_value() if s.baseline == "mean" else None
         with torch.enable_grad():
             for _ in range(steps):
                 if not lam.requires_grad:
                     lam = lam.detach().requires_grad_()
-                est = self.estimate(x, lam, random, active=active)
+                est = estimate_elbo(self.decoder, x, lam, s, random, active=active,
+                                    baseline_value=bval)
                 (g,) = torch.autograd.grad(est.surrogate.sum(), lam, create_graph=create_graph)
                 if clip is not None:
                     norm = g.norm(dim=-1, keepdim=True)
@@ -592,10 +611,17 @@ class Amortized(InferenceMethod):
 
 class SemiAmortized(Amortized):
     """Semi-amortized inference (Kim et al., 2018): the encoder's λ⁽⁰⁾ refined by
-    ``refine_steps`` plain gradient-ascent steps of size ``refine_lr``.
+    ``refine_steps`` plain gradient-ascent steps of size ``refine_lr`` (``local_ascent``).
 
-    θ is trained at the refined λ⁽ᴷ⁾; φ on the ELBO at its own output λ⁽⁰⁾ (Kim et al.'s
-    "VAE + SVI"; ``SAVAE`` trains φ through the refinement).
+    Training ("VAE + SVI": Hjelm et al. 2016, Krishnan, Liang & Hoffman 2018; a baseline in
+    Kim et al. 2018, whose code runs it as ``train_n2n=0, train_kl=0``):
+    θ takes ∇_θ L(λ⁽ᴷ⁾, θ) at the refined, detached λ⁽ᴷ⁾; φ takes ∇_φ L(f_φ(x), θ), the ELBO at
+    its own output λ⁽⁰⁾ (Kim et al.'s default, ``train_kl=1``, trains φ on KL(q_λ⁽⁰⁾ ‖ q_λ⁽ᴷ⁾)
+    instead). ``SAVAE`` trains both through the refinement.
+
+    Inference (``infer``) refines with the held-out settings
+    (``MethodSettings.heldout_settings``: reparam, M = 1, the analytic KL), whatever the training
+    estimator, so every method's held-out ELBO comes from one procedure.
     """
 
     name = "semi_amortized"
@@ -606,19 +632,22 @@ class SemiAmortized(Amortized):
 
     def train_step(self, x, idx, random, active):
         s = self.settings
-        through = self.refine_through
-        lam0 = self.encoder(x)
-        with contextlib.ExitStack() as stack:
-            if not through:
-                stack.enter_context(frozen(self.decoder))
-            lam_k = self.local_ascent(x, lam0 if through else lam0.detach(), random,
-                                      s.refine_steps, active=active, create_graph=through)
         dec, enc = self.decoder.params.flat, self.encoder.params.flat
-        est = self.estimate(x, lam_k.detach(), random, active=active)  # θ at the refined λ
-        (dec_grad,) = torch.autograd.grad(-est.surrogate.mean(1).sum(), [dec])
-        enc_target = lam_k if through else lam0
-        enc_est = self.estimate(x, enc_target, random, active=active)  # φ at its own λ
-        (enc_grad,) = torch.autograd.grad(-enc_est.surrogate.mean(1).sum(), [enc])
+        lam0 = self.encoder(x)
+        if self.refine_through:
+            # λ⁽ᴷ⁾(θ, φ) stays differentiable; the total derivative of L(λ⁽ᴷ⁾(θ, φ), θ)
+            lam_k = self.local_ascent(x, lam0, random, s.refine_steps, active=active,
+                                      create_graph=True)
+            est = self.estimate(x, lam_k, random, active=active)
+            dec_grad, enc_grad = torch.autograd.grad(-est.surrogate.mean(1).sum(), [dec, enc])
+        else:
+            with frozen(self.decoder):
+                lam_k = self.local_ascent(x, lam0.detach(), random, s.refine_steps,
+                                          active=active)
+            est = self.estimate(x, lam_k.detach(), random, active=active)  # θ at λ⁽ᴷ⁾
+            (dec_grad,) = torch.autograd.grad(-est.surrogate.mean(1).sum(), [dec])
+            enc_est = self.estimate(x, lam0, random, active=active)  # φ at its own λ⁽⁰⁾
+            (enc_grad,) = torch.autograd.grad(-enc_est.surrogate.mean(1).sum(), [enc])
         recorded = self._record(est.samples, active)
         dec.grad, enc.grad = dec_grad, enc_grad
         _clip(self.opt.params, s.grad_clip)
@@ -629,14 +658,22 @@ class SemiAmortized(Amortized):
         with torch.no_grad():
             lam0 = self.encoder(x)
         with frozen(self.decoder):
-            lam = self.local_ascent(x, lam0, random, self.settings.refine_steps)
+            lam = self.local_ascent(x, lam0, random, self.settings.refine_steps,
+                                    settings=self.settings.heldout_settings())
         return lam.detach(), None
 
 
 class SAVAE(SemiAmortized):
-    """SA-VAE (Kim et al., 2018): semi-amortized inference whose encoder is trained on the ELBO
-    at the refined λ⁽ᴷ⁾, with gradients through the K refinement steps (second order in θ's
-    ELBO with respect to λ)."""
+    """SA-VAE (Kim et al., 2018, Algorithm 1; their code's ``train_n2n=1`` with
+    ``acc_param_grads=1``): the refinement steps stay differentiable, λ⁽ᴷ⁾ = λ⁽ᴷ⁾(θ, φ), and one
+    ELBO estimate at λ⁽ᴷ⁾ trains both networks by its total derivatives,
+
+        φ:  (∂λ⁽ᴷ⁾/∂φ)ᵀ ∇_λ L(λ⁽ᴷ⁾, θ)
+        θ:  ∇_θ L(λ⁽ᴷ⁾, θ) + (∂λ⁽ᴷ⁾/∂θ)ᵀ ∇_λ L(λ⁽ᴷ⁾, θ),
+
+    where ∂λ⁽ᴷ⁾ involves the Hessian of the refinement's ELBO estimate: its estimator's second
+    derivatives must be unbiased (``vi.estimators.twice_differentiable``; checked by
+    ``MethodSettings.validate``)."""
 
     name = "sa_vae"
     refine_through = True
