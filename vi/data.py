@@ -574,14 +574,17 @@ def frequent_pixels(images: np.ndarray, fraction: Any, name: str) -> list[int] |
     [N, D] (integers), in order; None when that is every pixel (``fraction`` 0).
 
     Why: a Gaussian decoder learns each pixel's variance σ²_d from the training images. A pixel
-    that is 0 in (nearly) every training image gets a variance near the floor
-    (:func:`variance_floor`, 1.27e-7 for 8-bit images), so one test image with ink there
-    costs (x − μ)² / (2σ²) ≈ 10⁵–10⁶ nats: in every 80/20 split of ``mnist5k`` 4–6 of the 1000
-    test images do, and the test mean of every model — factor analysis included — is then set
-    by them (standard errors of 130–680 nats). Keeping the pixels with ink in at least 1 % of the
-    images (486 of 784 for ``mnist5k``) removes that: each kept pixel has ink in about 40 or more
-    training images, and the test and training log-likelihoods of factor analysis agree within
-    a few nats (standard error about 4).
+    that is 0 in every training image carries only the dequantization noise u/K, so its
+    maximum-likelihood fit is the mean 1/(2K) and the variance s² = 1/(12K²) = 1.27e-6 for
+    8-bit images (ten times the floor of :func:`variance_floor`). A test image with ink v there
+    costs (x − μ)²/(2s²) = 6 (v + u − ½)² nats, 6 v² more than a blank pixel on average over u:
+    6 nats at v = 1, but 10⁵ at v ≈ 130 and 3.9 × 10⁵ at v = 255. In every 80/20 split of
+    ``mnist5k`` 4–6 of the 1000 test images have ink on such pixels, and the test mean of every
+    model — factor analysis included — is then set by them (standard errors of 130–680 nats).
+    Keeping the pixels with ink in at least 1 % of the images (486 of 784 for ``mnist5k``)
+    removes that: each kept pixel has ink in about 40 or more training images, and the test and
+    training log-likelihoods of factor analysis agree within a few nats (standard error about
+    4).
 
     Raises:
         ValueError: ``fraction`` is not a number in [0, 1), or it keeps no pixel.
@@ -758,7 +761,13 @@ def bits_per_dim(nats_per_point: _Nats, data_dim: int, levels: int) -> _Nats:
 
         bits/dim = −(L − D ln K) / (D ln 2),
 
-    an upper bound on −log₂ P(v) / D. A uniform density on [0, 1)^D (L = 0) gives log₂ K.
+    an upper bound on −log₂ P(v) / D in expectation only: over the dequantization noise u, and
+    over the Monte Carlo noise of an estimated L (unbiased for an ELBO, low in expectation for
+    an IWAE estimate; either keeps the direction). The data are dequantized once, at load, so
+    an image's bits/dim come from one draw of u (and of L's noise): an estimate whose
+    expectation is at least −log₂ P(v) / D, not a bound itself — a single image may fall below
+    it; a mean over many images bounds the mean up to its standard error. A uniform density on
+    [0, 1)^D (L = 0) gives log₂ K.
 
     Args:
         nats_per_point: L, in nats per data point; a float, a numpy array or a pandas Series
