@@ -98,11 +98,16 @@ def summary_table(results: str | Path) -> pd.DataFrame:
 
 
 def write_summary(results: str | Path) -> Path:
-    """Write ``results/summary.csv`` atomically and return its path."""
+    """Write ``results/summary.csv`` atomically, record it in the results folder's
+    ``manifest.json`` (``check`` verifies it), and return its path."""
+    from experiments.aggregate import add_to_manifest
+
     results = Path(results)
     table = summary_table(results)
-    return atomic_write(results / "summary.csv", lambda p: table.to_csv(
+    path = atomic_write(results / "summary.csv", lambda p: table.to_csv(
         p, index=False, float_format="%.6g", lineterminator="\n"))
+    add_to_manifest(results, [path], create=True)
+    return path
 
 
 # --------------------------------------------------------------------------------- Markdown
