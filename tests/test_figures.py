@@ -324,7 +324,8 @@ def test_figure_code_imports_no_torch_or_training_code(drawn: dict) -> None:
                 top = name.split(".")[0]
                 assert top in allowed or top in sys.stdlib_module_names, (path.name, name)
                 if top == "experiments":
-                    assert name.split(".")[1] in ("figures", "schema", "grids"), (path, name)
+                    assert name.split(".")[1] in ("figures", "schema", "grids", "vocabulary"), \
+                        (path, name)
 
 
 def test_legends_list_only_series_that_were_drawn(drawn: dict) -> None:

@@ -61,16 +61,13 @@ several latent dimensions):
 
 from __future__ import annotations
 
+import importlib
+import importlib.util
+
 import matplotlib
 
 matplotlib.use("Agg")  # headless; must precede pyplot, which seaborn and the figure modules load
 
-# Importing an experiment's module registers its figures. Experiments are drawn in this order,
-# the order ``reproduce`` runs them in.
-# isort: off
-from experiments.figures import (lr_selection, vem_e_steps, refinement, elbo_curves,
-                                 gradient_variance, amortization_gap, ppca_exact, mnist_curves)
-# isort: on
 from experiments.figures.amortization_gap import fig_amortization_gap, gaps_table
 from experiments.figures.elbo_curves import (
     fig_active_units,
@@ -101,6 +98,7 @@ from experiments.figures.registry import (
 )
 from experiments.figures.style import estimator_label
 from experiments.figures.vem_e_steps import fig_vem_e_steps
+from experiments.vocabulary import experiment_order
 
 __all__ = [
     "EXPERIMENTS",
@@ -133,10 +131,11 @@ __all__ = [
     "variance_ratio",
 ]
 
-#: the experiment modules, in drawing order
-MODULES = (lr_selection, vem_e_steps, refinement, elbo_curves, gradient_variance,
-           amortization_gap, ppca_exact, mnist_curves)
-#: the experiments that have figures, in drawing order (as registered on import)
+#: the experiment modules: for each grid, the module named after it when there is one, imported
+#: (which registers its figures) in the grids' order
+MODULES = tuple(importlib.import_module(f"{__name__}.{name}") for name in experiment_order()
+                if importlib.util.find_spec(f"{__name__}.{name}") is not None)
+#: the experiments that have figures, in drawing order (the grids' order)
 EXPERIMENTS = registered()
 #: experiment → its figure functions, each yielding (file stem, figure)
 FIGURES = {name: figure_functions(name) for name in EXPERIMENTS}

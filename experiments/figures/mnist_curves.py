@@ -28,21 +28,21 @@ from experiments.figures.registry import register
 from experiments.figures.style import (
     ELBO_UNITS,
     METHOD_ORDER,
-    METHOD_STYLES,
     m_text,
     method_name,
+    method_style,
     ordered,
     seeds_text,
+    style_word,
 )
 
 __all__ = ["INPUTS", "fig_mnist_curves", "fig_mnist_pictures"]
 
 INPUTS = pictures.INPUTS
-STYLE_WORDS = {"-": "solid", "--": "dashed", "-.": "dash-dot", ":": "dotted"}
 
 
 def _style_name(method: object) -> str:
-    return f"{method_name(method)} ({STYLE_WORDS.get(METHOD_STYLES.get(str(method), '-'))})"
+    return f"{method_name(method)} ({style_word(method_style(method))})"
 
 
 def _bpd(res: ExperimentResults) -> tuple[float, float] | None:
@@ -76,7 +76,8 @@ def fig_mnist_curves(res: ExperimentResults) -> Iterator[tuple[str, Figure]]:
                             runs, split, h, f"{split} ELBO ({ELBO_UNITS})"))
         cells.append(row)
     fig, _, notes = elbo_grid(res, cells, "examples", palette, bpd=_bpd(res), style_by="method",
-                              styles=METHOD_STYLES, style_names=_style_name, w=3.8, h=3.0)
+                              styles={m: method_style(m) for m in ordered(d["method"])},
+                              style_names=_style_name, w=3.8, h=3.0)
     methods = ordered(d["method"], METHOD_ORDER)
     suptitle(fig, f"{'/'.join(ordered(d['dataset']))} (after Kingma & Welling 2014, Fig. 2): "
                   f"train and test ELBO against training examples seen, columns = latent "

@@ -33,9 +33,9 @@ from experiments.figures.refs import draw_references
 from experiments.figures.registry import register
 from experiments.figures.style import (
     ELBO_UNITS,
-    METHOD_COLOURS,
     METHOD_ORDER,
     TRAINING_LENGTH,
+    method_colour,
     method_name,
     ordered,
     seeds_text,
@@ -76,7 +76,7 @@ def fig_refinement(res: ExperimentResults) -> Iterator[tuple[str, Figure]]:
         log_axis(ax, "x", base=2)
         d = runs.assign(value=pd.to_numeric(runs[col], errors="coerce"))
         for k, method in enumerate(methods):
-            draw_final(ax, d[d["method"] == method], "steps", "value", METHOD_COLOURS[method],
+            draw_final(ax, d[d["method"] == method], "steps", "value", method_colour(method),
                        marker=MARKERS.get(method, "D"), label=method_name(method),
                        offset=float(2 ** (0.05 * (k - (len(methods) - 1) / 2))))
         if d["value"].notna().sum() == 0:

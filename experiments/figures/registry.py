@@ -15,7 +15,8 @@ beside the manifest's CSVs).
 
 ``register(..., inputs={"images.csv": columns})`` also declares the extra tables (beside
 metrics.csv and runs.csv) that the figures read, with the columns they need; they are validated
-with the rest. Experiments are drawn in the order they were first registered.
+with the rest. Experiments are drawn in the grids' order (``experiments.vocabulary``), those
+without a grid file after them.
 ``check_registry`` fails loudly when an experiment with a grid has no figure module, rather than
 leaving its results undrawn.
 """
@@ -126,8 +127,11 @@ def register_table(experiment: str, *, outputs: Sequence[str] = ()) -> Callable[
 
 
 def registered() -> tuple[str, ...]:
-    """The experiments with a figure module, in registration order."""
-    return tuple(REGISTRY)
+    """The experiments with a figure module, in the grids' order (others after them, by
+    name)."""
+    from experiments.vocabulary import experiment_order
+
+    return tuple(experiment_order(REGISTRY))
 
 
 def figure_functions(experiment: str) -> tuple[FigureFunction, ...]:
@@ -169,5 +173,5 @@ def check_registry(names: Iterable[str] | None = None) -> None:
         raise RegistryError(
             f"no figure module registered for experiment(s) {', '.join(missing)}: add "
             f"experiments/figures/<experiment>.py with a function decorated "
-            f"@register(\"<experiment>\") and import it in experiments/figures/__init__.py "
+            f"@register(\"<experiment>\"), which experiments.figures imports with the others "
             f"(registered: {', '.join(REGISTRY) or 'none'})")

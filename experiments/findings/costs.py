@@ -10,7 +10,6 @@ import numpy as np
 import pandas as pd
 
 from experiments import summary as S
-from experiments.figures.style import METHOD_ORDER
 from experiments.findings.core import (
     CONTRADICTS,
     NOT_SUPPORTED,
@@ -35,6 +34,7 @@ from experiments.findings.core import (
     register_each,
 )
 from experiments.findings.study import _budget_pairs, _curves, _Study
+from experiments.vocabulary import METHOD_ORDER
 
 
 def _test_curves(st: _Study) -> pd.DataFrame | None:

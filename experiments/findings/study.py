@@ -11,8 +11,8 @@ import numpy as np
 import pandas as pd
 
 from experiments import summary as S
-from experiments.figures.style import estimator_label
 from experiments.findings.core import _paired
+from experiments.vocabulary import estimator_label
 
 
 class _Study:

@@ -67,7 +67,6 @@ Modules
 from experiments.summary.quantities import (
     CELL,
     EXCLUDED,
-    EXPERIMENT_ORDER,
     QUANTITIES,
     Interval,
     Quantity,
@@ -81,7 +80,6 @@ from experiments.summary.values import run_values
 __all__ = [
     "CELL",
     "EXCLUDED",
-    "EXPERIMENT_ORDER",
     "QUANTITIES",
     "Interval",
     "Quantity",

@@ -10,9 +10,6 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
-#: experiments in the order the summary lists them (others follow alphabetically)
-EXPERIMENT_ORDER = ("elbo_curves", "gradient_variance", "amortization_gap", "ppca_exact",
-                    "refinement", "vem_e_steps", "mnist_curves")
 #: experiments whose runs are not comparable rows (step-size candidates)
 EXCLUDED = ("lr_selection",)
 #: the keys of a summary cell (``setting`` and ``convergence`` complete a row)

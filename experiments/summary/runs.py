@@ -10,8 +10,8 @@ import numpy as np
 import pandas as pd
 
 from experiments import schema
-from experiments.figures.style import estimator_label
-from experiments.summary.quantities import _NOT_SETTINGS, CELL, EXCLUDED, EXPERIMENT_ORDER
+from experiments.summary.quantities import _NOT_SETTINGS, CELL, EXCLUDED
+from experiments.vocabulary import estimator_label, experiment_order
 
 
 def read_csv(path: Path) -> pd.DataFrame | None:
@@ -31,11 +31,12 @@ def read_csv(path: Path) -> pd.DataFrame | None:
 
 def experiments_present(results: str | Path) -> list[str]:
     """Experiment folders under ``results`` holding a runs.csv or metrics.csv, in
-    ``EXPERIMENT_ORDER`` then alphabetically, without ``EXCLUDED``."""
+    the grids' order (``experiments.vocabulary.experiment_order``) then alphabetically, without
+    ``EXCLUDED``."""
     results = Path(results)
     names = {p.parent.name for pat in ("*/runs.csv", "*/metrics.csv")
              for p in results.glob(pat)} - set(EXCLUDED)
-    return [e for e in EXPERIMENT_ORDER if e in names] + sorted(names - set(EXPERIMENT_ORDER))
+    return experiment_order(names)
 
 
 def _value_text(v) -> str:

@@ -8,10 +8,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from experiments.figures.style import LABEL_ORDER, METHOD_ORDER
 from experiments.summary.quantities import CELL, QUANTITIES, t_interval
 from experiments.summary.runs import experiments_present, load_runs
 from experiments.summary.values import run_values
+from experiments.vocabulary import LABEL_ORDER, METHOD_ORDER
 from vi.files import atomic_write
 
 
