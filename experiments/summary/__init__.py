@@ -50,9 +50,10 @@ For each quantity ``<q>``: ``<q>_mean``, ``<q>_sd`` (ddof 1), ``<q>_n`` (seeds a
 ``<q>_ci_low``/``<q>_ci_high`` (95 % Student-t interval mean ± t_{0.975, n−1} · sd / √n, from
 ``scipy.stats.t``; empty for n < 2) and ``<q>_points`` (data points behind each run's value;
 the smallest over the row's runs). Quantities that no row measures are left out, except a core
-set that is always present. Reads CSVs only (pandas, numpy, scipy.stats; never torch): the
-estimator labels and the order of methods come from ``experiments.figures.style``, and
-summary.csv is written with ``vi.files.atomic_write`` (standard library only).
+set that is always present. Reads CSVs only (pandas, numpy, scipy.stats; never torch or a
+plotting library): the estimator labels, the order of methods and the order of experiments (the
+grids') come from ``experiments.vocabulary``, and summary.csv is written with
+``vi.files.atomic_write`` (standard library only).
 
 Modules
 - ``quantities``: the cell keys, the quantities (``QUANTITIES``) and the statistics
