@@ -34,7 +34,7 @@ import io
 import json
 import math
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from pathlib import Path
 from typing import Any
 
@@ -68,6 +68,10 @@ _PROVENANCE_COLUMNS = (
     "started", "finished", "resumed", "run_seconds", "n_train", "n_validation", "n_test",
     "data_dim", "levels", "ensemble", "ensemble_size")
 _RESERVED = {"metrics", "runs", "manifest"}
+CHECKPOINT = "checkpoint.pt"
+#: the results folder's own files, derived from every experiment's CSVs; verified against the
+#: results folder's manifest.json
+ROOT_FILES = ("references.csv", "summary.csv", "FINDINGS.md")
 
 
 class AggregateError(ValueError):
@@ -93,11 +97,38 @@ def _read_json(path: Path) -> tuple[dict | None, str]:
         return None, f"{path.name} missing"
     try:
         value = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError, OSError) as err:
-        return None, f"{path.name} unreadable ({err})"
+    except (json.JSONDecodeError, UnicodeDecodeError, OSError, RecursionError) as err:
+        return None, f"{path.name} unreadable ({type(err).__name__}: {err})"
     if not isinstance(value, dict):
         return None, f"{path.name} is not a JSON object"
     return value, ""
+
+
+def _read_manifest(path: Path) -> tuple[dict | None, str]:
+    """A manifest whose ``files`` maps each name to {"sha256": text, "rows": …}, or (None, why):
+    a malformed manifest is reported, never trusted or half-read."""
+    manifest, why = _read_json(path)
+    if manifest is None:
+        return None, why
+    files = manifest.get("files", {})
+    if not isinstance(files, dict):
+        return None, f"{path.name}: 'files' is not an object (edited or damaged)"
+    bad = sorted(str(name) for name, record in files.items()
+                 if not isinstance(record, dict) or not isinstance(record.get("sha256"), str))
+    if bad:
+        return None, (f"{path.name}: the record of {', '.join(bad[:3])} is not an object with "
+                      f"a sha256 (edited or damaged)")
+    return manifest, ""
+
+
+def _csv_rows(raw: bytes) -> int | None:
+    """The data rows of a CSV as pandas reads them (None: not a readable CSV)."""
+    try:
+        return len(pd.read_csv(io.BytesIO(raw), dtype=str, skip_blank_lines=False))
+    except pd.errors.EmptyDataError:
+        return 0
+    except (pd.errors.ParserError, UnicodeDecodeError, ValueError):
+        return None
 
 
 # ------------------------------------------------------------------------------ run folders
@@ -139,9 +170,15 @@ def verify_run(run_dir: Path) -> tuple[list[str], dict | None]:
     if not isinstance(files, dict) or "metrics.csv" not in files:
         return [*problems, "provenance.json records no files (the run never finished writing)"
                 ], None
+    finished = status in ("ok", "diverged")
+    if any(not isinstance(r, dict) for r in files.values()):
+        return [*problems, "provenance.json: a file record is not an object (edited or "
+                           "damaged)"], None
     frames: dict[str, pd.DataFrame] = {}
     for name, record in files.items():
         path = run_dir / name
+        if name == CHECKPOINT:
+            continue  # verified below, with its own messages
         if not path.is_file():
             problems.append(f"{name} missing")
             continue
@@ -169,12 +206,36 @@ def verify_run(run_dir: Path) -> tuple[list[str], dict | None]:
         ids = set(metrics["run_id"].dropna().astype(str)) if "run_id" in metrics else set()
         if ids - {cfg["run_id"]}:
             problems.append(f"metrics.csv holds rows of other run(s) {sorted(ids)[:3]}")
-    if status in ("ok", "diverged") and not (run_dir / "checkpoint.pt").is_file():
-        problems.append("checkpoint.pt missing (the finished model cannot be evaluated again)")
+    if finished:
+        problems += _check_checkpoint(run_dir / CHECKPOINT, files.get(CHECKPOINT))
     if problems:
         return problems, None
     tables = {Path(n).stem: f for n, f in frames.items() if n.startswith("tables/")}
     return [], {"config": cfg, "provenance": prov, "metrics": metrics, "tables": tables}
+
+
+def _check_checkpoint(path: Path, record: Any) -> list[str]:
+    """A finished run's ``checkpoint.pt`` must be the file the run saved: its SHA-256 is
+    recorded in provenance.json beside the CSVs' (a checkpoint copied from another run, or
+    edited, is reported; reading it would need torch, which ``check`` does without)."""
+    import zipfile
+
+    if not path.is_file():
+        return ["checkpoint.pt missing (the finished model cannot be evaluated again)"]
+    if record is None:
+        return ["checkpoint.pt has no checksum in provenance.json, so it cannot be verified "
+                "(written by an older version; rerun with --force)"]
+    try:
+        with path.open("rb") as f:
+            digest = hashlib.file_digest(f, "sha256").hexdigest()
+    except OSError as err:
+        return [f"checkpoint.pt unreadable ({type(err).__name__}: {err})"]
+    if digest == record.get("sha256"):
+        return []
+    if not zipfile.is_zipfile(path):
+        return ["checkpoint.pt unreadable (not a torch archive)"]
+    return ["checkpoint.pt is not the one this run saved (its checksum differs: replaced by "
+            "another run's or edited; rerun with --force)"]
 
 
 def _cell(value: Any) -> Any:
@@ -271,11 +332,23 @@ def aggregate(
                                   ignore_index=True)
     for name, frame in (extra or {}).items():
         outputs[name] = frame
-    # first mark the folder as being rewritten: an interruption between the CSVs below leaves a
-    # manifest that says so, rather than new CSVs beside an old manifest (or none)
+    try:
+        written = _publish(exp_dir, outputs, len(parts))
+    except OSError as err:  # a read-only folder, a full disk: one message, no traceback
+        raise AggregateError(
+            f"cannot write the CSVs of {exp_dir} ({type(err).__name__}: {err}); the run "
+            f"folders are intact: make room or make the folder writable, then rerun the "
+            f"experiment (finished runs are not retrained)") from err
+    return {"runs": runs, "written": written, "stale": stale}
+
+
+def _publish(exp_dir: Path, outputs: dict[str, pd.DataFrame], runs: int) -> list[Path]:
+    """Write the CSVs and then their manifest. First the manifest is marked as being rewritten:
+    an interruption (or a failing write) between the CSVs below leaves a manifest that says so,
+    rather than new CSVs beside an old manifest (or none)."""
     atomic_write(exp_dir / "manifest.json", json.dumps(
         {"experiment": exp_dir.name, "complete": False, "files": {}}, indent=2) + "\n")
-    manifest = {"experiment": exp_dir.name, "complete": True, "runs": len(parts), "files": {}}
+    manifest = {"experiment": exp_dir.name, "complete": True, "runs": runs, "files": {}}
     written = []
     for name, frame in outputs.items():
         manifest["files"][f"{name}.csv"] = _write_csv(exp_dir / f"{name}.csv", frame)
@@ -285,7 +358,7 @@ def aggregate(
             old.unlink()
     atomic_write(exp_dir / "manifest.json", json.dumps(manifest, indent=2, sort_keys=True)
                  + "\n")
-    return {"runs": runs, "written": written, "stale": stale}
+    return written
 
 
 # ------------------------------------------------------------------------------------ check
@@ -301,29 +374,43 @@ _INTERRUPTED = ("the aggregation that was rewriting these CSVs was interrupted; 
                 "experiment to finish it")
 
 
-def add_to_manifest(exp_dir: str | os.PathLike, paths: list[Path]) -> None:
-    """Record tables derived from an experiment's CSVs (e.g. by a figure's table writer) in its
-    manifest, so ``check`` verifies them like the aggregated ones. Without a manifest there is
-    nothing to extend (``check`` reports the missing manifest itself)."""
-    exp_dir = Path(exp_dir)
-    manifest, _ = _read_json(exp_dir / "manifest.json")
-    if manifest is None:
-        return
-    for path in paths:
-        path = Path(path)
-        if path.suffix == ".csv" and path.parent == exp_dir:
-            raw = path.read_bytes()
-            rows = max(0, raw.count(b"\n") - 1)
-            manifest.setdefault("files", {})[path.name] = {"sha256": _digest(raw), "rows": rows,
-                                                           "derived": True}
-    atomic_write(exp_dir / "manifest.json", json.dumps(manifest, indent=2, sort_keys=True)
-                 + "\n")
+def add_to_manifest(folder: str | os.PathLike, paths: list[Path], *,
+                    create: bool = False) -> None:
+    """Record files derived from the CSVs in the manifest of their folder, so ``check``
+    verifies them like the aggregated ones: an experiment's tables written by its figure module
+    (``gaps_table.csv``/``.md``), and, in the results folder's own ``manifest.json``
+    (``create``: started when missing), ``references.csv``, ``summary.csv`` and
+    ``FINDINGS.md``. SHA-256 of each file, and the row count of a CSV. An experiment folder
+    without a manifest has nothing to extend (``check`` reports the missing manifest itself);
+    a malformed manifest raises ``AggregateError``."""
+    folder = Path(folder)
+    path = folder / "manifest.json"
+    if path.exists() or not create:
+        manifest, why = _read_manifest(path)
+        if manifest is None:
+            if not path.exists():
+                return
+            raise AggregateError(f"{path}: cannot record {', '.join(p.name for p in paths)} "
+                                 f"({why}); rebuild it by rerunning what wrote it")
+    else:
+        manifest = {"complete": True, "files": {}}
+    files = manifest.setdefault("files", {})
+    for p in map(Path, paths):
+        if p.parent != folder or p.name == "manifest.json":
+            raise ValueError(f"{p} is not a file of {folder}")
+        raw = p.read_bytes()
+        record: dict[str, Any] = {"sha256": _digest(raw), "derived": True}
+        if p.suffix == ".csv":
+            record["rows"] = _csv_rows(raw)
+        files[p.name] = record
+    atomic_write(path, json.dumps(manifest, indent=2, sort_keys=True) + "\n")
 
 
 def verify_manifest_file(path: Path) -> str:
-    """"" if ``path`` matches the checksum its experiment's manifest records, else why not."""
+    """"" if ``path`` matches the checksum (and, for a CSV, the row count) its folder's
+    manifest records, else why not."""
     path = Path(path)
-    manifest, why = _read_json(path.parent / "manifest.json")
+    manifest, why = _read_manifest(path.parent / "manifest.json")
     if manifest is None:
         return f"{path}: cannot be verified ({why})"
     if _interrupted(manifest):
@@ -333,42 +420,59 @@ def verify_manifest_file(path: Path) -> str:
         return f"{path}: not listed in {path.parent / 'manifest.json'}"
     if not path.is_file():
         return f"{path}: missing"
-    if _digest(path.read_bytes()) != record.get("sha256"):
+    raw = path.read_bytes()
+    if _digest(raw) != record["sha256"]:
         return (f"{path}: does not match the checksum in manifest.json (truncated or edited "
-                f"after aggregation)")
+                f"after it was written)")
+    if path.suffix == ".csv" and "rows" in record:
+        rows = _csv_rows(raw)
+        if rows != record["rows"]:
+            return (f"{path}: has {rows} rows; manifest.json records {record['rows']!r} "
+                    f"(the manifest was edited)")
     return ""
 
 
 def check_results(results: str | os.PathLike,
                   experiments: list[str] | None = None,
-                  progress: Callable[[Path], None] | None = None) -> tuple[int, list[str]]:
+                  progress: Callable[[Path], None] | None = None, *,
+                  ignore: Collection[str | os.PathLike] = ()) -> tuple[int, list[str]]:
     """Validate everything under ``results`` (or the named experiments' folders): the schema of
-    every CSV, the columns of known tables, every experiment's CSVs against ``manifest.json``
-    (a missing manifest is a problem), every run folder against its recorded checksums
-    (unfinished runs and finished runs without a readable checkpoint are problems), and that an
-    experiment's metrics.csv and runs.csv come together and name the same runs. Returns
-    (files checked, problems)."""
+    every CSV, the columns of known tables, every experiment's CSVs (and derived tables) against
+    its ``manifest.json`` and the results folder's own files (``references.csv``,
+    ``summary.csv``, ``FINDINGS.md``) against the results folder's ``manifest.json`` (a missing
+    manifest, a file it does not list, a checksum or row count that differs are problems), every
+    run folder against the checksums its run recorded, checkpoint included (unfinished runs
+    are problems), and that an experiment's metrics.csv and runs.csv come together and name the
+    same runs. ``ignore``: files left unverified because the caller is about to replace them
+    (e.g. ``summary.csv`` before writing the summary). Returns (files checked, problems)."""
     results = Path(results)
-    roots = [results / e for e in experiments] if experiments else [results]
+    skip = {Path(p) for p in ignore}
     problems: list[str] = []
+    bad = [e for e in experiments or () if Path(e).name != e or e.startswith(".")]
+    if bad:  # a path, "..": it would check something else than an experiment of `results`
+        return 0, [f"{e!r} is not the name of an experiment folder under {results}"
+                   for e in bad]
+    roots = [results / e for e in experiments] if experiments else [results]
     checked = 0
     for root in roots:
-        if not root.exists():
+        if not root.is_dir():
             problems.append(f"{root}: no such folder")
             continue
         for path in sorted(root.rglob("*.csv")):
-            if path.name.startswith(".") or "runs" in path.relative_to(results).parts:
+            if (path.name.startswith(".") or "runs" in path.relative_to(results).parts
+                    or path in skip):
                 continue
             checked += 1
             if progress is not None:
                 progress(path)
             problems += _check_csv(path)
         exp_dirs = sorted({p.parent for p in root.rglob("*.csv")
-                           if "runs" not in p.relative_to(results).parts
-                           and p.parent != results} | {m.parent for m in
-                                                        root.rglob("manifest.json")})
+                           if "runs" not in p.relative_to(results).parts}
+                          | {m.parent for m in root.rglob("manifest.json")})
+        if root == results and any((results / n).is_file() for n in ROOT_FILES):
+            exp_dirs = sorted({*exp_dirs, results})
         for exp_dir in exp_dirs:
-            problems += _check_experiment(exp_dir)
+            problems += _check_experiment(exp_dir, skip)
         for run_dir in sorted({p.parent for p in root.rglob("config.json")
                                if p.parent.parent.name == "runs"}):
             checked += 1
@@ -378,24 +482,7 @@ def check_results(results: str | os.PathLike,
 
 def _check_run(run_dir: Path) -> list[str]:
     bad, _ = verify_run(run_dir)
-    if bad:
-        return bad
-    return _check_checkpoint(run_dir / "checkpoint.pt")
-
-
-def _check_checkpoint(path: Path) -> list[str]:
-    """A finished run's checkpoint must be a readable zip archive (torch's format) that names
-    the run; reading it fully would need torch, which ``check`` does without."""
-    import zipfile
-
-    try:
-        with zipfile.ZipFile(path) as archive:
-            bad = archive.testzip()
-    except (OSError, zipfile.BadZipFile) as err:
-        return [f"checkpoint.pt unreadable ({type(err).__name__}: {err})"]
-    if bad is not None:
-        return [f"checkpoint.pt is corrupt (first bad entry {bad})"]
-    return []
+    return bad
 
 
 def _check_csv(path: Path) -> list[str]:
@@ -422,15 +509,19 @@ def _check_csv(path: Path) -> list[str]:
     return []
 
 
-def _check_experiment(exp_dir: Path) -> list[str]:
+def _check_experiment(exp_dir: Path, skip: Collection[Path] = ()) -> list[str]:
     problems = []
-    csvs = sorted(p for p in exp_dir.glob("*.csv") if not p.name.startswith("."))
+    csvs = sorted(p for p in [*exp_dir.glob("*.csv"), *exp_dir.glob("*.md")]
+                  if not p.name.startswith(".") and p not in skip)
     manifest = exp_dir / "manifest.json"
     if csvs and not manifest.is_file():
-        problems.append(f"{manifest}: missing (the CSVs beside it cannot be verified; rerun "
-                        f"the experiment to rebuild them)")
+        rebuild = ("rerun `python -m experiments references` and `figures` to rebuild them"
+                   if any(p.name in ROOT_FILES for p in csvs) else
+                   "rerun the experiment to rebuild them")
+        problems.append(f"{manifest}: missing (the files beside it cannot be verified; "
+                        f"{rebuild})")
     if manifest.is_file():
-        record, why = _read_json(manifest)
+        record, why = _read_manifest(manifest)
         if record is None:
             problems.append(f"{manifest}: {why}")
         elif _interrupted(record):
@@ -438,6 +529,8 @@ def _check_experiment(exp_dir: Path) -> list[str]:
         else:
             listed = set(record.get("files", {}))
             for name in sorted(listed):
+                if exp_dir / name in skip:
+                    continue
                 problem = verify_manifest_file(exp_dir / name)
                 if problem:
                     problems.append(problem)

@@ -67,9 +67,17 @@ def reference_table(results: str | Path) -> pd.DataFrame:
 
 
 def write_references(results: str | Path) -> Path:
-    """Compute and atomically write ``results/references.csv``; return its path."""
+    """Compute and atomically write ``results/references.csv``, recorded in the results
+    folder's ``manifest.json`` (``check`` verifies it); return its path. Raises ``ValueError``,
+    writing nothing, when no experiment under ``results`` has runs."""
+    from experiments.aggregate import add_to_manifest
+
     results = Path(results)
     table = reference_table(results)
+    if table.empty:
+        raise ValueError(f"no data split to fit references on: no experiment under {results} "
+                         f"has runs; {REFERENCES} not written")
     path = results / REFERENCES
     atomic_write(path, table.to_csv(index=False, lineterminator="\n"))
+    add_to_manifest(results, [path], create=True)
     return path

@@ -7,8 +7,8 @@ A run folder ``results/<experiment>/runs/<run_id>/`` holds
                      selection_round}
 ``provenance.json``  code version (git commit, dirty flag), package versions, device, host,
                      command line, start/end time, ``status`` (running, ok, diverged, failed),
-                     ``message``, how training stopped, and the SHA-256 and row count of every
-                     CSV written
+                     ``message``, how training stopped, and the SHA-256 of every file
+                     written (with the row count of each CSV), checkpoint included
 ``metrics.csv``      the run's tidy rows (``vi.training.ROW_COLUMNS``)
 ``checkpoint.pt``    the run's full state (model, optimisers, local table, random streams, rows)
 ``tables/*.csv``     the run's probe tables (``gaps``, ``images``, ``variance_sweep``, …)
@@ -196,10 +196,22 @@ def complete(cell: Cell) -> dict | None:
     return prov
 
 
+def _no_links(run_dir: Path) -> None:
+    """Refuse (``OSError``, which fails the cell) a run folder, or its ``tables``, that is a
+    symbolic link: files are never written or deleted through one (it may lead out of the
+    results folder)."""
+    for link in (run_dir, run_dir / "tables"):
+        if link.is_symlink():
+            raise OSError(f"{link} is a symbolic link; nothing is written or deleted through "
+                          f"it (replace it with a real folder)")
+
+
 def _clear(run_dir: Path) -> None:
+    """Remove a run folder's results before it is run afresh (never through a symbolic link)."""
+    _no_links(run_dir)
+    tables = run_dir / "tables"
     for name in ("provenance.json", "metrics.csv", "checkpoint.pt"):
         (run_dir / name).unlink(missing_ok=True)
-    tables = run_dir / "tables"
     if tables.is_dir():
         for f in tables.glob("*.csv"):
             f.unlink()
@@ -283,6 +295,7 @@ def _train(cells: list[Cell], checkpoint_seconds: float) -> list[Outcome]:
     for cell in cells:
         run_dir = Path(cell.run_dir)
         try:
+            _no_links(run_dir)
             run_dir.mkdir(parents=True, exist_ok=True)
             old = read_provenance(run_dir) or {}
             state, note = _resume_state(cell)
@@ -357,16 +370,20 @@ def _train(cells: list[Cell], checkpoint_seconds: float) -> list[Outcome]:
     return [outcomes[c.run_id] for c in cells if c.run_id in outcomes]
 
 
-def _save_checkpoint(path: Path, state: dict) -> None:
+def _save_checkpoint(path: Path, state: dict) -> dict[str, Any]:
     """Serialise in memory, then write the bytes atomically: a failing write then raises the
-    ``OSError`` itself (torch's zip writer turns ENOSPC or EFBIG into a ``RuntimeError``)."""
+    ``OSError`` itself (torch's zip writer turns ENOSPC or EFBIG into a ``RuntimeError``).
+    Returns the file's record for provenance ``files``: its SHA-256 and size."""
+    import hashlib
     import io
 
     import torch
 
     buffer = io.BytesIO()
     torch.save(state, buffer)
-    atomic_write(path, buffer.getvalue())
+    data = buffer.getvalue()
+    atomic_write(path, data)
+    return {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
 
 
 def _failed_all(cells: Sequence[Cell], provs: dict, message: str, tb: str) -> Outcome:
@@ -399,7 +416,7 @@ def _write_member(cell: Cell, prov: dict, result, action: str, cpu0: float, t0: 
             table = pd.concat([ident, frame.reset_index(drop=True)], axis=1)
             files[writing] = write_csv(run_dir / writing, table)
         writing = "checkpoint.pt"
-        _save_checkpoint(run_dir / "checkpoint.pt", result.state)
+        files["checkpoint.pt"] = _save_checkpoint(run_dir / "checkpoint.pt", result.state)
         writing = "provenance.json"
         prov.update({"status": result.status, "message": result.message, "finished": _now(),
                      "stop_reason": result.stop_reason, "converged": result.converged,
