@@ -10,8 +10,8 @@ member of the family). Cremer, Li & Duvenaud (2018) separate them per data point
 
 q_φ is the method's own posterior (``InferenceMethod.infer``); q* is the best diagonal Gaussian
 for the point, fitted by E-steps with the decoder frozen (``fit_optimal_posterior``). log p(x) is
-the IWAE estimate with q* as the proposal, made defensive by a widened mixture component
-(``vi.objectives.iwae_bound``), and exact for linear decoders.
+the IWAE estimate with a defensive proposal built on q* (a mixture of q*, a widened q* and the
+prior, ``vi.objectives.iwae_bound``), and exact for linear decoders.
 
 Every function here works on a whole ensemble (member axis first) and takes its randomness as a
 ``vi.streams.MemberRandom``; settings come as plain arguments (their defaults live in the probe

@@ -222,7 +222,8 @@ class Gaps(ProbeBase):
     (the first ``points`` points; None: all): q* fitted from ``qstar_init`` by Adam
     (``qstar_n_mc`` samples, step ``qstar_lr``, window-and-patience rule ``qstar_window``,
     ``qstar_patience``, cap ``qstar_max_steps``); log p(x) by IWAE with ``iwae_k`` samples
-    from the defensive proposal (mixture weight ``defensive`` on a widened copy of q*), exact
+    from the defensive proposal (mixture weight ``defensive`` on a widened copy of q* and the
+    prior, ``vi.objectives.iwae_bound``), exact
     for linear decoders; ELBOs with ``gap_n_mc`` samples; points with ESS < ``low_ess`` · k
     flagged."""
 

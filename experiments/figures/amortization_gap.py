@@ -203,8 +203,9 @@ def _qstar_rule() -> str:
             f"the best window for {p} windows, or after {s} steps (the grid's default scale; "
             f"the steps actually taken are in the last column). log p̂(x) is exact for the "
             f"linear decoder (ppca), else an IWAE estimate with k = {k} samples from a defensive "
-            f"proposal (mixture weight {mix} on a widened copy of q*); 'low ESS' is the fraction "
-            f"of points whose importance weights have an effective sample size below 1 % of k. "
+            f"proposal (mixture weight {mix} on a widened copy of q* and the prior); 'low ESS' "
+            f"is the fraction of points whose importance weights have an effective sample size "
+            f"below 1 % of k. "
             f"Gap = difference of the point means; mean ± sd over seeds (n), models "
             f"{TRAINING_LENGTH}; diverged runs are counted, not averaged.")
 
