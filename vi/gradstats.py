@@ -21,9 +21,10 @@ member.) Parameter groups, the gradient of the ELBO:
 ``encoder``      methods with an encoder: ∇_φ (1/B) Σ_n L_n(f_φ(x_n)).
 ``decoder``      ∇_θ (1/B) Σ_n L_n at λ (refined once for a method that refines in training).
 
-(For ``sa_vae``, whose encoder is trained through the refinement, ``encoder`` is still measured
-at λ⁽⁰⁾, the gradient ``semi_amortized`` uses: the study measures variances of the three
-first-order methods.)
+(For ``sa_vae``, whose encoder and decoder are trained through the refinement, ``encoder`` is
+still measured at λ⁽⁰⁾ and ``decoder`` as the partial derivative at the detached λ⁽ᴷ⁾, the
+gradients ``semi_amortized`` uses: the study measures variances of the three first-order
+methods.)
 
 These follow each method's training step: the sum over the minibatch for λ, the mean for θ
 and φ, the estimator, baseline, KL mode and M. Nothing of the method is mutated.

@@ -180,9 +180,9 @@ class GradVar(ProbeBase):
             _positive("batch", self.batch, LIMITS["batch_size"])
             if self.n_mc is not None:
                 _positive("n_mc", self.n_mc, LIMITS["n_mc"])
-                m = config.method
-                if m.baseline in ("loo", "cv") and self.n_mc < 2:
-                    raise ValueError(f"baseline {m.baseline!r} needs n_mc >= 2")
+                from vi.estimators import validate_estimator
+
+                validate_estimator(config.method.estimator, config.method.baseline, self.n_mc)
             for e in self.epochs or ():
                 if isinstance(e, bool) or not 0 <= e <= LIMITS["epochs"]:
                     raise ValueError(f"epochs must be integers >= 0; got {e!r}")
