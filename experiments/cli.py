@@ -37,14 +37,19 @@ from experiments.study import (
     QUICK_RESULTS,
     UsageError,
     figures,
+    findings,
     load,
     locked,
     prepare_cells,
     print_error,
+    published_runs,
+    reference_inputs,
     references,
+    refusal,
     report_modules,
     results_dir,
     run_grid,
+    verify_inputs,
     writable_folder,
 )
 
@@ -105,7 +110,8 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("experiment", help="an experiment name (see `list`) or a grid .json file")
     _run_options(r)
     r.add_argument("--seeds", nargs="+", type=_int_at_least(0), metavar="S",
-                   help="replace the grid's seed axis")
+                   help="run these seeds instead of the grid's seed axis; their runs are added "
+                        "to the published CSVs (other seeds' rows stay)")
     r.add_argument("--launcher", choices=("local", "slurm"), default="local")
     r.add_argument("--partition", help="SLURM partition (with --launcher slurm)")
     r.add_argument("--time", type=_int_at_least(1), metavar="MIN",
@@ -225,6 +231,7 @@ def cmd_run(args) -> int:
     results = results_dir(args)
     grid = load(args.experiment)
     prepare_cells(grid, results, args, seeds=args.seeds)  # every error before the lock is taken
+    published_runs(grid, results, args, args.seeds)  # --seeds adds to verified published CSVs
     slurm = {"partition": args.partition, "time": args.time,
              "gpus_per_node": args.gpus_per_node}
     with locked(results):
@@ -286,21 +293,30 @@ def cmd_figures(args) -> int:
     if missing:
         raise UsageError(f"no results for {', '.join(missing)} under {args.results}; run them "
                          f"first (python -m experiments run NAME)")
-    return figures(args.results, args.experiments or None)
+    writable_folder(args.results, "--results")
+    with locked(args.results):  # it writes figures, tables, the summary and the findings
+        return figures(args.results, args.experiments or None)
 
 
 def cmd_references(args) -> int:
     if not args.results.is_dir():
         raise UsageError(f"no results folder {args.results}")
-    return references(args.results)
+    writable_folder(args.results, "--results")
+    reference_inputs(args.results)  # verified inputs, or a refusal before anything is written
+    with locked(args.results):
+        return references(args.results)
 
 
 def cmd_findings(args) -> int:
     if not args.results.is_dir():
         raise UsageError(f"no results folder {args.results}")
-    _, _, findings = report_modules()
-    print(f"findings → {findings.write_findings(args.results)}")
-    return 0
+    writable_folder(args.results, "--results")
+    report_modules()
+    problems = verify_inputs(args.results, writing=("FINDINGS.md",))
+    if problems:  # the check `figures` runs: never a report from unverified CSVs
+        raise UsageError(refusal(args.results, problems, "FINDINGS.md"))
+    with locked(args.results):
+        return findings(args.results)
 
 
 def cmd_check(args) -> int:
@@ -308,6 +324,10 @@ def cmd_check(args) -> int:
 
     if not args.results.is_dir():
         raise UsageError(f"no results folder {args.results}")
+    odd = [e for e in args.experiments if Path(e).name != e or e.startswith(".")]
+    if odd:  # a path or "..": not an experiment of this results folder
+        raise UsageError(f"{', '.join(map(repr, odd))}: expected the name of an experiment "
+                         f"folder under {args.results}, not a path")
     missing = [e for e in args.experiments if not (args.results / e).is_dir()]
     if missing:
         raise UsageError(f"no results for {', '.join(missing)} under {args.results}")

@@ -20,15 +20,20 @@ __all__ = [
     "QUICK_RESULTS",
     "UsageError",
     "figures",
+    "findings",
     "load",
     "locked",
     "prepare_cells",
     "print_error",
+    "published_runs",
+    "reference_inputs",
     "references",
+    "refusal",
     "report_modules",
     "results_dir",
     "run_grid",
     "scale_of",
+    "verify_inputs",
     "writable_folder",
 ]
 
@@ -68,22 +73,51 @@ def results_dir(args) -> Path:
 
 @contextlib.contextmanager
 def locked(results: Path) -> Iterator[None]:
-    """Hold an exclusive lock on the results folder for the whole command: a second `run` on
-    the same folder stops at once with a message. The OS releases the lock when the process
-    ends, however it ends, so a killed run leaves no stale lock."""
-    import fcntl
+    """Hold an exclusive lock on the results folder for the whole command: a second command
+    that writes into the same folder stops at once with a message. The OS releases the lock when
+    the process ends, however it ends, so a killed run leaves no stale lock.
 
-    results.mkdir(parents=True, exist_ok=True)
+    The lock file is opened without following a symbolic link (``O_NOFOLLOW``) and must be a
+    plain file with no other name, so it can never truncate another file; and a folder holding
+    a symbolic link that leads out of it is refused (``links_out``): no command writes or
+    deletes through one."""
+    import fcntl
+    import stat
+
+    try:
+        results.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise UsageError(f"cannot create the results folder {results} "
+                         f"({type(err).__name__}: {err})") from None
     path = results / ".lock"
-    handle = open(path, "a+")  # held (and locked) for the whole command
+    flags = os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+    try:
+        fd = os.open(path, flags, 0o666)
+    except OSError as err:
+        why = ("it is a symbolic link; remove it" if path.is_symlink() else
+               f"{type(err).__name__}: {err}")
+        raise UsageError(f"cannot take the lock {path} ({why})") from None
+    info = os.fstat(fd)
+    if not stat.S_ISREG(info.st_mode) or info.st_nlink != 1:
+        os.close(fd)
+        raise UsageError(f"cannot take the lock {path}: it is not a plain file of its own "
+                         f"(a hard link or a special file); remove it")
+    handle = os.fdopen(fd, "r+")  # held (and locked) for the whole command
     try:
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
             handle.seek(0)
-            holder = handle.read().strip() or "another process"
+            lines = handle.read(400).strip().splitlines()
+            holder = lines[-1].strip() if lines else "another process"
             raise UsageError(f"{results} is in use by {holder}; wait for it to finish (or run "
                              f"with another --results folder)") from None
+        links = links_out(results)
+        if links:
+            raise UsageError(f"{results} holds symbolic link(s) leading out of it, through "
+                             f"which nothing is written or deleted: "
+                             f"{', '.join(str(p) for p in links[:3])}; replace them with real "
+                             f"folders or files")
         handle.seek(0)
         handle.truncate()
         handle.write(f"pid {os.getpid()} ({' '.join(sys.argv[:3])})\n")
@@ -91,6 +125,22 @@ def locked(results: Path) -> Iterator[None]:
         yield
     finally:
         handle.close()
+
+
+def links_out(results: Path) -> list[Path]:
+    """The symbolic links under ``results`` (not followed) whose target lies outside it:
+    writing into a folder reached through one, or deleting its files, would act outside the
+    results folder."""
+    root = Path(os.path.realpath(results))
+    found = []
+    for folder, dirs, files in os.walk(results):
+        for name in (*dirs, *files):
+            path = Path(folder, name)
+            if path.is_symlink():
+                target = Path(os.path.realpath(path))
+                if not target.is_relative_to(root):
+                    found.append(path)
+    return sorted(found)
 
 
 def load(name: str):
@@ -149,8 +199,11 @@ def _force_session(exp_dir: Path, cells, force: bool, session: list[str]) -> Pat
 
 
 def _execute(grid, cells, results: Path, args, *, launcher="local", slurm=None, pool=None,
-             extra_tables=None, quiet=False) -> tuple[int, object]:
-    """Run the cells, aggregate, report. Returns (failed cells, runs frame or None)."""
+             extra_tables=None, quiet=False, keep=()) -> tuple[int, object]:
+    """Run the cells, aggregate, report. Returns (failed cells, runs frame or None).
+
+    ``keep``: run_ids published before (``--seeds``) that the aggregation keeps, in their
+    order, ahead of this command's cells."""
     from experiments import aggregate as agg
     from experiments.launch import run_cells
     from experiments.runner import base_provenance
@@ -182,7 +235,8 @@ def _execute(grid, cells, results: Path, args, *, launcher="local", slurm=None, 
             print(f"  failed: {o.run_id}: {o.message}")
     failed = counts.get("failed", 0)
     try:
-        out = agg.aggregate(exp_dir, [c.run_id for c in cells], extra=extra_tables)
+        ids = list(keep) + [c.run_id for c in cells if c.run_id not in set(keep)]
+        out = agg.aggregate(exp_dir, ids, extra=extra_tables)
     except agg.AggregateError as err:
         print_error(str(err))
         return max(1, failed), None
@@ -208,6 +262,7 @@ def run_grid(grid, results: Path, args, *, seeds=None, launcher="local", slurm=N
 
     exp_dir = results / grid.name
     scaled = grid.scaled(scale_of(args))
+    keep = published_runs(grid, results, args, seeds)
     candidates: dict[tuple, list] = {}
     failed = 0
     session: list[str] = []
@@ -218,7 +273,7 @@ def run_grid(grid, results: Path, args, *, seeds=None, launcher="local", slurm=N
         table = None
         if scaled.select is None:
             failed, _ = _execute(grid, cells, results, args, launcher=launcher, slurm=slurm,
-                                 pool=pool)
+                                 pool=pool, keep=keep)
             break
         failed, runs = _execute(grid, cells, results, args, launcher=launcher, slurm=slurm,
                                 pool=pool, quiet=True)
@@ -242,6 +297,39 @@ def run_grid(grid, results: Path, args, *, seeds=None, launcher="local", slurm=N
     return failed
 
 
+def published_runs(grid, results: Path, args, seeds) -> list[str]:
+    """The run_ids an experiment's published CSVs hold that a ``--seeds`` run keeps: it adds its
+    runs to them (the published rows of other seeds stay). The published runs.csv must verify
+    against its manifest first. A step-size selection is chosen over all of its seeds at once,
+    so a ``--seeds`` run of one is refused where other seeds are published. Without ``seeds``:
+    [] (a plain run publishes exactly the grid's cells)."""
+    import pandas as pd
+
+    from experiments.aggregate import verify_manifest_file
+
+    path = results / grid.name / "runs.csv"
+    if seeds is None or not path.exists():
+        return []
+    problem = verify_manifest_file(path)
+    if problem:
+        raise UsageError(f"{problem}; --seeds adds runs to the published CSVs, which must "
+                         f"verify first (rerun without --seeds, or use another --results "
+                         f"folder)")
+    try:
+        runs = pd.read_csv(path, usecols=["run_id", "seed"], dtype={"run_id": str})
+    except (ValueError, pd.errors.ParserError, pd.errors.EmptyDataError) as err:
+        raise UsageError(f"{path}: not a readable runs.csv ({err})") from err
+    if grid.scaled(scale_of(args)).select is not None:
+        others = sorted(set(runs["seed"].dropna().astype(int)) - set(seeds))
+        if others:
+            raise UsageError(f"{grid.name}: its published selection covers seed(s) "
+                             f"{', '.join(map(str, others))}, and a selection is chosen over "
+                             f"all its seeds at once: run it with every seed (no --seeds), or "
+                             f"use another --results folder")
+        return []
+    return runs["run_id"].dropna().tolist()
+
+
 def _report_selection(selected) -> None:
     edge = selected[~selected["interior"].astype(bool)]
     unstable = selected[selected["unstable"].astype(bool)]
@@ -259,11 +347,52 @@ def report_modules():
     return figures, summary, findings
 
 
+def reference_inputs(results: Path) -> None:
+    """Refuse (``UsageError``) to compute references without verified inputs: the runs.csv of
+    every experiment, each checked against its manifest. No runs.csv at all is refused too
+    (references.csv would be empty)."""
+    from experiments.aggregate import verify_manifest_file
+
+    runs = sorted(results.glob("*/runs.csv"))
+    if not runs:
+        raise UsageError(f"no experiment results (<experiment>/runs.csv) under {results}: run "
+                         f"an experiment first; references.csv not written")
+    problems = [p for p in map(verify_manifest_file, runs) if p]
+    if problems:
+        raise UsageError(refusal(results, problems, "references.csv"))
+
+
+def refusal(results: Path, problems: list[str], what: str) -> str:
+    """One line: the results a command would read fail validation, so it wrote nothing."""
+    more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+    return (f"the results under {results} fail validation, so {what} was not written: "
+            f"{problems[0]}{more}; `python -m experiments check --results {results}` lists "
+            f"every problem")
+
+
+def verify_inputs(results: Path, experiments: list[str] | None = None, *,
+                  writing: tuple[str, ...] = ()) -> list[str]:
+    """Problems with the files a report reads: ``check`` on ``results`` (or on the named
+    experiments, and then also ``references.csv``), leaving out the results folder's files in
+    ``writing``, which the caller is about to replace."""
+    from experiments.aggregate import check_results, verify_manifest_file
+
+    _, problems = check_results(results, experiments, ignore=[results / n for n in writing])
+    refs = results / "references.csv"
+    if experiments and refs.exists():
+        problems += [p for p in [verify_manifest_file(refs)] if p]
+    return problems
+
+
 def references(results: Path) -> int:
     from experiments.references import write_references
 
     try:
+        reference_inputs(results)
         path = write_references(results)
+    except UsageError as err:
+        print_error(f"references: {err}")
+        return 1
     except (OSError, ValueError) as err:
         print_error(f"references: {type(err).__name__}: {err}")
         return 1
@@ -271,14 +400,26 @@ def references(results: Path) -> int:
     return 0
 
 
-def figures(results: Path, experiments: list[str] | None) -> int:
-    from experiments.aggregate import check_results
+def findings(results: Path) -> int:
+    """Write FINDINGS.md (its inputs verified by the caller); 1 with a message if it cannot
+    be written."""
+    _, _, findings = report_modules()
+    try:
+        path = findings.write_findings(results)
+    except (OSError, ValueError) as err:
+        print_error(f"writing {results / 'FINDINGS.md'} failed ({type(err).__name__}: {err})")
+        return 1
+    print(f"findings → {path}")
+    return 0
 
+
+def figures(results: Path, experiments: list[str] | None) -> int:
     figures, summary, findings = report_modules()
-    _, problems = check_results(results, experiments)
+    problems = verify_inputs(results, experiments,
+                             writing=() if experiments else ("summary.csv", "FINDINGS.md"))
     if problems:
         print_error(f"the results under {results} fail validation; no figures drawn:\n  "
-             + "\n  ".join(problems))
+                    + "\n  ".join(problems))
         return 1
     try:
         paths, failures = figures.make_figures(results, experiments or None)
@@ -286,7 +427,7 @@ def figures(results: Path, experiments: list[str] | None) -> int:
             print(p)
         from experiments.aggregate import add_to_manifest
 
-        for table in (p for p in paths if p.suffix == ".csv"):  # derived tables, checked too
+        for table in (p for p in paths if p.suffix in (".csv", ".md")):  # derived: checked too
             add_to_manifest(table.parent, [table])
         if not experiments:
             print(f"summary → {summary.write_summary(results)}")
@@ -295,6 +436,8 @@ def figures(results: Path, experiments: list[str] | None) -> int:
         print_error(f"drawing from {results} failed: {type(err).__name__}: {err}")
         return 1
     if failures:
-        print_error(f"{len(failures)} figure(s) could not be drawn: " + "; ".join(failures))
+        print_error(f"{len(failures)} figure(s) could not be drawn (the others were):")
+        for failure in failures:
+            print(f"  {failure.splitlines()[0] if failure else failure}", file=sys.stderr)
         return 1
     return 0

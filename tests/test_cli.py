@@ -173,3 +173,31 @@ def _umask() -> int:
     os.umask(mask)
     return mask
 
+
+
+def test_figures_that_fail_are_one_line_each(tmp_path: Path) -> None:
+    """Figures that raise are reported in one line each (no traceback), the others are still
+    drawn, and the exit status is 1."""
+    results = tmp_path / "r"
+    assert main(["run", str(tiny_grid(tmp_path)), "--results", str(results)]) == 0
+    code = ("import sys\n"
+            "import experiments.figures.make as make\n"
+            "def broken(res):\n"
+            "    raise RuntimeError('cannot draw\\nsecond line of the message')\n"
+            "    yield\n"
+            "fns = []\n"
+            "for i in range(5):\n"
+            "    def f(res, broken=broken):\n"
+            "        return broken(res)\n"
+            "    f.__name__ = f'fig_{i}'\n"
+            "    fns.append(f)\n"
+            "make.figure_functions = lambda name: fns\n"
+            "from experiments.cli import main\n"
+            f"sys.exit(main(['figures', '--results', {str(results)!r}]))\n")
+    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env(),
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 1, out.stderr
+    assert "Traceback" not in out.stderr and "second line" not in out.stderr, out.stderr
+    lines = out.stderr.strip().splitlines()
+    assert lines[0] == "error: 5 figure(s) could not be drawn (the others were):", out.stderr
+    assert lines[1:] == [f"  g: fig_{i}: RuntimeError: cannot draw" for i in range(5)]

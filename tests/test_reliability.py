@@ -694,3 +694,279 @@ def test_refused_requests_leave_the_folder_as_it_was(tmp_path: Path, capsys) -> 
     refused(capsys, ["run", str(bad), "--results", str(results)], "latent_dim", tmp_path)
     assert {p: p.stat().st_mtime_ns for p in results.rglob("*")} == before
     assert files_under(results) == sorted(p.relative_to(results) for p in before)
+
+
+# ------------------------------------------------------- verified inputs and derived files
+
+
+def _check(results: Path, capsys) -> tuple[int, str]:
+    capsys.readouterr()
+    code = main(["check", "--results", str(results)])
+    out, err = capsys.readouterr()
+    assert "Traceback" not in out + err
+    return code, err
+
+
+def test_findings_refuse_csvs_that_fail_the_check(finished: Path, tmp_path: Path,
+                                                  capsys) -> None:
+    """An edited metrics.csv: ``findings`` runs the check ``figures`` runs and refuses (exit 2,
+    one message, FINDINGS.md not written); on verified CSVs it writes FINDINGS.md, which the
+    results folder's manifest then covers."""
+    _edit_value(finished / "g" / "metrics.csv")
+    refused(capsys, ["findings", "--results", str(finished)], "fail validation, so "
+            "FINDINGS.md was not written", tmp_path)
+    assert not (finished / "FINDINGS.md").exists()
+
+
+def test_findings_written_from_verified_csvs_are_covered_by_the_manifest(
+        finished: Path, capsys) -> None:
+    assert main(["findings", "--results", str(finished)]) == 0
+    manifest = json.loads((finished / "manifest.json").read_text())
+    assert set(manifest["files"]) == {"FINDINGS.md"}
+    assert _check(finished, capsys)[0] == 0
+    with (finished / "FINDINGS.md").open("a") as f:
+        f.write("a line added by hand\n")
+    code, err = _check(finished, capsys)
+    assert code == 1 and "FINDINGS.md: does not match the checksum" in err
+
+
+def test_references_and_summary_are_covered_by_the_manifest(finished: Path, capsys) -> None:
+    """references.csv and summary.csv are recorded in the results folder's manifest.json:
+    100 nats added to factor analysis in references.csv, or an edited summary.csv, is reported
+    by ``check``; so are a derived file that is not listed and a missing manifest."""
+    from experiments.summary import write_summary
+
+    assert main(["references", "--results", str(finished)]) == 0
+    write_summary(finished)
+    assert _check(finished, capsys)[0] == 0
+    refs = finished / "references.csv"
+    table = pd.read_csv(refs)
+    fa = table["model"] == "factor_analysis"
+    assert fa.any()
+    table.loc[fa, "log_px"] += 100.0
+    pristine = refs.read_bytes()
+    refs.write_text(table.to_csv(index=False, lineterminator="\n"))
+    code, err = _check(finished, capsys)
+    assert code == 1 and "references.csv: does not match the checksum" in err, err
+    refs.write_bytes(pristine)
+    summary = finished / "summary.csv"
+    summary.write_text(summary.read_text().replace(",", ";", 1))
+    code, err = _check(finished, capsys)
+    assert code == 1 and "summary.csv: does not match the checksum" in err, err
+    (finished / "manifest.json").unlink()
+    code, err = _check(finished, capsys)
+    assert code == 1 and "manifest.json: missing" in err, err
+
+
+def test_a_row_count_edited_in_a_manifest_alone_is_reported(finished: Path, capsys) -> None:
+    path = finished / "g" / "manifest.json"
+    manifest = json.loads(path.read_text())
+    rows = manifest["files"]["metrics.csv"]["rows"]
+    manifest["files"]["metrics.csv"]["rows"] = rows + 1
+    path.write_text(json.dumps(manifest))
+    code, err = _check(finished, capsys)
+    assert code == 1 and f"has {rows} rows; manifest.json records {rows + 1}" in err, err
+
+
+def test_a_foreign_checkpoint_in_a_finished_run_is_reported(finished: Path, capsys) -> None:
+    """Each finished run records its checkpoint's SHA-256: another run's checkpoint.pt (a valid
+    torch archive) copied over it is reported by ``check`` and refused by aggregation."""
+    run_dir, other = run_dirs(finished)
+    assert "checkpoint.pt" in provenance(run_dir)["files"]
+    shutil.copy(other / "checkpoint.pt", run_dir / "checkpoint.pt")
+    code, err = _check(finished, capsys)
+    assert code == 1 and f"{run_dir.name}: checkpoint.pt is not the one this run saved" in err
+    with pytest.raises(agg.AggregateError, match=r"checkpoint\.pt is not the one"):
+        agg.aggregate(finished / "g")
+
+
+MALFORMED_MANIFESTS = {"list": [], "text": "x", "number": 3, "record_not_object": {"a.csv": 1}}
+
+
+@pytest.mark.parametrize("files", sorted(MALFORMED_MANIFESTS))
+def test_a_manifest_whose_files_is_malformed_is_a_message(finished: Path, tmp_path: Path,
+                                                          capsys, files: str) -> None:
+    """``files`` not an object (or a record not one): check reports it, figures refuses, and a
+    run that reads selected.csv through it is refused — each with a message, no traceback."""
+    path = finished / "g" / "manifest.json"
+    manifest = json.loads(path.read_text())
+    manifest["files"] = MALFORMED_MANIFESTS[files]
+    path.write_text(json.dumps(manifest))
+    code, err = _check(finished, capsys)
+    assert code == 1 and f"{path}: manifest.json:" in err, err
+    assert main(["figures", "--results", str(finished)]) == 1
+    err = capsys.readouterr().err
+    assert "no figures drawn" in err and "Traceback" not in err
+    selection = finished / "lr_selection"
+    selection.mkdir()
+    (selection / "selected.csv").write_text("dataset,method,estimator,baseline\n")
+    (selection / "manifest.json").write_text(json.dumps({"complete": True, "files": manifest[
+        "files"]}))
+    consumer = tiny_grid(tmp_path, "consumer", lr="selected")
+    refused(capsys, ["run", str(consumer), "--results", str(finished)], "manifest.json",
+            tmp_path)
+
+
+def test_references_refuse_an_empty_results_folder(tmp_path: Path, capsys) -> None:
+    (tmp_path / "r").mkdir()
+    refused(capsys, ["references", "--results", "r"], "no experiment results", tmp_path)
+    assert not (tmp_path / "r" / "references.csv").exists()
+
+
+def test_findings_refuse_a_read_only_results_folder(finished: Path, tmp_path: Path,
+                                                    capsys) -> None:
+    with read_only(finished):
+        refused(capsys, ["findings", "--results", str(finished)], "cannot write under",
+                tmp_path)
+    assert not (finished / "FINDINGS.md").exists()
+
+
+def _hold_lock(results: Path) -> subprocess.Popen:
+    holder = subprocess.Popen(
+        [sys.executable, "-c",
+         "import fcntl, sys, time\n"
+         f"f = open({str(results / '.lock')!r}, 'a+')\n"
+         "fcntl.flock(f, fcntl.LOCK_EX)\n"
+         "f.seek(0); f.truncate()\n"
+         "f.write('pid 4242 (python -m experiments run)\\n'); f.flush()\n"
+         "print('locked', flush=True)\n"
+         "time.sleep(120)\n"], stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "locked"
+    return holder
+
+
+@pytest.mark.parametrize("command", ["findings", "references", "figures"])
+def test_reports_wait_for_a_locked_results_folder(finished: Path, tmp_path: Path, capsys,
+                                                  command: str) -> None:
+    """``findings``, ``references`` and ``figures`` write into the results folder: while
+    another command holds it they are refused, writing nothing."""
+    holder = _hold_lock(finished)
+    try:
+        refused(capsys, [command, "--results", str(finished)], "in use by pid 4242", tmp_path)
+    finally:
+        kill(holder)
+    assert not {"FINDINGS.md", "references.csv", "summary.csv"} & {
+        p.name for p in finished.iterdir()}
+
+
+# ------------------------------------------------------------ aggregation that cannot write
+
+
+def test_aggregation_into_a_read_only_folder_is_a_message(finished: Path, capsys) -> None:
+    with read_only(finished / "g"):
+        capsys.readouterr()
+        code = main(["run", str(finished.parent / "g.json"), "--results", str(finished)])
+        out, err = capsys.readouterr()
+    assert code == 1 and "Traceback" not in out + err
+    assert err.count("error:") == 1 and "cannot write the CSVs of" in err, err
+    assert agg.check_results(finished)[1] == []  # the published CSVs are as they were
+
+
+@pytest.mark.parametrize("fail_at", [1, 2, 4])
+def test_a_full_disk_during_aggregation_is_a_message(finished: Path, monkeypatch, capsys,
+                                                     fail_at: int) -> None:
+    """ENOSPC at the n-th file aggregation writes: one message, exit 1; the folder is either
+    untouched (n = 1) or marked as being rewritten, which ``check`` reports; never new CSVs
+    beside an old manifest."""
+    import errno
+
+    real, calls = agg.atomic_write, [0]
+
+    def full(path, data):
+        calls[0] += 1
+        if calls[0] == fail_at:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+        return real(path, data)
+
+    monkeypatch.setattr(agg, "atomic_write", full)
+    capsys.readouterr()
+    code = main(["run", str(finished.parent / "g.json"), "--results", str(finished)])
+    out, err = capsys.readouterr()
+    assert code == 1 and "Traceback" not in out + err
+    assert "No space left on device" in err and "cannot write the CSVs" in err, err
+    monkeypatch.undo()
+    problems = agg.check_results(finished)[1]
+    if fail_at == 1:
+        assert problems == []
+    else:
+        assert any("aggregation that was rewriting these CSVs was interrupted" in p
+                   for p in problems), problems
+
+
+# ---------------------------------------------------------------------- experiment names
+
+
+@pytest.mark.parametrize("name", ["ABS", "../../../etc", "..", "g/runs", ".hidden"])
+def test_check_refuses_a_path_for_an_experiment(finished: Path, tmp_path: Path, capsys,
+                                                name: str) -> None:
+    name = str(tmp_path) if name == "ABS" else name
+    refused(capsys, ["check", "--results", str(finished), name], "not a path", tmp_path)
+    assert agg.check_results(finished, [name])[1][0].endswith(
+        f"is not the name of an experiment folder under {finished}")
+
+
+# -------------------------------------------------------------------------------- symlinks
+
+
+def test_the_lock_never_follows_a_symbolic_link(finished: Path, tmp_path: Path,
+                                                capsys) -> None:
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious\n")
+    (finished / ".lock").unlink(missing_ok=True)
+    (finished / ".lock").symlink_to(victim)
+    for argv in (["run", str(finished.parent / "g.json")], ["findings"], ["references"]):
+        refused(capsys, [*argv, "--results", str(finished)], "is a symbolic link", tmp_path)
+    assert victim.read_text() == "precious\n"
+    (finished / ".lock").unlink()
+    os.link(victim, finished / ".lock")  # a hard link would be truncated just the same
+    refused(capsys, ["run", str(finished.parent / "g.json"), "--results", str(finished)],
+            "not a plain file of its own", tmp_path)
+    assert victim.read_text() == "precious\n"
+
+
+def test_force_never_deletes_through_a_symbolic_link(finished: Path, tmp_path: Path,
+                                                     capsys) -> None:
+    """A run folder's ``tables`` linked to a folder outside the results: ``run --force`` is
+    refused before anything runs, and even called directly the clearing deletes nothing
+    there."""
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "keep.csv").write_text("a\n1\n")
+    run_dir = run_dirs(finished)[0]
+    shutil.rmtree(run_dir / "tables")
+    (run_dir / "tables").symlink_to(outside, target_is_directory=True)
+    refused(capsys, ["run", str(finished.parent / "g.json"), "--results", str(finished),
+                     "--force"], "symbolic link(s) leading out of it", tmp_path)
+    assert (outside / "keep.csv").is_file()
+    with pytest.raises(OSError, match="is a symbolic link"):
+        runner._clear(run_dir)
+    assert (outside / "keep.csv").is_file() and (run_dir / "metrics.csv").is_file()
+
+
+# ------------------------------------------------------------------------------------ seeds
+
+
+def test_seeds_add_to_the_published_csvs(finished: Path, capsys) -> None:
+    """``run --seeds 7`` on a folder with published results adds seed 7's runs to metrics.csv
+    and runs.csv and keeps the other seeds' rows; ``check`` passes on the merged CSVs."""
+    before = read_runs(finished / "g" / "runs.csv")
+    grid = str(finished.parent / "g.json")
+    assert main(["run", grid, "--results", str(finished), "--seeds", "7"]) == 0
+    runs = read_runs(finished / "g" / "runs.csv")
+    assert runs["run_id"].tolist()[:len(before)] == before["run_id"].tolist()
+    assert sorted(runs["seed"]) == sorted([*before["seed"], 7, 7])
+    metrics = pd.read_csv(finished / "g" / "metrics.csv", dtype={"run_id": str})
+    assert set(metrics["run_id"]) == set(runs["run_id"])
+    assert _check(finished, capsys)[0] == 0
+    capsys.readouterr()
+    assert main(["run", grid, "--results", str(finished), "--seeds", "7"]) == 0  # idempotent
+    assert "2 skipped" in capsys.readouterr().out
+    assert read_runs(finished / "g" / "runs.csv")["run_id"].tolist() == runs["run_id"].tolist()
+
+
+def test_seeds_refuse_published_csvs_that_do_not_verify(finished: Path, tmp_path: Path,
+                                                        capsys) -> None:
+    runs = finished / "g" / "runs.csv"
+    runs.write_text(runs.read_text().replace(",ok,", ",diverged,", 1))
+    refused(capsys, ["run", str(finished.parent / "g.json"), "--results", str(finished),
+                     "--seeds", "7"], "--seeds adds runs to the published CSVs", tmp_path)

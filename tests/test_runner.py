@@ -400,3 +400,14 @@ def test_every_quick_cell_is_seconds_scale() -> None:
         for partial in load_grid(name).scaled("quick").cells():
             full = deep_merge(defaults, partial)
             assert full["training"]["max_epochs"] <= 5, (name, full["method"]["name"])
+
+
+def test_seeds_of_a_selection_are_refused_beside_other_published_seeds(
+        selected_results: Path, tmp_path: Path, capsys) -> None:
+    """A step-size selection is chosen over all its seeds at once: ``--seeds`` would publish a
+    selection of some seeds beside the rows of others, so it is refused (exit 2, nothing
+    run) where other seeds are published."""
+    before = (selected_results / "lr_selection" / "selected.csv").read_bytes()
+    refused(capsys, ["run", str(selection_grid(tmp_path)), "--results", str(selected_results),
+                     "--seeds", "5"], "a selection is chosen over all its seeds", tmp_path)
+    assert (selected_results / "lr_selection" / "selected.csv").read_bytes() == before

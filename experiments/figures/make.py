@@ -35,8 +35,9 @@ def make_figures(results: str | Path, experiments: list[str] | None = None, *,
     gradient_variance's ``variance_ratio.csv``/``.md``). Raises ``registry.RegistryError`` if an
     experiment with a grid has no figure module, and ``schema.SchemaError`` if a CSV breaks the
     contract, both before drawing anything. A figure whose inputs are missing is skipped with a
-    logged note; a figure that fails unexpectedly is logged with its traceback and the others
-    still drawn, unless ``strict`` (tests), which re-raises. When every figure function of an
+    logged note; a figure that fails unexpectedly is returned among the failures (its
+    traceback logged at debug level) and the others still drawn, unless ``strict`` (tests),
+    which re-raises. When every figure function of an
     experiment ran, PNG/PDF files in its ``figures/`` folder that this call did not write (left
     from an earlier grid or version) are removed, so the folder shows exactly what the CSVs
     support. Output is byte-identical across reruns on the same CSVs and library versions.
@@ -64,7 +65,8 @@ def make_figures(results: str | Path, experiments: list[str] | None = None, *,
                         raise
                     failed = True
                     failures.append(f"{name}: {make.__name__}: {type(err).__name__}: {err}")
-                    log.error("%s: %s failed; other figures go on\n%s", name, make.__name__,
+                    # the caller reports each failure in one line; the traceback is for debugging
+                    log.debug("%s: %s failed; other figures go on\n%s", name, make.__name__,
                               traceback.format_exc())
             if not failed and folder.is_dir():
                 for old in sorted(folder.glob("*.p[dn][gf]")):
