@@ -81,9 +81,10 @@ def test_ppca_gap_matches_closed_form(ppca):
     lam_opt = ppca["lam_opt"]
     start = lam_opt + 0.5 * torch.randn(lam_opt.shape, generator=g, dtype=DTYPE)
     random = member_random(1)
-    lam_star, steps = evaluation.fit_optimal_posterior(
+    fit = evaluation.fit_optimal_posterior(
         ppca["decoder"], ppca["x"], start, n_mc=30, lr=1e-2, rule=StoppingRule(50, 5, 1500),
         random=random)
+    lam_star, steps = fit.lam, fit.steps
     assert steps.shape == (1,) and int(steps.max()) <= 1500
     assert lam_star.shape == lam_opt.shape and not lam_star.requires_grad
     _check_ppca_gaps(ppca, lam_star, random)
@@ -91,14 +92,14 @@ def test_ppca_gap_matches_closed_form(ppca):
 
 @pytest.mark.slow
 def test_ppca_gap_from_the_prior_with_the_gaps_probe_rule(ppca):
-    """q* from λ = 0 with the Cremer et al. rule (window 100, patience 10, cap 5000), the gaps
+    """q* from λ = 0 with the Cremer et al. window (100, patience 10, cap 5000), the gaps
     probe's default."""
     random = member_random(2)
-    lam_star, steps = evaluation.fit_optimal_posterior(
+    fit = evaluation.fit_optimal_posterior(
         ppca["decoder"], ppca["x"], torch.zeros_like(ppca["lam_opt"]), n_mc=30, lr=1e-2,
         rule=StoppingRule(100, 10, 5000), random=random)
-    assert int(steps[0]) >= 1100  # window · (patience + 1): the earliest possible stop
-    _check_ppca_gaps(ppca, lam_star, random)
+    assert int(fit.steps[0]) >= 1100  # window · (patience + 1): the earliest possible stop
+    _check_ppca_gaps(ppca, fit.lam, random)
 
 
 def test_log_marginal_matches_iwae_bound_on_the_same_noise(ppca):
@@ -139,47 +140,57 @@ def test_monte_carlo_elbo_agrees_with_closed_form(ppca, monkeypatch):
 
 
 def test_stopping_rule_stops_early_at_the_optimum(ppca):
-    rule = StoppingRule(window=20, patience=3, max_steps=2000)
-    _, steps = evaluation.fit_optimal_posterior(
+    """From λ* every check after the first fails to improve: each phase ends after ``patience``
+    checks, so the fit stops at its earliest possible step, window · (1 + patience · phases),
+    having taken every decay, below the cap."""
+    rule = StoppingRule(window=20, patience=3, max_steps=2000, decays=2)
+    fit = evaluation.fit_optimal_posterior(
         ppca["decoder"], ppca["x"], ppca["lam_opt"], n_mc=10, lr=1e-3, rule=rule,
         random=member_random(5))
-    n = int(steps[0])
-    assert rule.window * (rule.patience + 1) <= n < rule.max_steps and n % rule.window == 0
+    n = int(fit.steps[0])
+    assert n % rule.window == 0 and n < rule.max_steps
+    assert n >= rule.window * (1 + rule.patience * (rule.decays + 1))
+    assert fit.decays.tolist() == [rule.decays] and fit.capped.tolist() == [False]
 
 
 def test_stopping_rule_runs_to_the_cap_while_improving(ppca):
     # From the prior with a small step, every 100-step window improves on the last.
     rule = StoppingRule(window=100, patience=3, max_steps=1000)
     random = member_random(6)
-    lam, steps = evaluation.fit_optimal_posterior(
+    fit = evaluation.fit_optimal_posterior(
         ppca["decoder"], ppca["x"], torch.zeros_like(ppca["lam_opt"]), n_mc=10, lr=1e-3,
         rule=rule, random=random)
-    assert bool((steps == rule.max_steps).all())
-    gain = evaluation.elbo_value(ppca["decoder"], ppca["x"], lam, n_mc=1, random=random).value \
-        - evaluation.elbo_value(ppca["decoder"], ppca["x"], torch.zeros_like(lam), n_mc=1,
+    assert bool((fit.steps == rule.max_steps).all())
+    assert fit.capped.tolist() == [True] and fit.decays.tolist() == [0]
+    gain = evaluation.elbo_value(ppca["decoder"], ppca["x"], fit.lam, n_mc=1,
+                                 random=random).value \
+        - evaluation.elbo_value(ppca["decoder"], ppca["x"], torch.zeros_like(fit.lam), n_mc=1,
                                 random=random).value
     assert float(gain.mean()) > 0
 
 
 def test_fit_stops_per_member(ppca):
     """Two members of one decoder: member 0 starts at λ* and stops early, member 1 starts at
-    the prior and runs to the cap; each member's fit is the one it gets alone."""
+    the prior and runs to the cap; each member's fit (λ, steps, decays, cap) is the one it gets
+    alone."""
     W, b, psi = ppca["W"], ppca["b"], ppca["psi"]
     decoder = GaussianDecoder(W.shape[0], W.shape[1], members=2, mean="linear",
                               variance="learned", isotropic=True).to(DTYPE)
     decoder.set_linear_parameters(W, b, psi[0])
     x = ppca["x"].expand(2, -1, -1)
     init = torch.cat([ppca["lam_opt"], torch.zeros_like(ppca["lam_opt"])])
-    rule = StoppingRule(window=20, patience=3, max_steps=400)
-    lam, steps = evaluation.fit_optimal_posterior(
+    rule = StoppingRule(window=20, patience=3, max_steps=400, decays=1)
+    fit = evaluation.fit_optimal_posterior(
         decoder, x, init, n_mc=4, lr=1e-3, rule=rule, random=MemberRandom.from_seeds([0, 1], "q"))
-    assert steps.shape == (2,) and int(steps[0]) < rule.max_steps == int(steps[1])
+    assert fit.steps.shape == (2,) and int(fit.steps[0]) < rule.max_steps == int(fit.steps[1])
+    assert fit.capped.tolist() == [False, True] and fit.decays.tolist() == [1, 0]
     for k in range(2):
-        alone, alone_steps = evaluation.fit_optimal_posterior(
+        alone = evaluation.fit_optimal_posterior(
             ppca["decoder"], ppca["x"], init[k:k + 1], n_mc=4, lr=1e-3, rule=rule,
             random=MemberRandom.from_seeds([k], "q"))
-        assert int(alone_steps[0]) == int(steps[k])
-        torch.testing.assert_close(lam[k:k + 1], alone, rtol=0, atol=1e-12)
+        for name in ("steps", "decays", "capped"):
+            assert getattr(alone, name).tolist() == [getattr(fit, name).tolist()[k]], name
+        torch.testing.assert_close(fit.lam[k:k + 1], alone.lam, rtol=0, atol=1e-12)
 
 
 # ------------------------------------------------------------------------------------ gaps

@@ -20,6 +20,7 @@ options of ``vi.probes``). Nothing here imports the trainer.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass
 
@@ -30,7 +31,7 @@ from torch import Tensor
 
 from vi import linear_gaussian
 from vi.decoders import GaussianDecoder
-from vi.inference import InferenceMethod, MethodSettings, StoppingRule, fit_local
+from vi.inference import InferenceMethod, LocalFit, MethodSettings, StoppingRule, fit_local
 from vi.objectives import ImportanceEstimate, elbo, iwae_bound
 from vi.streams import MemberRandom
 
@@ -142,18 +143,19 @@ def fit_optimal_posterior(
     lr: float,
     rule: StoppingRule,
     random: MemberRandom,
-) -> tuple[Tensor, Tensor]:
+) -> LocalFit:
     """q* = argmax_λ L(λ; x) per data point, θ frozen (Cremer et al., 2018, §5).
 
-    Per-row Adam from ``init`` on the analytic-KL ELBO with the reparameterization gradient
-    (M = ``n_mc``), batched over points and members (``vi.inference.fit_local``); the
-    window-and-patience ``rule`` acts per member on the mean ELBO of its points. Returns
-    (λ* [K, N, 2H], steps [K])."""
+    The held-out procedure (``vi.inference.fit_local``) with more samples: per-row Adam from
+    ``init`` on the analytic-KL ELBO with the reparameterization gradient, M = ``n_mc``,
+    batched over points and members, step size ``lr`` decayed on each plateau of ``rule``
+    until its last phase's plateau or its cap. Returns the ``LocalFit`` (λ* [K, N, 2H] detached,
+    steps, decays, whether the cap bound, each [K])."""
     settings = MethodSettings(estimator="reparam", baseline="none", kl="analytic",
                               n_mc=int(n_mc), local_optimizer="adam", local_lr=float(lr))
-    lam, steps = fit_local(decoder, x, init, settings=settings, lr=[float(lr)] * x.shape[0],
-                           rule=rule, random=random)
-    return lam.detach(), steps
+    fit = fit_local(decoder, x, init, settings=settings, lr=[float(lr)] * x.shape[0],
+                    rule=rule, random=random)
+    return LocalFit(fit.lam.detach(), fit.steps, fit.decays, fit.capped)
 
 
 # ------------------------------------------------------------------------------------ gaps
@@ -193,8 +195,9 @@ def gap_decomposition(
     start = time.perf_counter()
     lam_phi = method.infer(x, random)[0].detach()
     init = lam_phi if qstar_init == "posterior" else torch.zeros_like(lam_phi)
-    lam_star, steps = fit_optimal_posterior(decoder, x, init, n_mc=qstar_n_mc, lr=qstar_lr,
-                                            rule=qstar_rule, random=random)
+    qstar = fit_optimal_posterior(decoder, x, init, n_mc=qstar_n_mc, lr=qstar_lr,
+                                  rule=qstar_rule, random=random)
+    lam_star, steps = qstar.lam, qstar.steps
     iw, exact = log_marginal(decoder, x, lam_star, k=iwae_k, defensive=defensive,
                              random=random)
     l_star = elbo_value(decoder, x, lam_star, n_mc=gap_n_mc, random=random)
@@ -224,6 +227,8 @@ def gap_decomposition(
         "amortization_gap": col(amort),
         "amortization_gap_se": col(torch.sqrt(l_star.se**2 + l_phi.se**2)),
         "qstar_steps": np.repeat(steps.cpu().numpy(), n),
+        "qstar_decays": np.repeat(qstar.decays.cpu().numpy(), n),
+        "qstar_capped": np.repeat(qstar.capped.cpu().numpy(), n),
     })
     means = {"iwae": iw.value, "log_px_exact": exact, "elbo_qstar": l_star.value,
              "elbo_qphi": l_phi.value, "approximation_gap": approx,
@@ -251,16 +256,19 @@ def test_time_curve(
     method's ``curve_inits`` (``prior``: λ = 0; ``encoder``: f_φ(x), where s = 0 is the one-pass
     amortized ELBO).
 
-    An E-step is the held-out E-step (``MethodSettings.heldout_settings``: the
-    reparameterization gradient, M = 1, the method's local optimiser and ``local_lr``; the same
-    update for every start and method, so curves are comparable). Each s is a separate fit from
-    the start, timed on its own. Returns (init, s, mean ELBO per member [K],
+    The fit is the held-out procedure (``MethodSettings.heldout_settings``: the
+    reparameterization gradient, M = 1, the method's local optimiser from ``local_lr``, its step
+    size decayed on each plateau of the rule ``heldout``; the same for every start and method,
+    so curves are comparable) cut at s steps: s is a budget, and where the rule stops earlier
+    the curve shows where it stopped. Each s is a separate fit from the start, timed on its
+    own. Returns (init, s, mean ELBO per member [K],
     seconds per point) tuples; ELBOs as in ``elbo_value`` with ``n_mc`` samples.
     """
     decoder = method.decoder
     if not steps or min(steps) < 0:
         raise ValueError(f"steps must be counts >= 0; got {steps}")
     k_members, n = x.shape[:2]
+    rule = method.settings.heldout
     out = []
     for init in method.curve_inits:
         t0 = time.perf_counter()
@@ -274,10 +282,9 @@ def test_time_curve(
             t0 = time.perf_counter()
             lam = lam0
             if s > 0:
-                lam, _ = fit_local(decoder, x, lam0, settings=method.settings.heldout_settings(),
-                                   lr=method.local_lr,
-                                   rule=StoppingRule(window=s, patience=1, max_steps=s),
-                                   random=random)
+                lam = fit_local(decoder, x, lam0, settings=method.settings.heldout_settings(),
+                                lr=method.local_lr, rule=dataclasses.replace(rule, max_steps=s),
+                                random=random).lam
             per_point = (t_init + time.perf_counter() - t0) / (n * k_members)
             value = elbo_value(decoder, x, lam.detach(), n_mc=n_mc, random=random).value
             out.append((init, s, value.double().mean(1), per_point))
