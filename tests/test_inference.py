@@ -25,7 +25,7 @@ import math
 
 import pytest
 import torch
-from conftest import member_random
+from conftest import assert_unbiased, member_random
 from scipy.stats import t as t_dist
 
 from vi import linear_gaussian as lg
@@ -46,6 +46,7 @@ from vi.inference import (
     finite_members,
     fit_local,
 )
+from vi.objectives import elbo
 from vi.optim import FlatOptimizer, RowOptimizer, robbins_monro
 from vi.streams import MemberRandom, generator
 from vi.training import Trainer
@@ -635,6 +636,106 @@ def test_a_rule_without_decays_is_constant_step_adam_and_a_decay_restarts_it(ppc
                       rule=StoppingRule(window=15, patience=1, max_steps=15, decays=0),
                       random=member_random(3))
     assert plain.decays.tolist() == [0] and not torch.equal(plain.lam, fit.lam)
+
+
+def _vem_at(ppca_mle, table: str, members: int = 1, **settings):
+    """vem on the PPCA MLE decoder (``members`` copies) with its table at the exact diagonal
+    optimum λ* of every training point (``table="optimum"``) or at the prior."""
+    _, x, _, (W, b, psi), _ = ppca_mle
+    decoder = GaussianDecoder(10, 2, members=members, mean="linear", variance="learned",
+                              isotropic=True).to(DTYPE)
+    decoder.set_linear_parameters(W, b, psi[0])
+    method = build_method(decoder, [MethodSettings(name="vem", local_lr=0.05, **settings)]
+                          * members, x.shape[0]).to(DTYPE)
+    if table == "optimum":
+        with torch.no_grad():
+            method.local.copy_(lg.optimal_diagonal_posterior(x, W, b, psi).expand_as(method.local))
+    return method
+
+
+def test_step_gain_is_unbiased_where_the_same_noise_is_not(ppca_mle):
+    """At the exact optimum λ* every step loses ELBO. For R steps λ' = λ* + α ĝ(ε_r), each
+    computed on its own draw ε_r, the closed-form gain L(λ') − L(λ*) is negative; ``step_gain``
+    (a fresh draw shared by λ* and λ') estimates it without bias (z-test), while the gain
+    measured on ε_r itself, the step's own noise, is biased upward (and positive)."""
+    _, x, _, (W, b, psi), _ = ppca_mle
+    method = _vem_at(ppca_mle, "optimum")
+    decoder = method.decoder
+    xb = x[:100].unsqueeze(0)
+    before = method.local[:, :100].clone()
+    exact_before = lg.elbo_closed_form(xb[0], before[0], W, b, psi).mean()
+    random, steps = member_random(11), member_random(12)
+    active = torch.ones(1, dtype=torch.bool)
+    fresh, same = [], []
+    for _ in range(300):
+        lam = before.clone().requires_grad_()
+        eps = steps.randn((1, 100, 2), 1, dtype=DTYPE)
+        est = elbo(decoder, xb, lam, eps)
+        (g,) = torch.autograd.grad(est.surrogate.sum(), lam)
+        after = (before + 0.02 * g).detach()
+        true = lg.elbo_closed_form(xb[0], after[0], W, b, psi).mean() - exact_before
+        with torch.no_grad():
+            own = (elbo(decoder, xb, after, eps).samples - est.samples).mean()
+        fresh.append(method.step_gain(xb, before, after, random, active)[0] - true)
+        same.append(own - true)
+        assert float(true) < 0
+    fresh, same = torch.stack(fresh), torch.stack(same)
+    assert_unbiased(fresh, torch.zeros(()))
+    z_same = float(same.mean() / (same.std() / math.sqrt(len(same))))
+    assert z_same > 10, z_same
+
+
+def test_e_tol_fires_at_a_converged_table(ppca_mle):
+    """Rows at their exact optimum: a step's true gain is ≤ 0 < e_tol, so E-steps stop after a
+    few steps (the gain on the step's own noise was always ≥ e_tol: every minibatch ran all
+    50). Counted per row by the row optimiser."""
+    _, x, _, _, _ = ppca_mle
+    method = _vem_at(ppca_mle, "optimum", e_steps=50, e_tol=0.01)
+    random = member_random(4)
+    active = torch.ones(1, dtype=torch.bool)
+    batches = torch.randperm(x.shape[0], generator=torch.Generator().manual_seed(0)).split(50)
+    for idx in batches:
+        method.train_step(x[idx].unsqueeze(0), idx.unsqueeze(0), random, active)
+    taken = method.local_opt.steps[0].double()
+    assert bool((taken >= 1).all()) and float(taken.max()) < 50
+    assert float(taken.mean()) < 5, taken.unique().tolist()
+
+
+def test_e_tol_does_not_fire_while_the_gain_is_large(ppca_mle):
+    """Rows at the prior, far below their optimum (> 50 nats): every E-step gains far more
+    than e_tol, so every row takes all ``e_steps``."""
+    _, x, _, (W, b, psi), _ = ppca_mle
+    method = _vem_at(ppca_mle, "prior", e_steps=8, e_tol=0.01)
+    idx = torch.arange(100)
+    start = lg.elbo_closed_form(x[idx], method.local[0, idx], W, b, psi).mean()
+    method.train_step(x[idx].unsqueeze(0), idx.unsqueeze(0), member_random(5),
+                      torch.ones(1, dtype=torch.bool))
+    end = lg.elbo_closed_form(x[idx], method.local[0, idx].detach(), W, b, psi).mean()
+    assert float(end - start) > 8 * 0.01 * 100  # the true gains were large
+    assert method.local_opt.steps[0, idx].tolist() == [8] * 100
+
+
+def test_e_tol_decides_per_member(ppca_mle):
+    """Member 0 at a converged table, member 1 at the prior, one ensemble: each member's table,
+    E-step counts and noise stream are those it gets alone."""
+    _, x, _, _, _ = ppca_mle
+    both = _vem_at(ppca_mle, "optimum", members=2, e_steps=20, e_tol=0.01)
+    with torch.no_grad():
+        both.local[1].zero_()
+    idx = torch.arange(60)
+    random = MemberRandom.from_seeds([0, 1], "noise")
+    both.train_step(x[idx].expand(2, -1, -1), idx.expand(2, -1), random,
+                    torch.ones(2, dtype=torch.bool))
+    assert int(both.local_opt.steps[0, idx].max()) < 20 == int(both.local_opt.steps[1, 0])
+    for k, table in enumerate(("optimum", "prior")):
+        alone = _vem_at(ppca_mle, table, e_steps=20, e_tol=0.01)
+        alone_random = MemberRandom.from_seeds([k], "noise")
+        alone.train_step(x[idx].unsqueeze(0), idx.unsqueeze(0), alone_random,
+                         torch.ones(1, dtype=torch.bool))
+        assert torch.equal(alone.local_opt.steps[0], both.local_opt.steps[k])
+        torch.testing.assert_close(alone.local[0], both.local[k], rtol=0, atol=1e-12)
+        assert torch.equal(alone_random.generators[0].get_state(),
+                           random.generators[k].get_state())
 
 
 def test_semi_amortized_refinement_improves_encoder_output(ppca_mle):
