@@ -51,9 +51,15 @@ class _MemberFirstGrad(torch.autograd.Function):
     order, and the element-wise backward of the log-density would inherit that order, so the
     reductions into σ² would sum in an order that depends on the number of members."""
 
+    generate_vmap_rule = True  # torch.func (per-draw gradients) batches it like any op
+
     @staticmethod
-    def forward(ctx, t: Tensor) -> Tensor:
-        return t.view_as(t)
+    def forward(t: Tensor) -> Tensor:
+        return t.clone()
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        pass
 
     @staticmethod
     def backward(ctx, grad: Tensor) -> Tensor:
