@@ -23,7 +23,7 @@ from conftest import DTYPE, bonferroni_crit, member_random
 from vi import ais as vi_ais
 from vi import linear_gaussian as lg
 from vi.data import load_dataset
-from vi.decoders import GaussianDecoder
+from vi.decoders import GaussianDecoder, log_joint
 from vi.objectives import elbo, iwae_bound
 from vi.streams import MemberRandom, generator
 
@@ -169,6 +169,25 @@ def test_hmc_transition_leaves_the_posterior_invariant(small):
     assert float(zm.abs().max()) <= 2 * bonferroni_crit(2), zm.tolist()
     torch.testing.assert_close(z.var(0), cov.diagonal(), rtol=0.15, atol=0)
     del g
+
+
+@pytest.mark.parametrize("variance", ["learned", "fixed", "heteroscedastic"])
+def test_the_paths_log_joint_is_the_decoders(variance):
+    """The sampler's log p(x, z) (σ² computed once where it does not depend on z) is
+    ``vi.decoders.log_joint``, value and gradient."""
+    decoder = GaussianDecoder(7, 3, members=2, hidden=(8,), variance=variance, fixed_var=0.3,
+                              generators=[generator(s, "init") for s in (0, 1)]).to(DTYPE)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 4, 7, generator=g, dtype=DTYPE)
+    lam = 0.3 * torch.randn(2, 4, 6, generator=g, dtype=DTYPE)
+    path = vi_ais._Path(decoder, x, lam)
+    u = torch.randn(5, 2, 4, 3, generator=g, dtype=DTYPE, requires_grad=True)
+    z = path.mu + path.sigma * u
+    expected = log_joint(decoder, x, z)
+    (expected_grad,) = torch.autograd.grad(expected.sum(), u)
+    value, grad = path.value_and_grad(u)
+    torch.testing.assert_close(value, expected.detach(), rtol=1e-12, atol=1e-10)
+    torch.testing.assert_close(grad, expected_grad, rtol=1e-12, atol=1e-10)
 
 
 # ------------------------------------------------------------- accuracy at the defaults

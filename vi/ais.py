@@ -27,17 +27,17 @@ chains, were chosen by measurement: at the same number of gradient evaluations, 
 distributions beat longer trajectories (standard deviation of a chain's log-weight 0.04 at
 T = 1000, L = 1 against 0.13 at T = 200, L = 5 on linear-Gaussian models whose diagonal family
 loses 0.2-0.3 nat; BDMC sandwiches 0.007 ± 0.003 against 0.009 ± 0.013 nat on an mnist5k
-decoder with H = 10), and one chain's trajectory of L = 5 steps of the adapted size comes back
-near its start (docs/evaluation.md). Step sizes are chosen per point and per intermediate
-distribution towards a target acceptance rate (0.65 by default, the HMC optimum of Beskos et al.,
-2013) by a *pilot* run: a few chains of their own, whose step size after each transition moves
-by log ε ← log ε + γ (ā − a*), ā the Metropolis acceptance probability averaged over the
-point's pilot chains. The C chains of the estimate then run with the pilot's step sizes, fixed:
-a step size adapted on a chain's own past (Wu et al., 2017) makes its transitions depend on its
-state and biases the weights (measured here on the linear-Gaussian model: by −0.03 nat from q*
-and by +0.2 nat, *above* log p(x), from the prior, at T = 50), whereas kernels chosen
-independently of the chains leave E[w] = p(x) exact and the chains independent, so the standard
-error over chains is an honest one. The same step sizes, in reverse order, serve reverse AIS.
+decoder with H = 10; docs/evaluation.md). Step sizes are chosen per point and per intermediate
+distribution towards a target acceptance rate (0.65 by default: HMC's asymptotic optimum is
+0.651, Beskos et al., 2013, a Langevin move's 0.574, Roberts & Rosenthal, 1998) by a *pilot*
+run: a few chains of their own, whose step size after each transition moves by log ε ← log ε + γ
+(ā − a*), ā the Metropolis acceptance probability averaged over the point's pilot chains. The C
+chains of the estimate then run with the pilot's step sizes, fixed: a step size adapted online
+on a chain's own past makes its transitions depend on its state and biases the weights (measured
+here on the linear-Gaussian model: by −0.03 nat from q* and by +0.2 nat, *above* log p(x), from
+the prior, at T = 50), whereas kernels chosen independently of the chains leave E[w] = p(x)
+exact and the chains independent, so the standard error over chains is an honest one. The same
+step sizes, in reverse order, serve reverse AIS.
 
 Bidirectional Monte Carlo (BDMC; Grosse, Ghahramani & Adams, 2015; Wu et al., 2017) checks AIS
 where the truth is unknown: for data simulated from the model (z ~ p(z), x ~ p_θ(x | z)), the
@@ -203,14 +203,32 @@ class _Path:
         self.views = {k: v.detach() for k, v in decoder.params.views().items()}
         mu, logvar = families.split_params(lam)
         self.mu, self.sigma = mu, torch.exp(0.5 * logvar)
-        h = mu.shape[-1]
+        h, d = mu.shape[-1], x.shape[-1]
         self.log_norm = (0.5 * logvar.double()).sum(-1) + 0.5 * h * math.log(2 * math.pi)
+        self.precision = None
+        if decoder.variance_kind != "heteroscedastic":
+            # σ² does not depend on z: log p(x, z) = −½ Σ_d (x_d − μ_d(z))²/σ²_d − ½ |z|²
+            # + c, with c = −½ Σ_d log 2πσ²_d − (H/2) log 2π computed once (the same number
+            # as ``log_joint``, without a log per evaluation)
+            _, var = decoder.mean_and_variance(x.new_zeros(x.shape[0], 1, h), self.views)
+            var = var.expand(x.shape[0], 1, d)
+            self.precision = 1.0 / var
+            self.const = (-0.5 * torch.log(2 * math.pi * var).sum(-1)
+                          - 0.5 * h * math.log(2 * math.pi))
+
+    def log_joint(self, z: Tensor) -> Tensor:
+        """log p_θ(x, z) [C, K, n] for z [C, K, n, H]."""
+        if self.precision is None:
+            return log_joint(self.decoder, self.x, z, self.views)
+        mean, _ = self.decoder.mean_and_variance(z, self.views)
+        return (-0.5 * ((self.x - mean).pow(2) * self.precision).sum(-1)
+                - 0.5 * z.pow(2).sum(-1) + self.const)
 
     def value_and_grad(self, u: Tensor) -> tuple[Tensor, Tensor]:
         """(ℓ(u) [C, K, n], ∇_u ℓ(u) [C, K, n, H])."""
         with torch.enable_grad():
             u = u.detach().requires_grad_(True)
-            lp = log_joint(self.decoder, self.x, self.mu + self.sigma * u, self.views)
+            lp = self.log_joint(self.mu + self.sigma * u)
             (g,) = torch.autograd.grad(lp.sum(), u)
         return lp.detach(), g
 
