@@ -70,6 +70,7 @@ def last_json(out: subprocess.CompletedProcess, name: str) -> dict:
 @pytest.mark.parametrize(("name", "extra"), [
     ("scaling", []),
     ("gradvar", []),
+    ("ais", []),
     ("ensemble", ["--profile", "--profile-top", "5", "--reproduce"]),
 ])
 def test_quick_run_prints_one_json_line(name: str, extra: list[str]) -> None:
