@@ -279,6 +279,14 @@ def test_settings_are_validated_and_members_differ_only_in_step_sizes():
             dataclasses.replace(base, **changes).validate()
     with pytest.raises(ValueError, match="stopping rule window must be a positive integer"):
         StoppingRule(window=0)
+    for changes, match in [(dict(check_n_mc=0), "check_n_mc must be a positive integer"),
+                           (dict(decays=-1), "decays must be an integer >= 0"),
+                           (dict(decay=1.0), r"decay must lie in \(0, 1\)"),
+                           (dict(decay=0), r"decay must lie in \(0, 1\)"),
+                           (dict(tol=-0.1), "tol must be a finite number >= 0"),
+                           (dict(tol=math.inf), "tol must be a finite number >= 0")]:
+        with pytest.raises(ValueError, match=match):
+            StoppingRule(**changes)
     with pytest.raises(ValueError, match="unknown method"):
         build_method(decoder, [dataclasses.replace(base, name="svi")] * 2, 10)
 
