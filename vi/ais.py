@@ -117,10 +117,11 @@ class AISResult:
     started at one shared sample the chains are correlated and the SE optimistic).
     ``log_w`` [C, K, N]: each chain's log-weight (log w̃ for reverse runs). ``ess`` [K, N]:
     (Σ w)²/Σ w² over the chains, between 1 and C. ``acceptance`` [K, N]: the mean Metropolis
-    acceptance probability over the chains and transitions; ``acceptance_path`` [T − 1, K]: per
-    transition, the mean acceptance over chains and points; the transitions' (whitened-coordinate)
-    step size over chains and points. ``settings``: the run's settings; ``seconds``: its wall
-    time."""
+    acceptance probability over the chains and transitions. ``acceptance_path`` [T − 1, K]: per
+    transition, the mean acceptance over chains and points. ``step_sizes`` [T − 1, K, N]: the
+    transitions' step sizes in whitened coordinates (the pilot's, or those given; pass them to
+    ``reverse_ais`` to run the same kernels backwards). ``settings``: the run's settings;
+    ``seconds``: its wall time."""
 
     log_px: Tensor
     se: Tensor
