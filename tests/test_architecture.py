@@ -18,7 +18,7 @@ ROOT = Path(__file__).resolve().parents[1]
 LAYERS = [
     {"files", "streams", "families", "nets", "data", "optim", "contract"},
     {"estimators", "linear_gaussian", "decoders"},
-    {"objectives", "references"},
+    {"objectives", "references", "ais"},
     {"inference"},
     {"evaluation", "gradstats"},
     {"config", "training"},
