@@ -511,8 +511,11 @@ def _check_csv(path: Path) -> list[str]:
 
 def _check_experiment(exp_dir: Path, skip: Collection[Path] = ()) -> list[str]:
     problems = []
+    # every CSV must be listed, and the results folder's FINDINGS.md; other files (an
+    # experiment's Markdown tables) are verified where listed
     csvs = sorted(p for p in [*exp_dir.glob("*.csv"), *exp_dir.glob("*.md")]
-                  if not p.name.startswith(".") and p not in skip)
+                  if not p.name.startswith(".") and p not in skip
+                  and (p.suffix == ".csv" or p.name in ROOT_FILES))
     manifest = exp_dir / "manifest.json"
     if csvs and not manifest.is_file():
         rebuild = ("rerun `python -m experiments references` and `figures` to rebuild them"
