@@ -748,6 +748,11 @@ def test_references_and_summary_are_covered_by_the_manifest(finished: Path, caps
     refs.write_text(table.to_csv(index=False, lineterminator="\n"))
     code, err = _check(finished, capsys)
     assert code == 1 and "references.csv: does not match the checksum" in err, err
+    summary_before = (finished / "summary.csv").read_bytes()
+    for argv in (["figures"], ["figures", "g"]):  # the summary is never made from it either
+        assert main([*argv[:1], "--results", str(finished), *argv[1:]]) == 1
+        assert "references.csv: does not match the checksum" in capsys.readouterr().err
+    assert (finished / "summary.csv").read_bytes() == summary_before
     refs.write_bytes(pristine)
     summary = finished / "summary.csv"
     summary.write_text(summary.read_text().replace(",", ";", 1))
