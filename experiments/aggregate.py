@@ -13,6 +13,10 @@
 ``<table>.csv``   each per-run ``tables/<table>.csv`` concatenated (``gaps``, ``images``, …)
 ``selected.csv``  (``lr_selection``) the chosen step sizes, and ``candidates.csv`` every
                   candidate's score (``experiments.selection``)
+``contract.json`` the declarations of every metric and table the runs wrote and the baselines of
+                  each estimator they knew (``vi.contract.record``, gathered from each run's
+                  provenance), so a process that never imported a probe's or an estimator's
+                  module reads them (``experiments.schema.read_contract``)
 ``manifest.json`` SHA-256 and row count of each CSV above, which ``check`` verifies; while
                   the CSVs are being rewritten it says ``"complete": false``, so an
                   interrupted aggregation is reported as such
@@ -43,13 +47,16 @@ import pandas as pd
 from experiments.grids import config_hash, flatten, run_id_for
 from experiments.schema import (
     BPD_METRICS,
+    CONTRACT_FILE,
     TABLE_COLUMNS,
     SchemaError,
+    read_contract,
     read_metrics,
     read_runs,
     validate_metrics,
     validate_runs,
 )
+from vi import contract
 from vi.files import atomic_write
 
 __all__ = [
@@ -197,6 +204,10 @@ def verify_run(run_dir: Path) -> tuple[list[str], dict | None]:
             problems.append(f"{name} has {len(frame)} rows; the run recorded {record.get('rows')}")
             continue
         frames[name] = frame
+    try:  # what a probe or estimator of a module this process never imported declared
+        declared = contract.adopt(prov.get("contract", {}), "provenance.json")
+    except contract.ContractError as err:
+        return [*problems, str(err)], None
     metrics = frames.get("metrics.csv")
     if metrics is not None:
         try:
@@ -211,7 +222,8 @@ def verify_run(run_dir: Path) -> tuple[list[str], dict | None]:
     if problems:
         return problems, None
     tables = {Path(n).stem: f for n, f in frames.items() if n.startswith("tables/")}
-    return [], {"config": cfg, "provenance": prov, "metrics": metrics, "tables": tables}
+    return [], {"config": cfg, "provenance": prov, "metrics": metrics, "tables": tables,
+                "contract": declared}
 
 
 def _check_checkpoint(path: Path, record: Any) -> list[str]:
@@ -330,10 +342,17 @@ def aggregate(
             raise AggregateError(f"{exp_dir}: a run table may not be called {name!r}")
         outputs[name] = pd.concat([p["tables"][name] for p in parts if name in p["tables"]],
                                   ignore_index=True)
+    try:
+        declared = contract.record(
+            metrics["metric"].dropna(), names,
+            {e: b for p in parts for e, b in p["contract"]["estimators"].items()})
+    except contract.ContractError as err:  # a table of a probe nobody declared here
+        raise AggregateError(f"cannot aggregate {exp_dir}: {err}; rerun its runs with the "
+                             f"module that declares it (--plugin)") from err
     for name, frame in (extra or {}).items():
         outputs[name] = frame
     try:
-        written = _publish(exp_dir, outputs, len(parts))
+        written = _publish(exp_dir, outputs, len(parts), declared)
     except OSError as err:  # a read-only folder, a full disk: one message, no traceback
         raise AggregateError(
             f"cannot write the CSVs of {exp_dir} ({type(err).__name__}: {err}); the run "
@@ -342,8 +361,10 @@ def aggregate(
     return {"runs": runs, "written": written, "stale": stale}
 
 
-def _publish(exp_dir: Path, outputs: dict[str, pd.DataFrame], runs: int) -> list[Path]:
-    """Write the CSVs and then their manifest. First the manifest is marked as being rewritten:
+def _publish(exp_dir: Path, outputs: dict[str, pd.DataFrame], runs: int,
+             declared: dict) -> list[Path]:
+    """Write the CSVs, the contract they use and then their manifest, which lists all of them.
+    First the manifest is marked as being rewritten:
     an interruption (or a failing write) between the CSVs below leaves a manifest that says so,
     rather than new CSVs beside an old manifest (or none)."""
     atomic_write(exp_dir / "manifest.json", json.dumps(
@@ -356,6 +377,9 @@ def _publish(exp_dir: Path, outputs: dict[str, pd.DataFrame], runs: int) -> list
     for old in sorted(exp_dir.glob("*.csv")):  # tables of an earlier grid would mislead
         if old.stem not in outputs:
             old.unlink()
+    text = json.dumps(declared, indent=2, sort_keys=True, ensure_ascii=False) + "\n"
+    atomic_write(exp_dir / CONTRACT_FILE, text)
+    manifest["files"][CONTRACT_FILE] = {"sha256": _digest(text)}
     atomic_write(exp_dir / "manifest.json", json.dumps(manifest, indent=2, sort_keys=True)
                  + "\n")
     return written
@@ -492,6 +516,7 @@ def _check_csv(path: Path) -> list[str]:
     if not raw.endswith(b"\n"):
         return [f"{path}: does not end with a newline (truncated?)"]
     try:
+        read_contract(path.parent)  # the names of extensions, recorded beside their results
         if path.name == "metrics.csv":
             read_metrics(path)
         elif path.name == "runs.csv":
@@ -513,9 +538,10 @@ def _check_experiment(exp_dir: Path, skip: Collection[Path] = ()) -> list[str]:
     problems = []
     # every CSV must be listed, and the results folder's FINDINGS.md; other files (an
     # experiment's Markdown tables) are verified where listed
-    csvs = sorted(p for p in [*exp_dir.glob("*.csv"), *exp_dir.glob("*.md")]
-                  if not p.name.startswith(".") and p not in skip
-                  and (p.suffix == ".csv" or p.name in ROOT_FILES))
+    csvs = sorted(p for p in [*exp_dir.glob("*.csv"), *exp_dir.glob("*.md"),
+                              exp_dir / CONTRACT_FILE]
+                  if not p.name.startswith(".") and p not in skip and p.is_file()
+                  and (p.suffix == ".csv" or p.name in (*ROOT_FILES, CONTRACT_FILE)))
     manifest = exp_dir / "manifest.json"
     if csvs and not manifest.is_file():
         rebuild = ("rerun `python -m experiments references` and `figures` to rebuild them"

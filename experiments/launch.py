@@ -59,7 +59,12 @@ def slurm_unavailable() -> str:
 
 
 def _entry(payloads: list[dict], checkpoint_seconds: float) -> list[Outcome]:
-    """What a worker process or cluster job runs (module level, so it pickles by name)."""
+    """What a worker process or cluster job runs (module level, so it pickles by name): the
+    plugin modules first (``experiments.plugins``; a fresh interpreter knows only the library's
+    own probes, estimators and methods), then the ensemble."""
+    from experiments.plugins import load
+
+    load()
     return run_ensemble(payloads, threads=1, checkpoint_seconds=checkpoint_seconds)
 
 

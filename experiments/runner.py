@@ -7,8 +7,10 @@ A run folder ``results/<experiment>/runs/<run_id>/`` holds
                      selection_round}
 ``provenance.json``  code version (git commit, dirty flag), package versions, device, host,
                      command line, start/end time, ``status`` (running, ok, diverged, failed),
-                     ``message``, how training stopped, and the SHA-256 of every file
-                     written (with the row count of each CSV), checkpoint included
+                     ``message``, how training stopped, the SHA-256 of every file
+                     written (with the row count of each CSV), checkpoint included, and the
+                     ``contract``: the declarations of the metrics and tables it wrote and
+                     the baselines of every registered estimator (``vi.contract.record``)
 ``metrics.csv``      the run's tidy rows (``vi.training.ROW_COLUMNS``)
 ``checkpoint.pt``    the run's full state (model, optimisers, local table, random streams, rows)
 ``tables/*.csv``     the run's probe tables (``gaps``, ``images``, ``variance_sweep``, …)
@@ -403,13 +405,15 @@ def _failed_all(cells: Sequence[Cell], provs: dict, message: str, tb: str) -> Ou
 def _write_member(cell: Cell, prov: dict, result, action: str, cpu0: float, t0: float
                   ) -> Outcome:
     """Write one finished member's folder; a write that fails makes the run ``failed``."""
+    from vi import contract
+    from vi.estimators import ESTIMATORS
     from vi.training import ROW_COLUMNS
 
     run_dir = Path(cell.run_dir)
     writing = "metrics.csv"  # the file being written, named if the write fails
     try:
-        files = {"metrics.csv": write_csv(run_dir / "metrics.csv",
-                                          pd.DataFrame(result.rows, columns=list(ROW_COLUMNS)))}
+        rows = pd.DataFrame(result.rows, columns=list(ROW_COLUMNS))
+        files = {"metrics.csv": write_csv(run_dir / "metrics.csv", rows)}
         for name, frame in result.tables.items():
             writing = f"tables/{name}.csv"
             ident = pd.DataFrame([result.identity] * len(frame))
@@ -424,7 +428,11 @@ def _write_member(cell: Cell, prov: dict, result, action: str, cpu0: float, t0: 
                      "run_seconds": round(result.elapsed, 3), **result.data_info,
                      "ensemble_cpu_seconds": round(time.process_time() - cpu0, 3),
                      "ensemble_wall_seconds": round(time.perf_counter() - t0, 3),
-                     "files": files})
+                     "files": files,
+                     # what a reader that never imports this run's extensions must know
+                     "contract": contract.record(
+                         rows["metric"].dropna(), result.tables,
+                         {name: e.baselines for name, e in ESTIMATORS.items()})})
         _write_json(run_dir / "provenance.json", prov)
     except (OSError, SchemaError) as err:
         message = f"writing {writing} failed: {type(err).__name__}: {err}"

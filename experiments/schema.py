@@ -10,6 +10,7 @@ apply are empty (NaN in pandas), never a sentinel number. Wall-clock time lives 
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 
@@ -21,6 +22,7 @@ from vi.contract import IDENTITY_COLUMNS, METRIC_COLUMNS
 
 __all__ = [
     "BPD_METRICS",
+    "CONTRACT_FILE",
     "EXPERIMENT_TABLES",
     "IDENTITY_COLUMNS",
     "METRICS",
@@ -34,6 +36,7 @@ __all__ = [
     "TABLE_COLUMNS",
     "SchemaError",
     "as_bool",
+    "read_contract",
     "read_metrics",
     "read_runs",
     "validate_metrics",
@@ -42,9 +45,11 @@ __all__ = [
 
 #: what the trainer and the probes may write: metric names with their descriptions, per-run
 #: tables with their columns, and the probes a grid may name (live views of ``vi.contract``, so
-#: a probe declared by any imported module is known here too)
+#: a probe declared by any imported module, or recorded beside the results read, is known here)
 METRICS = contract.METRICS
 PROBES = contract.PROBES
+#: the declarations an experiment's runs used (``vi.contract.record``), beside its CSVs
+CONTRACT_FILE = "contract.json"
 STATUSES = ("ok", "diverged", "failed")
 STOP_REASONS = ("plateau", "max_epochs", "budget", "diverged")
 SPLITS = ("train", "validation", "test")
@@ -158,11 +163,34 @@ def as_bool(values: pd.Series) -> pd.Series:
     return out
 
 
+def read_contract(folder: str | Path) -> dict[str, dict]:
+    """The declarations recorded beside an experiment's CSVs (``contract.json``, written when
+    its runs were aggregated), learnt by this process (``vi.contract.adopt``): the metrics and
+    tables of a probe, and the baselines of an estimator, defined in a module this process never
+    imported. Empty parts when there is none (results written before it existed know only the
+    built-in contract); ``SchemaError`` for an unreadable or malformed one."""
+    path = Path(folder) / CONTRACT_FILE
+    if not path.is_file():
+        return {"metrics": {}, "tables": {}, "estimators": {}}
+    try:
+        return contract.adopt(json.loads(path.read_text()), str(path))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as err:
+        raise SchemaError(f"{path}: unreadable ({type(err).__name__}: {err})") from err
+    except contract.ContractError as err:
+        raise SchemaError(str(err)) from err
+
+
 def read_metrics(path: str | Path, *, validate: bool = True) -> pd.DataFrame:
-    """Read a metrics.csv with the contract's dtypes (strings stay strings; empty → NaN)."""
+    """Read a metrics.csv with the contract's dtypes (strings stay strings; empty → NaN), after
+    learning the declarations recorded beside it (``read_contract``)."""
     path = Path(path)
     if not path.is_file():
         raise SchemaError(f"{path}: no such file")
+    try:
+        read_contract(path.parent)
+    except SchemaError:
+        if validate:
+            raise
     try:
         df = pd.read_csv(path, dtype={"run_id": str, "param_group": str, "baseline": str})
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as err:
@@ -173,10 +201,16 @@ def read_metrics(path: str | Path, *, validate: bool = True) -> pd.DataFrame:
 
 
 def read_runs(path: str | Path, *, validate: bool = True) -> pd.DataFrame:
-    """Read a runs.csv (one row per run)."""
+    """Read a runs.csv (one row per run), after learning the declarations recorded beside it
+    (``read_contract``)."""
     path = Path(path)
     if not path.is_file():
         raise SchemaError(f"{path}: no such file")
+    try:
+        read_contract(path.parent)
+    except SchemaError:
+        if validate:
+            raise
     try:
         df = pd.read_csv(path, dtype={"run_id": str})
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as err:

@@ -35,10 +35,10 @@ CONFIG = RunConfig.from_dict({"data": {"name": "ppca", "options": {"data_dim": 4
 def registries():
     """Leave the probe registry and the contract as they were, whatever a test declares."""
     saved = (dict(PROBES), copy.deepcopy(contract.METRICS), dict(contract.TABLES),
-             dict(contract.PROBES))
+             dict(contract.PROBES), dict(contract.ESTIMATORS))
     yield
-    for live, old in zip((PROBES, contract.METRICS, contract.TABLES, contract.PROBES), saved,
-                         strict=True):
+    for live, old in zip((PROBES, contract.METRICS, contract.TABLES, contract.PROBES,
+                          contract.ESTIMATORS), saved, strict=True):
         live.clear()
         live.update(old)
 
@@ -164,3 +164,64 @@ def test_probe_metrics_lists_every_probe_metric_with_its_description() -> None:
     out = probes.probe_metrics()
     assert set(out) == {m for cls in PROBES.values() for m in cls.metrics}
     assert set(out) | set(contract.TRAINER_METRICS) == set(contract.METRICS)
+
+
+def test_a_recorded_contract_round_trips_and_keeps_known_declarations(registries) -> None:
+    contract.declare_metric("toy_value", "a toy measurement (nats)")
+    contract.declare_table("toy_table", ("epoch", "x"))
+    recorded = contract.record(["toy_value", "elbo", "toy_value"], ["toy_table"],
+                               {"toy_est": {"none": 1, "mean": 2}})
+    assert recorded == {"metrics": {"elbo": contract.METRICS["elbo"],
+                                    "toy_value": "a toy measurement (nats)"},
+                        "tables": {"toy_table": ["epoch", "x"]},
+                        "estimators": {"toy_est": ["mean", "none"]}}
+    json.dumps(recorded)  # it travels as JSON
+    for live in (contract.METRICS, contract.TABLES):
+        live.pop(f"toy_{'value' if live is contract.METRICS else 'table'}")
+    revised = copy.deepcopy(recorded)
+    revised["metrics"]["elbo"] = "an older description"
+    assert contract.adopt(revised, "x.json") == revised
+    assert contract.METRICS["toy_value"] == "a toy measurement (nats)"
+    assert contract.METRICS["elbo"] != "an older description"  # the known one stays
+    assert contract.TABLES["toy_table"] == ("epoch", "x")
+    assert contract.ESTIMATORS["toy_est"] == ("mean", "none")
+    with pytest.raises(contract.ContractError, match="not declared"):
+        contract.record(["toy_nobody"])
+
+
+@pytest.mark.parametrize("bad, message", [
+    ([], "not an object"),
+    ({"metrics": {"Bad Name": "x"}}, "lower-case"),
+    ({"metrics": {"toy_m": " "}}, "has no description"),
+    ({"tables": {"toy_t": "epoch"}}, "expected a list of names"),
+    ({"estimators": {"toy_e": [1]}}, "expected a list of names"),
+    ({"probes": {}}, "unknown key"),
+])
+def test_a_malformed_recorded_contract_is_refused_naming_the_file(registries, bad,
+                                                                   message) -> None:
+    before = dict(contract.METRICS)
+    with pytest.raises(contract.ContractError, match=message) as err:
+        contract.adopt(bad, "somewhere/contract.json")
+    assert str(err.value).startswith("somewhere/contract.json:")
+    assert contract.METRICS == before
+
+
+def test_a_fresh_process_reads_metrics_declared_in_the_contract_beside_them(tmp_path) -> None:
+    """A metric no module of this process declares is read once its experiment's
+    contract.json declares it, and refused without it; a malformed one is a SchemaError."""
+    row = dict.fromkeys(schema.METRIC_COLUMNS, "x") | {"metric": "toy_fresh", "value": 1.0,
+                                                        "split": "test", "param_group": None}
+    pd.DataFrame([row]).to_csv(tmp_path / "metrics.csv", index=False)
+    code = ("import sys\nfrom experiments import schema\n"
+            "try:\n    schema.read_metrics(sys.argv[1])\n"
+            "except schema.SchemaError as err:\n    sys.exit(str(err))\n")
+    read = [sys.executable, "-c", code, str(tmp_path / "metrics.csv")]
+    out = subprocess.run(read, cwd=ROOT, capture_output=True, text=True)
+    assert out.returncode == 1 and "unknown metric name(s) ['toy_fresh']" in out.stderr
+    (tmp_path / schema.CONTRACT_FILE).write_text(json.dumps(
+        {"metrics": {"toy_fresh": "a measurement (nats)"}}))
+    subprocess.run(read, cwd=ROOT, check=True)
+    (tmp_path / schema.CONTRACT_FILE).write_text('{"metrics": []}')
+    out = subprocess.run(read, cwd=ROOT, capture_output=True, text=True)
+    assert out.returncode == 1 and "contract.json: the recorded contract is malformed" \
+        in out.stderr

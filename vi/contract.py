@@ -17,6 +17,17 @@ class that gives its metrics as ``{name: description}`` and its tables as ``{nam
 a process that imports that module then knows its names. ``check_probe`` refuses a probe that
 names a metric or table nobody declared, naming the missing entry; ``vi.probes.build_probes``
 calls it before anything is trained.
+
+The contract travels with the results: a finished run records, in its ``provenance.json``, the
+declarations of every metric and table it wrote and the baselines each registered estimator
+accepts (``record``); aggregation gathers them into the experiment's ``contract.json``. A
+process that reads results (``check``, ``figures``, the summary, the findings, none of which
+imports the library's extensions) learns them from there (``adopt``), so the results of a probe
+or estimator defined in a module of its own read like the study's.
+
+- ``ESTIMATORS``: estimator → the baselines it accepts, as recorded with results
+  (``vi.estimators.Estimator.baselines``); an estimator accepting one besides ``none`` names
+  its baseline in every label (``experiments.vocabulary.estimator_label``).
 """
 
 from __future__ import annotations
@@ -26,6 +37,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 __all__ = [
+    "ESTIMATORS",
     "GRADIENT_METRICS",
     "IDENTITY_COLUMNS",
     "METRICS",
@@ -35,10 +47,12 @@ __all__ = [
     "TRAINER_METRICS",
     "ContractError",
     "ProbeContract",
+    "adopt",
     "check_probe",
     "declare_metric",
     "declare_probe",
     "declare_table",
+    "record",
     "table_columns",
 ]
 
@@ -123,6 +137,9 @@ PROBES: dict[str, ProbeContract] = {
     "latents": ProbeContract((), ("latents",)),
     "variance_sweep": ProbeContract((), ("variance_sweep",)),
 }
+
+#: estimator → the baselines it accepts, learnt from recorded contracts (``adopt``)
+ESTIMATORS: dict[str, tuple[str, ...]] = {}
 
 _NAME = re.compile(r"^[a-z][a-z0-9_]*$")
 
@@ -211,3 +228,60 @@ def table_columns(name: str) -> tuple[str, ...]:
     """The columns a published per-run table must have: the identity columns, then the
     columns its probe writes (``KeyError`` for an undeclared table)."""
     return (*IDENTITY_COLUMNS, *TABLES[name])
+
+
+def record(metrics: Iterable[str] = (), tables: Iterable[str] = (),
+           estimators: Mapping[str, Iterable[str]] | None = None) -> dict[str, dict]:
+    """The declarations of the named metrics and tables, and the baselines of ``estimators``
+    (name → the baselines it accepts), as they travel with results (a run's
+    ``provenance.json``, an experiment's ``contract.json``)::
+
+        {"metrics": {name: description}, "tables": {name: [columns]},
+         "estimators": {name: [baselines]}}
+
+    sorted by name. A metric or table nobody declared is a ``ContractError``."""
+    metrics, tables = sorted(set(metrics)), sorted(set(tables))
+    missing = [f"metric {m!r}" for m in metrics if m not in METRICS]
+    missing += [f"table {t!r}" for t in tables if t not in TABLES]
+    if missing:
+        raise ContractError(f"{', '.join(missing)} not declared in the results contract")
+    return {"metrics": {m: METRICS[m] for m in metrics},
+            "tables": {t: list(TABLES[t]) for t in tables},
+            "estimators": {e: sorted(set(b)) for e, b in sorted((estimators or {}).items())}}
+
+
+def adopt(recorded: object, where: str) -> dict[str, dict]:
+    """Learn the declarations of a recorded contract (``record``'s output, read back from
+    ``where``): each metric, table and estimator this process does not know yet is declared;
+    one it knows keeps its own declaration (a description revised since the results were
+    written does not make them unreadable). Returns the record; a malformed one (not an
+    object, a bad name, an empty description, columns or baselines not a list of names) is a
+    ``ContractError`` naming ``where``, and nothing is declared."""
+    if not isinstance(recorded, Mapping):
+        raise ContractError(f"{where}: the recorded contract is not an object")
+    unknown = sorted(str(k) for k in set(recorded) - {"metrics", "tables", "estimators"})
+    if unknown:
+        raise ContractError(f"{where}: the recorded contract has unknown key(s) {unknown}")
+    parts = {k: recorded.get(k, {}) for k in ("metrics", "tables", "estimators")}
+    try:
+        for kind, entries in parts.items():
+            if not isinstance(entries, Mapping):
+                raise ContractError(f"its {kind!r} is not an object")
+            for name, value in entries.items():
+                _check_name(kind[:-1], name)
+                if kind == "metrics":
+                    if not isinstance(value, str) or not value.strip():
+                        raise ContractError(f"metric {name!r} has no description")
+                elif (not isinstance(value, list)
+                      or not all(isinstance(v, str) and v for v in value)):
+                    raise ContractError(f"{kind[:-1]} {name!r}: expected a list of names, "
+                                        f"got {value!r}")
+    except ContractError as err:
+        raise ContractError(f"{where}: the recorded contract is malformed ({err})") from None
+    for name, description in parts["metrics"].items():
+        METRICS.setdefault(name, description)
+    for name, columns in parts["tables"].items():
+        TABLES.setdefault(name, tuple(columns))
+    for name, baselines in parts["estimators"].items():
+        ESTIMATORS.setdefault(name, tuple(baselines))
+    return {k: dict(v) for k, v in parts.items()}
