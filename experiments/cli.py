@@ -3,20 +3,17 @@
     list                                   the experiments, what each shows, its default cost
     run EXPERIMENT [--quick | --scale S] [--seeds S ...] [--jobs N] [--no-ensemble]
         [--launcher local|slurm] [--partition P --time MIN --gpus-per-node G]
-        [--results DIR] [--force] [--device D] [--default-lr] [--plugin MODULE ...]
+        [--results DIR] [--force] [--device D] [--default-lr]
     reproduce [--quick | --scale S] [--jobs N] [--results DIR] [--force] [--device D]
-        [--default-lr] [--plugin MODULE ...]
+        [--default-lr]
     figures [--results DIR] [EXPERIMENT ...]
     references [--results DIR]
     findings [--results DIR]
+    readme [--results DIR] [--readme FILE] [--check]
     data NAME [--seed S] [--test-fraction F] [--validation-fraction F] [--option K=V ...]
         [--path P] --out FILE.npz
     check [--results DIR] [EXPERIMENT ...]
     evaluate CHECKPOINT [--gaps] [--test-curve] [--iwae-k K] [--device D] [--out F]
-        [--plugin MODULE ...]
-
-``--plugin MODULE`` (or ``VI_PLUGINS``) imports a module defining a probe, estimator or method
-first, here and in every worker process (``experiments.plugins``).
 
 Exit status: 0 success; 1 something ran but a result is bad (a failed run, a check problem, a
 figure that could not be drawn); 2 the request itself is wrong or cannot run now (unknown name,
@@ -138,6 +135,14 @@ def _parser() -> argparse.ArgumentParser:
     fi = sub.add_parser("findings", help="write RESULTS/FINDINGS.md from the CSVs")
     fi.add_argument("--results", type=_path, default=DEFAULT_RESULTS, metavar="DIR")
 
+    rd = sub.add_parser("readme", help="rewrite the README's generated statements (findings, "
+                                       "digits table) from the CSVs in RESULTS")
+    rd.add_argument("--results", type=_path, default=DEFAULT_RESULTS, metavar="DIR")
+    rd.add_argument("--readme", type=_path, default=None, metavar="FILE",
+                    help="the README to rewrite (default: the repository's README.md)")
+    rd.add_argument("--check", action="store_true",
+                    help="write nothing; exit 1 if the generated blocks differ from the CSVs")
+
     d = sub.add_parser("data", help="write the exact data set a run uses to an .npz")
     d.add_argument("name", help="digits, mnist5k, ppca, nonlinear, mnist or frey")
     d.add_argument("--seed", type=_int_at_least(0), default=0, help="data seed (default 0)")
@@ -160,15 +165,7 @@ def _parser() -> argparse.ArgumentParser:
                    help="importance samples of the gaps' log p(x) (implies --gaps)")
     e.add_argument("--device")
     e.add_argument("--out", type=_path, metavar="FILE.csv", help="also write the rows here")
-    _plugin_option(e)
     return p
-
-
-def _plugin_option(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--plugin", action="append", default=[], metavar="MODULE",
-                   help="import this module first, here and in every worker process: a probe, "
-                        "estimator or method defined in it (repeatable; also $VI_PLUGINS, "
-                        "comma-separated)")
 
 
 def _run_options(p: argparse.ArgumentParser, jobs_default: int = 1) -> None:
@@ -191,7 +188,6 @@ def _run_options(p: argparse.ArgumentParser, jobs_default: int = 1) -> None:
     p.add_argument("--default-lr", action="store_true",
                    help="train cells that lr_selection has no step sizes for with the grid's "
                         "own (recorded in lr_source); without it such a run is refused")
-    _plugin_option(p)
 
 
 # ------------------------------------------------------------------------------- helpers
@@ -281,6 +277,10 @@ def cmd_reproduce(args) -> int:
         print(f"all experiments: {time.perf_counter() - t0:.0f} s")
         status = references(results)
         status |= figures(results, None)
+        if results.resolve() == DEFAULT_RESULTS.resolve():  # the README's statements follow
+            from experiments.readme import refresh
+
+            status |= refresh(results)
     return 1 if failed or status else 0
 
 
@@ -330,6 +330,13 @@ def cmd_findings(args) -> int:
         raise UsageError(refusal(args.results, problems, "FINDINGS.md"))
     with locked(args.results):
         return findings(args.results)
+
+
+def cmd_readme(args) -> int:
+    from experiments import readme
+
+    args.readme = readme.README if args.readme is None else args.readme
+    return readme.command(args)
 
 
 def cmd_check(args) -> int:
@@ -415,7 +422,7 @@ def cmd_evaluate(args) -> int:
 
 COMMANDS = {"list": cmd_list, "run": cmd_run, "reproduce": cmd_reproduce,
             "figures": cmd_figures, "references": cmd_references, "findings": cmd_findings,
-            "data": cmd_data, "check": cmd_check, "evaluate": cmd_evaluate}
+            "data": cmd_data, "check": cmd_check, "readme": cmd_readme, "evaluate": cmd_evaluate}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -423,16 +430,7 @@ def main(argv: list[str] | None = None) -> int:
         args = _parser().parse_args(argv)
         # the command line recorded in every run's provenance: this call's, not the host's
         args.argv = None if argv is None else ["python", "-m", "experiments", *argv]
-        if not hasattr(args, "plugin"):  # commands that read results need none
-            return COMMANDS[args.command](args)
-        from experiments import plugins
-
-        try:
-            modules = plugins.load(args.plugin)
-        except plugins.PluginError as err:
-            raise UsageError(str(err)) from err
-        with plugins.exported(modules):  # worker processes import them too
-            return COMMANDS[args.command](args)
+        return COMMANDS[args.command](args)
     except UsageError as err:
         print_error(str(err))
         return 2
