@@ -3,9 +3,9 @@
     list                                   the experiments, what each shows, its default cost
     run EXPERIMENT [--quick | --scale S] [--seeds S ...] [--jobs N] [--no-ensemble]
         [--launcher local|slurm] [--partition P --time MIN --gpus-per-node G]
-        [--results DIR] [--force] [--device D] [--default-lr]
+        [--results DIR] [--force] [--device D] [--default-lr] [--plugin MODULE ...]
     reproduce [--quick | --scale S] [--jobs N] [--results DIR] [--force] [--device D]
-        [--default-lr]
+        [--default-lr] [--plugin MODULE ...]
     figures [--results DIR] [EXPERIMENT ...]
     references [--results DIR]
     findings [--results DIR]
@@ -14,6 +14,10 @@
         [--path P] --out FILE.npz
     check [--results DIR] [EXPERIMENT ...]
     evaluate CHECKPOINT [--gaps] [--test-curve] [--iwae-k K] [--device D] [--out F]
+        [--plugin MODULE ...]
+
+``--plugin MODULE`` (or ``VI_PLUGINS``) imports a module defining a probe, estimator or method
+first, here and in every worker process (``experiments.plugins``).
 
 Exit status: 0 success; 1 something ran but a result is bad (a failed run, a check problem, a
 figure that could not be drawn); 2 the request itself is wrong or cannot run now (unknown name,
@@ -165,7 +169,15 @@ def _parser() -> argparse.ArgumentParser:
                    help="importance samples of the gaps' log p(x) (implies --gaps)")
     e.add_argument("--device")
     e.add_argument("--out", type=_path, metavar="FILE.csv", help="also write the rows here")
+    _plugin_option(e)
     return p
+
+
+def _plugin_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--plugin", action="append", default=[], metavar="MODULE",
+                   help="import this module first, here and in every worker process: a probe, "
+                        "estimator or method defined in it (repeatable; also $VI_PLUGINS, "
+                        "comma-separated)")
 
 
 def _run_options(p: argparse.ArgumentParser, jobs_default: int = 1) -> None:
@@ -188,6 +200,7 @@ def _run_options(p: argparse.ArgumentParser, jobs_default: int = 1) -> None:
     p.add_argument("--default-lr", action="store_true",
                    help="train cells that lr_selection has no step sizes for with the grid's "
                         "own (recorded in lr_source); without it such a run is refused")
+    _plugin_option(p)
 
 
 # ------------------------------------------------------------------------------- helpers
@@ -430,7 +443,16 @@ def main(argv: list[str] | None = None) -> int:
         args = _parser().parse_args(argv)
         # the command line recorded in every run's provenance: this call's, not the host's
         args.argv = None if argv is None else ["python", "-m", "experiments", *argv]
-        return COMMANDS[args.command](args)
+        if not hasattr(args, "plugin"):  # commands that read results need none
+            return COMMANDS[args.command](args)
+        from experiments import plugins
+
+        try:
+            modules = plugins.load(args.plugin)
+        except plugins.PluginError as err:
+            raise UsageError(str(err)) from err
+        with plugins.exported(modules):  # worker processes import them too
+            return COMMANDS[args.command](args)
     except UsageError as err:
         print_error(str(err))
         return 2
