@@ -19,7 +19,12 @@ import seaborn as sns
 from experiments.figures import generic
 from experiments.figures.drawing import save_figure
 from experiments.figures.loading import SkipFigure, validate_results
-from experiments.figures.registry import check_registry, figure_functions, table_writers
+from experiments.figures.registry import (
+    REGISTRY,
+    check_registry,
+    figure_functions,
+    table_writers,
+)
 
 __all__ = ["make_figures"]
 
@@ -53,7 +58,10 @@ def make_figures(results: str | Path, experiments: list[str] | None = None, *,
             for write in table_writers(name):
                 written += write(res)
             folder, mine, failed = res.folder / "figures", [], False
-            for make in figure_functions(name) or generic.FIGURES:  # a custom grid: generic
+            # an experiment that registered a figure module draws its own figures (even none);
+            # one without (a custom grid) gets the generic ones
+            makers = figure_functions(name) if name in REGISTRY else generic.FIGURES
+            for make in makers:
                 try:
                     for stem, fig in make(res):
                         mine += save_figure(fig, folder, stem)
