@@ -28,6 +28,7 @@ from vi.estimators import (
     RunningMean,
     configurations,
     draw_noise,
+    dreg,
     estimate,
     get_estimator,
     reparam,
@@ -292,7 +293,7 @@ def test_stl_equals_reparam_without_direct_dependence(generator):
 
 def test_registry_and_direct_calls_agree(generator):
     assert {n: e.fn for n, e in ESTIMATORS.items()} == {"reparam": reparam, "stl": stl,
-                                                         "score": score}
+                                                         "score": score, "dreg": dreg}
     for name, entry in ESTIMATORS.items():
         assert isinstance(entry, Estimator) and get_estimator(name) is entry
     lam = torch.randn(3, 4, generator=generator, dtype=DTYPE)
@@ -505,7 +506,7 @@ def test_capabilities_drive_the_baseline_checks():
     """Each estimator accepts exactly the baselines it declares, each from its declared
     minimum number of samples; every other baseline is refused with a readable message."""
     for name, entry in ESTIMATORS.items():
-        assert entry.objectives == ("elbo",) and entry.baselines.get("none") == 1
+        assert entry.objectives[0] == "elbo" and entry.baselines.get("none") == 1
         assert entry.accepts_baseline == (set(entry.baselines) != {"none"})
         for baseline in BASELINES:
             if baseline not in entry.baselines:

@@ -41,7 +41,7 @@ from vi.estimators import (
     validate_twice_differentiable,
 )
 from vi.nets import ACTIVATIONS, StackedMLP, member_sum
-from vi.objectives import KL_MODES, elbo
+from vi.objectives import KL_MODES, elbo, objective_estimate, validate_training_objective
 from vi.optim import FlatOptimizer, RowOptimizer, validate_optimizer
 from vi.streams import MemberRandom
 
@@ -62,6 +62,7 @@ __all__ = [
     "finite_members",
     "fit_local",
     "frozen",
+    "settings_estimate",
 ]
 
 #: the step-size fields of ``MethodSettings``: the settings that may differ between the members
@@ -126,6 +127,11 @@ class MethodSettings:
     measured on a fresh noise draw shared by λ before and after the step (common random
     numbers: unbiased, ``VariationalEM.step_gain``). ``heldout`` is the rule of every held-out
     fit (``StoppingRule``, ``fit_local``).
+
+    ``objective`` is the bound every training step ascends (vem's local λ and θ, the encoder,
+    the refinement): ``"elbo"``, or ``"iwae"`` with ``k`` samples per group (Burda et al. 2016;
+    it needs ``kl="mc"``, and k = 1 is the ELBO). ``n_mc`` counts the groups, so a step draws
+    ``n_mc · k`` samples per point.
     """
 
     name: str = "amortized"
@@ -133,6 +139,8 @@ class MethodSettings:
     baseline: str = "none"
     kl: str = "analytic"
     n_mc: int = 1
+    objective: str = "elbo"
+    k: int = 1
     optimizer: str = "adam"
     lr: float = 1e-3
     encoder_lr: float | None = None
@@ -155,9 +163,11 @@ class MethodSettings:
     def validate(self) -> None:
         if self.name not in METHODS:
             raise ValueError(f"unknown method {self.name!r}; valid: {', '.join(METHODS)}")
-        validate_estimator(self.estimator, self.baseline, self.n_mc)
         if self.kl not in KL_MODES:
             raise ValueError(f"unknown kl mode {self.kl!r}; valid: {', '.join(KL_MODES)}")
+        validate_training_objective(self.objective, self.k, self.kl)
+        validate_estimator(self.estimator, self.baseline, self.n_mc, objective=self.objective,
+                           k=self.k)
         validate_optimizer(self.optimizer, self.lr, self.rm_power, self.rm_delay)
         validate_optimizer(self.optimizer, self.encoder_lr or self.lr, self.rm_power,
                            self.rm_delay)
@@ -203,7 +213,7 @@ class MethodSettings:
         the last phase's plateau (``fit_local``). Held-out numbers then compare trained models,
         not the noise of the estimator they were trained with."""
         return dataclasses.replace(self, estimator="reparam", baseline="none", kl="analytic",
-                                   n_mc=1)
+                                   n_mc=1, objective="elbo", k=1)
 
     def shared(self) -> dict:
         """The fields every member of an ensemble must agree on (all but the step sizes)."""
@@ -471,14 +481,25 @@ class InferenceMethod(nn.Module):
 def estimate_elbo(decoder: GaussianDecoder, x: Tensor, lam: Tensor, settings: MethodSettings,
                   random: MemberRandom, *, active: Tensor | None = None,
                   n_mc: int | None = None, baseline_value: Tensor | None = None) -> Estimate:
-    """ELBO ``Estimate`` of λ [K, B, 2H] with the settings' estimator, baseline, KL mode and
-    M (or ``n_mc``), noise [M, K, B, H] drawn from ``random`` (members outside ``active``
-    draw nothing)."""
+    """The training objective's ``Estimate`` (the ELBO or the IWAE, ``settings.objective``) of
+    λ [K, B, 2H] with the settings' estimator, baseline, KL mode, M (or ``n_mc``) and k, noise
+    [M·k, K, B, H] drawn from ``random`` (members outside ``active`` draw nothing)."""
     s = settings
-    eps = random.randn((n_mc or s.n_mc, lam.shape[1], decoder.latent_dim), 1, active=active,
-                       dtype=lam.dtype)
-    return elbo(decoder, x, lam, eps, estimator=s.estimator, baseline=s.baseline, kl=s.kl,
-                baseline_value=baseline_value)
+    eps = random.randn(((n_mc or s.n_mc) * s.k, lam.shape[1], decoder.latent_dim), 1,
+                       active=active, dtype=lam.dtype)
+    return settings_estimate(decoder, x, lam, eps, s, baseline_value=baseline_value)
+
+
+def settings_estimate(decoder: GaussianDecoder, x: Tensor, lam: Tensor, eps: Tensor,
+                      settings: MethodSettings, *, baseline_value: Tensor | None = None
+                      ) -> Estimate:
+    """The training objective's ``Estimate`` on given noise [M·k, K, B, H]
+    (``vi.objectives.objective_estimate`` with the settings' objective, k, estimator, baseline
+    and KL mode)."""
+    s = settings
+    return objective_estimate(decoder, x, lam, eps, objective=s.objective, k=s.k,
+                              estimator=s.estimator, baseline=s.baseline, kl=s.kl,
+                              baseline_value=baseline_value)
 
 
 def _restart(opt: RowOptimizer, members: Tensor) -> None:
@@ -603,14 +624,11 @@ class VariationalEM(InferenceMethod):
     def train_step(self, x, idx, random, active):
         s = self.settings
         e_active = active.clone()
-        h = self.decoder.latent_dim
         with frozen(self.decoder):
             for _ in range(s.e_steps):  # E-step: ascent on the minibatch's rows only
                 lam = self.local_opt.rows(idx).requires_grad_()
-                eps = random.randn((s.n_mc, lam.shape[1], h), 1, active=e_active,
-                                   dtype=lam.dtype)
-                est = elbo(self.decoder, x, lam, eps, estimator=s.estimator,
-                           baseline=s.baseline, kl=s.kl, baseline_value=self.baseline_value())
+                est = estimate_elbo(self.decoder, x, lam, s, random, active=e_active,
+                                    baseline_value=self.baseline_value())
                 (g,) = torch.autograd.grad(-est.surrogate.sum(), lam)
                 moved = self.local_opt.step(idx, g, e_active)
                 if s.e_tol is not None:
@@ -630,18 +648,20 @@ class VariationalEM(InferenceMethod):
     @torch.no_grad()
     def step_gain(self, x: Tensor, before: Tensor, after: Tensor, random: MemberRandom,
                   active: Tensor) -> Tensor:
-        """An E-step's gain in mean ELBO per point [K]: L̂(λ') − L̂(λ) on one fresh draw ε
-        [M, K, B, H] shared by both sides (common random numbers), the two evaluated in one
-        batch. ε is independent of the noise the step was computed from, so the estimate is
-        unbiased for L(λ') − L(λ) given the step; the step's own noise is not (the step moved
-        λ to raise that very draw: +0.3 nat per point where the true gain was +0.006 on a
-        converged digits table). Members outside ``active`` draw nothing."""
+        """An E-step's gain in the mean training objective per point [K] (the ELBO, or the
+        IWAE with the settings' k): L̂(λ') − L̂(λ) on one fresh draw ε [M·k, K, B, H] shared by
+        both sides (common random numbers), the two evaluated in one batch. ε is independent
+        of the noise the step was computed from, so the estimate is unbiased for
+        L(λ') − L(λ) given the step; the step's own noise is not (the step moved λ to raise
+        that very draw: +0.3 nat per point where the true gain was +0.006 on a converged
+        digits table). Members outside ``active`` draw nothing."""
         s = self.settings
         b = x.shape[1]
-        eps = random.randn((s.n_mc, b, self.decoder.latent_dim), 1, active=active,
+        eps = random.randn((s.n_mc * s.k, b, self.decoder.latent_dim), 1, active=active,
                            dtype=before.dtype)
-        samples = elbo(self.decoder, torch.cat([x, x], 1), torch.cat([before, after], 1),
-                       torch.cat([eps, eps], 2), kl=s.kl).samples
+        samples = objective_estimate(
+            self.decoder, torch.cat([x, x], 1), torch.cat([before, after], 1),
+            torch.cat([eps, eps], 2), objective=s.objective, k=s.k, kl=s.kl).samples
         return (samples[..., b:] - samples[..., :b]).mean(dim=(0, 2))
 
     def infer(self, x, random):

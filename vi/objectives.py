@@ -8,6 +8,10 @@ docs/evaluation.md).
 
 with r = q(z; λ), or a defensive mixture of q, a widened q and the prior p(z) (Hesterberg, 1995).
 
+Either is a training objective (``objective``): the ELBO, or the IWAE bound with r = q and k
+samples per group, L_k (k = 1 is the ELBO with ``kl="mc"``), estimated from M groups with the
+multi-sample estimators of ``vi.estimators`` (``iwae``).
+
 Both ELBO forms are built on the generic estimator layer (``vi.estimators``); with
 ``kl="analytic"`` the estimator covers the reconstruction term only and the KL gradient is exact.
 """
@@ -23,10 +27,10 @@ from torch import Tensor
 
 from vi import families
 from vi.decoders import GaussianDecoder, log_joint
-from vi.estimators import Estimate, estimate
+from vi.estimators import OBJECTIVES, Estimate, estimate, validate_objective
 
-__all__ = ["KL_MODES", "ImportanceEstimate", "defensive_weights", "elbo", "iwae_bound",
-           "log_weights"]
+__all__ = ["KL_MODES", "OBJECTIVES", "ImportanceEstimate", "defensive_weights", "elbo", "iwae",
+           "iwae_bound", "log_weights", "objective_estimate", "validate_training_objective"]
 
 KL_MODES = ("analytic", "mc")
 
@@ -84,6 +88,72 @@ def elbo(
         baseline=baseline, baseline_value=baseline_value,
     )
     return Estimate(rec.surrogate - kl_term, rec.samples - kl_term.detach())
+
+
+def iwae(
+    decoder: GaussianDecoder,
+    x: Tensor,
+    lam: Tensor,
+    eps: Tensor,
+    k: int,
+    *,
+    estimator: str = "reparam",
+    baseline: str = "none",
+    baseline_value: Tensor | float | None = None,
+) -> Estimate:
+    """Per-data-point IWAE estimate (Burda, Grosse & Salakhutdinov 2016) whose gradient is the
+    chosen multi-sample estimator (``vi.estimators``):
+
+        L̂_m = log (1/k) Σ_i p_θ(x, z_{m,i}) / q(z_{m,i}; λ),   z_{m,i} = μ + σ ⊙ ε_{m,i},
+
+    averaged over the M groups of k consecutive samples of ``eps`` [M·k, K, B, H]. Returns
+    ``Estimate(surrogate [K, B], samples [M, K, B])`` (``samples``: the L̂_m). k = 1 is the
+    ELBO with ``kl="mc"``, bit for bit."""
+    if x.shape[:-1] != lam.shape[:-1]:
+        raise ValueError(
+            f"iwae expects x [K, B, D] and lam [K, B, 2H] with the same leading axes; got x "
+            f"{tuple(x.shape)}, lam {tuple(lam.shape)}"
+        )
+
+    def log_weight(z: Tensor, lam_f: Tensor) -> Tensor:
+        return log_joint(decoder, x, z) - families.log_prob(lam_f, z)
+
+    return estimate(log_weight, lam, eps, estimator=estimator, baseline=baseline,
+                    baseline_value=baseline_value, objective="iwae", k=k)
+
+
+def validate_training_objective(objective: str, k: int, kl: str) -> None:
+    """A trainable (objective, k, KL mode): the IWAE estimates log p(x, z) − log q(z) by Monte
+    Carlo, so it takes ``kl="mc"``."""
+    validate_objective(objective, k)
+    if kl not in KL_MODES:
+        raise ValueError(f"unknown kl mode {kl!r}; valid: {', '.join(KL_MODES)}")
+    if objective == "iwae" and kl != "mc":
+        raise ValueError(f"the iwae objective estimates log p(x, z) - log q(z) by Monte Carlo "
+                         f"and needs kl='mc'; got kl={kl!r}")
+
+
+def objective_estimate(
+    decoder: GaussianDecoder,
+    x: Tensor,
+    lam: Tensor,
+    eps: Tensor,
+    *,
+    objective: str = "elbo",
+    k: int = 1,
+    estimator: str = "reparam",
+    baseline: str = "none",
+    kl: str = "analytic",
+    baseline_value: Tensor | float | None = None,
+) -> Estimate:
+    """The training objective's ``Estimate``: ``elbo`` (noise [M, K, B, H]) or ``iwae`` with k
+    samples per group (noise [M·k, K, B, H])."""
+    validate_training_objective(objective, k, kl)
+    if objective == "iwae":
+        return iwae(decoder, x, lam, eps, k, estimator=estimator, baseline=baseline,
+                    baseline_value=baseline_value)
+    return elbo(decoder, x, lam, eps, estimator=estimator, baseline=baseline, kl=kl,
+                baseline_value=baseline_value)
 
 
 #: the defensive mixture's components besides q: q widened by _WIDEN (its share of the
