@@ -379,7 +379,7 @@ def _scripted_validation(monkeypatch, curves: dict[float, list[float]]):
     validation evaluation of a member is its epoch n (one check per epoch)."""
     import vi.training
 
-    real = vi.training.split_elbo
+    real = getattr(vi.training.split_elbo, "real", vi.training.split_elbo)  # scripted again
     calls: dict[float, int] = {}
     n_validation = SMALL["n"] // 10
 
@@ -394,24 +394,26 @@ def _scripted_validation(monkeypatch, curves: dict[float, list[float]]):
             scripted.append(curves[s.lr][epoch])
         return torch.tensor(scripted, dtype=value.dtype), steps
 
+    fake.real = real
     monkeypatch.setattr(vi.training, "split_elbo", fake)
     return calls
 
 
 def test_plateau_stops_and_restores_the_best_state(monkeypatch):
-    """Member 0's validation ELBO rises to epoch 2 and then creeps by less than min_delta: the
-    plateau rule (patience 3) stops it at epoch 5 (``plateau``, converged) and restores its
-    state of epoch 2. Member 1's keeps rising: it hits the cap (``max_epochs``, not converged)
-    at epoch 8 with its last state. Each member's final rows hold every eval split at its best
-    epoch, with the step and time of that epoch."""
+    """Member 0's validation ELBO rises to epoch 2 and then sinks by less than min_delta: the
+    plateau rule (patience 3, no decays) stops it at epoch 5 (``plateau``, converged) and
+    restores its state of epoch 2. Member 1's keeps rising: it hits the cap (``max_epochs``,
+    outcome ``cap``, not converged) at epoch 8 with its last state. Each member's final rows
+    hold every eval split at its best epoch, with the step and time of that epoch. (The curves
+    lie far above the no-latent Gaussian of this data: neither run is ``stuck``.)"""
     lrs = (1e-3, 2e-3)
-    curves = {lrs[0]: [-100.0, -90.0, -80.0, -79.99, -79.97, -79.96, 0.0, 0.0, 0.0],
-              lrs[1]: [-100.0 + 2 * e for e in range(9)]}
+    curves = {lrs[0]: [100.0, 110.0, 120.0, 119.99, 119.97, 119.96, 0.0, 0.0, 0.0],
+              lrs[1]: [100.0 + 2 * e for e in range(9)]}
     calls = _scripted_validation(monkeypatch, curves)
     configs = [_small(seed=k, method=dict(name="amortized", lr=lr),
                       training=dict(max_epochs=8, eval_per_decade=0,
                                     stopping={"check_every": 1, "patience": 3, "min_epochs": 0,
-                                              "min_delta": 0.05}))
+                                              "min_delta": 0.05, "decays": 0}))
                for k, lr in enumerate(lrs)]
     assert configs[0].training.evaluation_epochs() == [0, 8]
     snapshots: dict[tuple[str, int], dict] = {}
@@ -429,8 +431,9 @@ def test_plateau_stops_and_restores_the_best_state(monkeypatch):
     assert calls == {lrs[0]: 6, lrs[1]: 9}  # epochs 0..5 and 0..8
 
     assert (flat.status, flat.stop_reason, flat.converged) == ("ok", "plateau", True)
-    assert (flat.epochs_run, flat.best_epoch) == (5, 2)
+    assert (flat.epochs_run, flat.best_epoch, flat.outcome, flat.decays) == (5, 2, "converged", 0)
     assert (rising.status, rising.stop_reason, rising.converged) == ("ok", "max_epochs", False)
+    assert rising.outcome == "cap" and rising.late_gain == pytest.approx(4.0)
     assert (rising.epochs_run, rising.best_epoch) == (8, 8)
     for result in (flat, rising):
         best = snapshots[result.run_id, result.best_epoch]
@@ -454,8 +457,9 @@ def test_plateau_stops_and_restores_the_best_state(monkeypatch):
 
 
 def test_plateau_check_directly():
-    """``Trainer._check``: an improvement by more than min_delta resets the count and snapshots
-    the member; anything less counts as a bad check."""
+    """``Trainer._check``: a check above the best so far snapshots the member; an improvement
+    on the phase's best by more than min_delta resets the count, anything less counts as a bad
+    check."""
     config = _small(method=dict(name="amortized"),
                     training=dict(stopping={"check_every": 1, "patience": 2, "min_delta": 0.5}))
     trainer = Trainer([config, config.replace(seed=1)])
@@ -464,15 +468,182 @@ def test_plateau_check_directly():
     trainer.epoch, trainer.step = 3, 12
     with torch.no_grad():
         trainer.method.decoder.params.flat.add_(1.0)
-    trainer._check(0, -9.6)  # +0.4 < min_delta
-    assert (trainer.best[0], trainer.bad[0], trainer.best_epoch[0]) == (-10.0, 1, 0)
-    trainer._check(0, -9.4)  # +0.6
+    trainer._check(0, -9.6)  # +0.4 < min_delta: a bad check, but the best state so far
+    assert (trainer.best[0], trainer.bad[0], trainer.best_epoch[0]) == (-9.6, 1, 3)
+    assert trainer.phase_best[0] == -10.0
+    trainer._check(0, -9.4)  # +0.6 on the phase's best
     assert (trainer.best[0], trainer.bad[0], trainer.best_epoch[0]) == (-9.4, 0, 3)
+    assert trainer.phase_best[0] == -9.4
+    trainer._check(0, -9.5)  # below the best: no snapshot
+    assert (trainer.best[0], trainer.bad[0], trainer.best_epoch[0]) == (-9.4, 1, 3)
     assert trainer.best_step[0] == 12
     assert torch.equal(trainer.best_state["decoder.net.params.flat"][0],
                        trainer.method.decoder.params.flat[0].detach())
     assert not torch.equal(trainer.best_state["decoder.net.params.flat"][1],
                            trainer.method.decoder.params.flat[1].detach())
+
+
+def _decaying(**stopping) -> dict:
+    return dict(max_epochs=12, eval_per_decade=0,
+                stopping={"check_every": 1, "patience": 2, "min_epochs": 0, "min_delta": 0.05,
+                          **stopping})
+
+
+def _step_sizes_by_epoch(trainer, log):
+    """on_epoch callback: each running member's optimiser step sizes after each epoch."""
+    for k, run_id in enumerate(trainer.run_ids):
+        log[run_id, trainer.epoch] = [
+            float(lr[k].flatten()[0]) for opt in trainer.method.optimizers().values()
+            for lr in (opt.lrs if hasattr(opt, "lrs") else [opt.lr])]
+
+
+@pytest.mark.parametrize("name", ["amortized", "vem"])
+def test_step_sizes_decay_per_member_on_its_own_plateaus(monkeypatch, name):
+    """Two members, each on its own scripted validation curve. ``flat`` reaches a plateau
+    (patience 2) at epoch 3, decays (x0.3), improves, reaches another at epoch 6, decays, and
+    stops at the third at epoch 8 (``plateau``, converged, decays at [3, 6], its best at epoch
+    4 restored); ``rising`` never does and
+    keeps its step sizes to the cap (``cap``). Every optimiser step size of ``flat`` (decoder and
+    encoder, or decoder and local table) is its configured one x 0.3^decays after each epoch,
+    the other's never moves; and ``flat`` is the same bits alone as beside ``rising``."""
+    lrs = (1e-3, 2e-3)
+    curves = {lrs[0]: [100.0, 110.0, 110.0, 110.0, 111.0, 111.0, 111.0, 110.9, 110.8]
+              + [0.0] * 4,
+              lrs[1]: [100.0 + e for e in range(13)]}
+    configs = {"flat": _small(seed=0, method=dict(name=name, lr=lrs[0], local_lr=0.02),
+                              training=_decaying(decays=2)),
+               "rising": _small(seed=1, method=dict(name=name, lr=lrs[1], local_lr=0.03),
+                                training=_decaying(decays=2))}
+    log: dict = {}
+    _scripted_validation(monkeypatch, curves)
+    both = _by_id(Trainer(list(configs.values()), run_ids=list(configs)).fit(
+        on_epoch=lambda t: _step_sizes_by_epoch(t, log)))
+    flat, rising = both["flat"], both["rising"]
+    assert (flat.stop_reason, flat.outcome, flat.converged) == ("plateau", "converged", True)
+    assert (flat.epochs_run, flat.decays, flat.decay_epochs, flat.best_epoch) == (8, 2, [3, 6], 4)
+    assert (rising.stop_reason, rising.outcome, rising.decays) == ("max_epochs", "cap", 0)
+    assert rising.decay_epochs == [] and rising.epochs_run == 12
+    assert flat.record()["decay_epochs"] == [3, 6] and flat.record()["outcome"] == "converged"
+    base = {run_id: [float(torch.tensor(v, dtype=torch.float32)) for v in
+                     ((c.method.lr, c.method.lr) if name == "amortized"
+                      else (c.method.local_lr, c.method.lr))]
+            for run_id, c in configs.items()}
+    for epoch in range(1, 8):
+        decays = sum(e <= epoch for e in (3, 6))
+        scale = float(torch.tensor(0.3 ** decays, dtype=torch.float32))
+        assert log["flat", epoch] == [float(torch.tensor(b * scale, dtype=torch.float32))
+                                      for b in base["flat"]], epoch
+        assert log["rising", epoch] == base["rising"], epoch
+    assert log["flat", 3] != log["flat", 2] and log["flat", 6] != log["flat", 5]  # decayed
+    _scripted_validation(monkeypatch, curves)
+    (alone,) = Trainer([configs["flat"]], run_ids=["flat"]).fit()
+    _assert_rows_agree(alone.rows, flat.rows, atol=0.0)
+    for part in ("module", "optim", "best_module"):
+        for n, t in alone.state[part].items():
+            assert torch.equal(flat.state[part][n], t), (part, n)
+
+
+def test_outcomes_on_scripted_validation_curves(monkeypatch):
+    """Four members, one per outcome, each judged on its own curve (no decays, patience 2):
+    ``converged`` (a plateau, still above its best − 1 nat), ``collapsed`` (a plateau 5 nats
+    below its best: its best state is restored and reported, and flagged), ``cap`` (rising at
+    the cap of 10 epochs: late gain over the last 20 % = v(10) − v(8) = 2 nats), ``stuck``
+    (never above the no-latent Gaussian of its own training split, ~ −9.6 nats per point)."""
+    curves = {1e-3: [100.0, 110.0, 120.0, 119.5, 119.9] + [0.0] * 6,
+              2e-3: [100.0, 110.0, 120.0, 115.0, 115.0] + [0.0] * 6,
+              3e-3: [100.0 + e for e in range(11)],
+              4e-3: [-20.0, -19.0, -18.0, -18.0, -18.0] + [0.0] * 6}
+    _scripted_validation(monkeypatch, curves)
+    configs = [_small(seed=k, method=dict(name="amortized", lr=lr),
+                      training=_decaying(decays=0) | {"max_epochs": 10})
+               for k, lr in enumerate(curves)]
+    names = ["converged", "collapsed", "cap", "stuck"]
+    results = _by_id(Trainer(configs, run_ids=names).fit())
+    for run_id, r in results.items():
+        assert r.outcome == run_id and r.status == "ok", (run_id, r.outcome)
+        assert r.converged is (run_id == "converged")
+        ref = r.no_latent_validation
+        assert -20.0 < ref < -5.0  # the ppca data's no-latent Gaussian (same points)
+    c, col, cap, stuck = (results[n] for n in names)
+    assert (c.best_validation, c.last_validation, c.best_epoch) == (120.0, 119.9, 2)
+    assert (col.best_validation, col.last_validation, col.best_epoch) == (120.0, 115.0, 2)
+    assert col.stop_reason == "plateau" and col.epochs_run == 4
+    assert {r["epoch"] for r in col.rows if r["split"] == "test"} == {0, 2}  # best reported
+    assert cap.late_gain == pytest.approx(2.0) and cap.stop_reason == "max_epochs"
+    assert stuck.best_validation == -18.0 and stuck.stop_reason == "plateau"
+
+
+def test_judge_outcome_margins_and_precedence():
+    """``judge_outcome`` on hand-made curves: the margins are strict (a best exactly
+    ``stuck_margin`` above the reference is not stuck; a last check exactly ``collapse_margin``
+    below the best has not collapsed), diverged > stuck > collapsed > converged/cap/budget,
+    and the late gain is the rise of the best over the last 20 % of the epochs."""
+    from vi.config import StoppingConfig
+    from vi.training import judge_outcome
+
+    rule = StoppingConfig()
+    curve = {0: -10.0, 10: -9.0, 40: -8.0, 50: -7.5}
+
+    def judge(curve, stop="plateau", diverged=False, ref=-20.0):
+        return judge_outcome(curve, stop_reason=stop, diverged=diverged, reference=ref,
+                             rule=rule)
+
+    out = judge(curve)
+    assert out == {"outcome": "converged", "best_validation": -7.5, "last_validation": -7.5,
+                   "late_gain": 0.5}  # best up to epoch 40 (= 0.8 x 50) is -8.0
+    assert judge(curve, stop="max_epochs")["outcome"] == "cap"
+    assert judge(curve, stop="budget")["outcome"] == "budget"
+    assert judge(curve, diverged=True, stop="diverged")["outcome"] == "diverged"
+    assert judge(curve, ref=-8.0)["outcome"] == "converged"  # -7.5 = ref + 0.5: not stuck
+    assert judge(curve, ref=-7.99)["outcome"] == "stuck"
+    fell = {0: -10.0, 10: -6.0, 20: -7.0}
+    assert judge(fell)["outcome"] == "converged"  # exactly 1 nat below: not collapsed
+    assert judge({**fell, 20: -7.01})["outcome"] == "collapsed"
+    assert judge({**fell, 20: -7.01}, ref=-6.2)["outcome"] == "stuck"  # stuck first
+    assert judge({}, stop="diverged", diverged=True)["outcome"] == "diverged"
+
+
+def test_resume_across_a_decay_reproduces_the_uninterrupted_run(tmp_path):
+    """Real training whose every check is a plateau (min_delta 1e9, patience 1): the step sizes
+    decay after epochs 1 and 2 and the run stops at epoch 3. Saved after epoch 1 (one decay
+    taken) and resumed, it takes the second decay at epoch 2 and ends with the same rows,
+    parameters and optimiser state as the uninterrupted run, bit for bit; resumed without its
+    decay (the record dropped), it does not."""
+    training = dict(max_epochs=6, stopping={"check_every": 1, "patience": 1, "min_epochs": 0,
+                                            "min_delta": 1e9, "decays": 2})
+    configs = [_small(seed=0, method=dict(name="vem"), training=training),
+               _small(seed=1, method=dict(name="vem", lr=0.02), training=training)]
+    states = {}
+
+    def save_at_one(trainer):
+        if trainer.epoch == 1:
+            states.update({run_id: trainer.member_state(k)
+                           for k, run_id in enumerate(trainer.run_ids)})
+
+    whole = _by_id(Trainer(configs, run_ids=["r0", "r1"]).fit(on_epoch=save_at_one))
+    for r in whole.values():
+        assert (r.stop_reason, r.epochs_run, r.decay_epochs) == ("plateau", 3, [1, 2])
+    paths = {}
+    for run_id, state in states.items():
+        assert state["stop"]["decays"] == 1 and state["stop"]["decay_epochs"] == [1]
+        paths[run_id] = tmp_path / f"{run_id}.pt"
+        torch.save(state, paths[run_id])
+    loaded = [torch.load(paths[r], weights_only=True) for r in ("r0", "r1")]
+    resumed = _by_id(Trainer.from_states(loaded).fit())
+    for run_id, result in resumed.items():
+        ref = whole[run_id]
+        assert (result.decays, result.decay_epochs, result.outcome) == (2, [1, 2], ref.outcome)
+        assert _strip(result.rows) == _strip(ref.rows)
+        for part in ("module", "optim", "best_module"):
+            for n, t in ref.state[part].items():
+                assert torch.equal(result.state[part][n], t), (run_id, part, n)
+    forgot = torch.load(paths["r0"], weights_only=True)
+    forgot["stop"] = {k: v for k, v in forgot["stop"].items()
+                      if k not in ("decays", "decay_epochs", "phase_best")}
+    (wrong,) = Trainer.from_states([forgot]).fit()
+    assert wrong.decay_epochs == [2, 3]  # two more decays than it was due
+    assert not torch.equal(wrong.state["optim"]["decoder_opt.exp_avg0"],
+                           whole["r0"].state["optim"]["decoder_opt.exp_avg0"])
 
 
 # ----------------------------------------------------------------------------- checkpoints

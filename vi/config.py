@@ -108,25 +108,50 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class StoppingConfig:
-    """The plateau rule on the validation ELBO: checked every ``check_every`` epochs; a check
-    improves when it beats the best so far by more than ``min_delta`` nats; training stops
-    after ``patience`` checks without improvement (converged), but never before ``min_epochs``
-    (a decoder started at the no-latent Gaussian can dip below it for a few epochs before its
-    latent variables pay off), or at ``max_epochs`` (not converged); the best state is
-    restored."""
+    """The plateau rule on the validation ELBO, with step-size decays (``vi.training``).
+
+    The rule is checked every ``check_every`` epochs; a check improves when it beats the best of
+    its *phase* by more than ``min_delta`` nats; after ``patience`` checks without improvement
+    the phase has reached its plateau, but never before ``min_epochs`` (a decoder started at the
+    no-latent Gaussian can dip below it for a few epochs before its latent variables pay off).
+    At a plateau every training step size of the run (decoder θ, encoder φ, vem's local table
+    λ: the optimisers' step sizes) is multiplied by ``decay`` and a new phase begins with its own
+    plateau, up to ``decays`` times; training stops at the last phase's plateau (``plateau``)
+    or at ``max_epochs``; the state with the highest validation ELBO of any check is restored.
+    (Decaying the step size on a plateau lowers the noise floor of a constant step: Robbins and
+    Monro's remedy; Keras' and PyTorch's ``ReduceLROnPlateau``.) ``decays = 0`` is the plain
+    plateau rule.
+
+    The run's outcome (``vi.contract.OUTCOMES``) is judged with the margins below, in nats per
+    point of the validation ELBO: ``stuck`` when its best is less than ``stuck_margin`` above
+    the no-latent Gaussian fitted to the training split, ``collapsed`` when its last check is
+    more than ``collapse_margin`` below its best; otherwise ``converged`` when the rule stopped
+    it and ``cap`` when ``max_epochs`` did."""
 
     check_every: int = 5
     patience: int = 6
     min_delta: float = 0.1
     min_epochs: int = 50
+    decays: int = 2
+    decay: float = 0.3
+    stuck_margin: float = 0.5
+    collapse_margin: float = 1.0
 
     def validate(self) -> None:
         _in_range("training.stopping.check_every", self.check_every, 1, LIMITS["epochs"])
         _in_range("training.stopping.patience", self.patience, 1, LIMITS["epochs"])
         _in_range("training.stopping.min_epochs", self.min_epochs, 0, LIMITS["epochs"])
+        _in_range("training.stopping.decays", self.decays, 0, 100)
         if not (math.isfinite(self.min_delta) and self.min_delta >= 0):
             raise ValueError(f"training.stopping.min_delta must be finite and >= 0; got "
                              f"{self.min_delta}")
+        if not (math.isfinite(self.decay) and 0 < self.decay < 1):
+            raise ValueError(f"training.stopping.decay must lie in (0, 1); got {self.decay}")
+        for name in ("stuck_margin", "collapse_margin"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value >= 0):
+                raise ValueError(f"training.stopping.{name} must be finite and >= 0; got "
+                                 f"{value}")
 
 
 @dataclass(frozen=True)

@@ -9,7 +9,9 @@ Standard library only, so the tools that read results (``experiments.schema``, `
   metric is described;
 - ``TABLES``: every per-run table a probe may write → the columns it must have besides the
   identity columns (more may follow; ``table_columns`` gives the published header);
-- ``PROBES``: every probe → the metrics and tables it writes (``ProbeContract``).
+- ``PROBES``: every probe → the metrics and tables it writes (``ProbeContract``);
+- ``OUTCOMES``: how a run ended, one label per run (``runs.csv`` column ``outcome``), and
+  ``OUTCOME_COLUMNS``, the ``runs.csv`` columns that record how training went.
 
 The study's own trainer metrics and probes are declared below. A probe defined anywhere else
 declares what it brings through ``declare_probe`` (``vi.probes.ProbeBase`` does it for a probe
@@ -42,6 +44,8 @@ __all__ = [
     "IDENTITY_COLUMNS",
     "METRICS",
     "METRIC_COLUMNS",
+    "OUTCOMES",
+    "OUTCOME_COLUMNS",
     "PROBES",
     "TABLES",
     "TRAINER_METRICS",
@@ -64,6 +68,35 @@ IDENTITY_COLUMNS = (
 #: the columns of a metric row (``metrics.csv``)
 METRIC_COLUMNS = (*IDENTITY_COLUMNS, "epoch", "step", "wall_s", "split", "param_group",
                   "metric", "value")
+
+#: a run's outcome (``runs.csv`` ``outcome``) → what it means; judged by ``vi.training`` from
+#: the run's own validation ELBO with the margins of ``vi.config.StoppingConfig`` (defaults in
+#: brackets), in this order of precedence (the first that applies)
+OUTCOMES: dict[str, str] = {
+    "failed": "the run raised an error or its files could not be written (no numbers)",
+    "diverged": "a loss, gradient, parameter or evaluation became non-finite",
+    "stuck": "its best validation ELBO is less than stuck_margin (0.5 nat) above the no-latent "
+             "Gaussian fitted to its training split: the latent variables never paid off",
+    "collapsed": "its validation ELBO at the last check is more than collapse_margin (1 nat) "
+                 "below its best: the restored best state is reported, flagged",
+    "cap": "max_epochs stopped it before the plateau of its last phase (late_gain: how much it "
+           "was still rising)",
+    "converged": "reached the plateau of its last phase: the plateau rule stopped it after its "
+                 "last step-size decay",
+    "budget": "a fixed number of epochs without a stopping rule, none of the above",
+}
+#: the ``runs.csv`` columns that record how training went (besides ``status``, ``message``,
+#: ``stop_reason``, ``converged`` = outcome is ``converged``, ``epochs_run``, ``best_epoch``)
+OUTCOME_COLUMNS: dict[str, str] = {
+    "outcome": "one of OUTCOMES",
+    "decays": "step-size decays taken (count)",
+    "decay_epochs": "the epochs at which the step sizes decayed (JSON list)",
+    "best_validation": "the best validation ELBO of any check (nats)",
+    "last_validation": "the validation ELBO at the last check (nats)",
+    "late_gain": "rise of the best validation ELBO over the last 20 % of the epochs run (nats)",
+    "no_latent_validation": "validation log-likelihood of the no-latent Gaussian fitted to the "
+                            "training split, same points (nats)",
+}
 
 #: metric name → what it measures (units)
 METRICS: dict[str, str] = {

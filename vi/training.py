@@ -10,12 +10,25 @@ trained with.
 Per epoch: one pass over the training data in the member's own order; the running ELBO; the
 full evaluation (ELBO of each split under the method's own posterior) at the epochs of
 ``TrainingConfig.evaluation_epochs``; the plateau rule on the validation ELBO every
-``check_every`` epochs; and the probes (``vi.probes``) that are due. A member stops when its
-validation ELBO has not improved by ``min_delta`` for ``patience`` checks (``converged``) or at
-``max_epochs`` (not converged); its best state is restored, evaluated on every split at the best
-epoch, and handed to the final probes. A member whose loss, gradient or parameters become
-non-finite is ``diverged``: it keeps its rows up to its last finished epoch and the others go
-on. Finished members leave the batch, so the ensemble shrinks as members stop.
+``check_every`` epochs; and the probes (``vi.probes``) that are due. When a member's validation
+ELBO has not beaten its phase's best by ``min_delta`` for ``patience`` checks, its phase has
+reached a plateau: its training step sizes (every optimiser's: decoder, encoder, vem's local
+table) are multiplied by ``decay`` and a new phase begins, up to ``decays`` times
+(``vi.config.StoppingConfig``); it stops at the plateau of its last phase (``plateau``) or at
+``max_epochs``. Its best state (the highest validation ELBO of any check) is restored, evaluated
+on every split at the best epoch, and handed to the final probes; the run's ``outcome``
+(``vi.contract.OUTCOMES``: converged, cap, collapsed, stuck, diverged) is judged from its own
+validation curve and the no-latent Gaussian of its own training split (``MemberResult``). A
+member whose loss, gradient or parameters become non-finite is ``diverged``: it keeps its rows
+up to its last finished epoch and the others go on. Finished members leave the batch, so the
+ensemble shrinks as members stop. Every decision is a member's own, from its own numbers: a
+member's step sizes are its configured ones times ``decay`` to the power of its own decays,
+so it stays bit for bit what it is alone.
+
+The semi-amortized refinement's step size ``refine_lr`` does not decay: it fixes the K-step
+inner procedure that defines the method's posterior at training and at evaluation alike, and a
+held-out fit starts from the configured ``local_lr`` whatever the decays (its own rule decays
+it), so every run's held-out numbers come from one procedure.
 
 Rows follow the results contract (``ROW_COLUMNS``). ``wall_s`` is the training time attributed
 to the run: each epoch's seconds divided among the members trained in it.
@@ -35,12 +48,14 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from vi.config import RunConfig, ensemble_key
+from vi.config import RunConfig, StoppingConfig, ensemble_key
 from vi.contract import IDENTITY_COLUMNS, METRIC_COLUMNS, ContractError
 from vi.data import Dataset, load_dataset, variance_floor
 from vi.decoders import GaussianDecoder
 from vi.evaluation import split_elbo
 from vi.inference import InferenceMethod, build_method
+from vi.optim import FlatOptimizer
+from vi.references import no_latent_gaussian, no_latent_log_likelihood
 from vi.streams import MemberRandom, generator
 
 __all__ = [
@@ -59,6 +74,8 @@ __all__ = [
 #: the results contract's columns (``vi.contract``)
 ROW_COLUMNS = METRIC_COLUMNS
 CHECKPOINT_FORMAT = 2
+#: ``late_gain``: the rise of the best validation ELBO over this last fraction of the epochs run
+LATE_TAIL = 0.2
 _DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
 
@@ -129,12 +146,67 @@ class MemberResult:
     elapsed: float
     state: dict
     data_info: dict[str, Any] = field(default_factory=dict)
+    outcome: str = ""  # vi.contract.OUTCOMES
+    decays: int = 0
+    decay_epochs: list[int] = field(default_factory=list)
+    best_validation: float = math.nan
+    last_validation: float = math.nan
+    late_gain: float = math.nan
+    no_latent_validation: float = math.nan
 
     @property
     def converged(self) -> bool | None:
-        """True when the plateau rule stopped it, False at the cap or on divergence, None for a
-        fixed budget (no rule)."""
-        return {"plateau": True, "budget": None}.get(self.stop_reason, False)
+        """True when the outcome is ``converged`` (the plateau rule stopped it at its last
+        phase, neither stuck nor collapsed), None for a fixed budget (no rule: ``outcome`` says
+        whether it got stuck or collapsed), else False."""
+        if self.stop_reason == "budget":
+            return None
+        return self.outcome == "converged"
+
+    def record(self) -> dict[str, Any]:
+        """How training went, for ``runs.csv`` (``vi.contract.OUTCOME_COLUMNS``)."""
+        def number(v: float) -> float | None:
+            return round(v, 6) if math.isfinite(v) else None
+
+        return {"outcome": self.outcome, "decays": self.decays,
+                "decay_epochs": list(self.decay_epochs),
+                "best_validation": number(self.best_validation),
+                "last_validation": number(self.last_validation),
+                "late_gain": number(self.late_gain),
+                "no_latent_validation": number(self.no_latent_validation)}
+
+
+def judge_outcome(validation: dict[int, float], *, stop_reason: str, diverged: bool,
+                  reference: float, rule: StoppingConfig | None) -> dict[str, Any]:
+    """A run's outcome (``vi.contract.OUTCOMES``) from its validation curve ``{epoch: ELBO}``
+    (the checks, in nats per point), how it stopped, and the no-latent Gaussian's validation
+    log-likelihood ``reference``, with the margins of ``rule`` (defaults when None). Returns
+    the outcome and the numbers it was judged on (best, last, late gain).
+
+    In order: ``diverged``; ``stuck`` when max_e v_e < reference + stuck_margin; ``collapsed``
+    when v_last < max_e v_e − collapse_margin; ``converged`` when the plateau rule stopped it,
+    ``cap`` when ``max_epochs`` did, ``budget`` without a rule. ``late_gain`` = max_e v_e −
+    max_{e ≤ (1 − LATE_TAIL) E} v_e over the E epochs run."""
+    margins = rule or StoppingConfig()
+    epochs = sorted(validation)
+    best = max(validation.values()) if validation else math.nan
+    last = validation[epochs[-1]] if epochs else math.nan
+    gain = math.nan
+    if epochs:
+        cut = (1.0 - LATE_TAIL) * epochs[-1]
+        early = [validation[e] for e in epochs if e <= cut]
+        gain = best - max(early) if early else math.nan
+    if diverged:
+        outcome = "diverged"
+    elif math.isfinite(best) and math.isfinite(reference) \
+            and best < reference + margins.stuck_margin:
+        outcome = "stuck"
+    elif math.isfinite(best) and last < best - margins.collapse_margin:
+        outcome = "collapsed"
+    else:
+        outcome = {"plateau": "converged", "max_epochs": "cap"}.get(stop_reason, "budget")
+    return {"outcome": outcome, "best_validation": best, "last_validation": last,
+            "late_gain": gain}
 
 
 # ----------------------------------------------------------------------------------- trainer
@@ -205,8 +277,12 @@ class Trainer:
         self.best_step = [0] * k
         self.best_elapsed = [0.0] * k
         self.bad = [0] * k
+        self.phase_best = [-math.inf] * k
+        self.decays = [0] * k
+        self.decay_epochs: list[list[int]] = [[] for _ in range(k)]
         self.best_state = self._module_state()
         self.results: list[MemberResult] = []
+        self._base_step_sizes = _optimizer_step_sizes(self.method)
 
     # -- construction ----------------------------------------------------------------------
     @staticmethod
@@ -381,16 +457,63 @@ class Trainer:
                                               float(total[k]) / n))
 
     def _check(self, k: int, value: float) -> None:
-        """The plateau rule for member k at a check with validation ELBO ``value``."""
+        """The plateau rule for member k at a check with validation ELBO ``value``: the best
+        state is the highest value of any check (snapshotted); the phase's plateau count resets
+        when ``value`` beats the phase's best by more than ``min_delta``, else grows."""
         rule = self.configs[k].training.stopping
-        if value > self.best[k] + rule.min_delta:
-            self.best[k], self.bad[k] = value, 0
+        if value > self.best[k]:
+            self.best[k] = value
             self.best_epoch[k], self.best_step[k] = self.epoch, self.step
             self.best_elapsed[k] = self.elapsed[k]
             for name, tensor in self.method.state_dict().items():
                 self.best_state[name][k].copy_(tensor[k])
+        if value > self.phase_best[k] + rule.min_delta:
+            self.phase_best[k], self.bad[k] = value, 0
         else:
             self.bad[k] += 1
+
+    def _decay(self, members: Sequence[int]) -> None:
+        """A new phase for ``members`` (each at its own plateau): one more decay, the plateau
+        count reset, the phase's best = its latest check, the step sizes set."""
+        for k in members:
+            self.decays[k] += 1
+            self.decay_epochs[k].append(self.epoch)
+            self.bad[k] = 0
+            checks = self._validation(k)
+            self.phase_best[k] = checks[max(checks)]  # the latest check
+        self._apply_decays()
+
+    def _apply_decays(self) -> None:
+        """Every optimiser's step sizes: member k's configured ones × decay^(k's decays), one
+        correctly rounded product per member (the same bits alone or in an ensemble)."""
+        rule = self.configs[0].training.stopping
+        factor = rule.decay if rule is not None else 1.0
+        _set_optimizer_step_sizes(self.method, self._base_step_sizes,
+                                  [factor ** n for n in self.decays])
+
+    def _validation(self, k: int) -> dict[int, float]:
+        """Member k's validation ELBO at each evaluated epoch so far (first value per epoch)."""
+        out: dict[int, float] = {}
+        for r in self.rows[k]:
+            if r["metric"] == "elbo" and r["split"] == "validation":
+                out.setdefault(r["epoch"], r["value"])
+        return out
+
+    def _no_latent_validation(self, k: int) -> float:
+        """Validation log-likelihood per point of the no-latent Gaussian fitted to member k's
+        training split (``vi.references``), its variance floored like the decoder's; NaN where
+        it is undefined (an empty split, a constant column without a floor)."""
+        x_val = self.x["validation"][k]
+        t = self.configs[k].training
+        if t.eval_points is not None:
+            x_val = x_val[:t.eval_points]
+        if x_val.shape[0] == 0:
+            return math.nan
+        try:
+            mean, var = no_latent_gaussian(self.x["train"][k], var_floor=self.var_floor)
+            return float(no_latent_log_likelihood(x_val, mean, var).mean())
+        except ValueError:
+            return math.nan
 
     def _after_epoch(self, probes: Sequence[Probe]) -> list[tuple[int, str]]:
         """Evaluation, stopping and probes at the end of an epoch; returns (member, reason)
@@ -427,15 +550,21 @@ class Trainer:
                     self.message[k] = f"epoch {self.epoch}: non-finite probe value"
                 else:
                     self.rows[k] += rows[k]
+        decaying = []
         for k in range(self.members):
             if self.status[k] == "diverged":
                 finishing.append((k, "diverged"))
             elif self.status[k] == "running":
-                if c.stopping is not None and self.bad[k] >= c.stopping.patience \
-                        and self.epoch >= c.stopping.min_epochs:
+                plateau = c.stopping is not None and self.bad[k] >= c.stopping.patience \
+                    and self.epoch >= c.stopping.min_epochs
+                if plateau and self.decays[k] >= c.stopping.decays:
                     finishing.append((k, "plateau"))
                 elif self.epoch >= c.max_epochs:
                     finishing.append((k, "max_epochs" if c.stopping is not None else "budget"))
+                elif plateau:
+                    decaying.append(k)
+        if decaying:
+            self._decay(decaying)
         return finishing
 
     @property
@@ -509,12 +638,18 @@ class Trainer:
                 self.status[k] = "ok"
 
     def _result(self, k: int, reason: str, state: dict, tables: dict) -> MemberResult:
+        diverged = self.status[k] == "diverged"
+        stop_reason = "diverged" if diverged else reason
+        reference = self._no_latent_validation(k)
+        judged = judge_outcome(self._validation(k), stop_reason=stop_reason, diverged=diverged,
+                               reference=reference,
+                               rule=self.configs[k].training.stopping)
         return MemberResult(self.run_ids[k], self.configs[k], self.identity(k), self.rows[k],
-                            tables,
-                            "diverged" if self.status[k] == "diverged" else "ok",
-                            self.message[k], "diverged" if self.status[k] == "diverged"
-                            else reason, self.epoch, self.best_epoch[k], self.elapsed[k], state,
-                            self.data_info)
+                            tables, "diverged" if diverged else "ok", self.message[k],
+                            stop_reason, self.epoch, self.best_epoch[k], self.elapsed[k], state,
+                            self.data_info, decays=self.decays[k],
+                            decay_epochs=list(self.decay_epochs[k]),
+                            no_latent_validation=reference, **judged)
 
     @property
     def data_info(self) -> dict[str, Any]:
@@ -625,18 +760,20 @@ class Trainer:
         self.configs = [self.configs[k] for k in keep]
         self.x = {s: t[index.to(t.device)] for s, t in self.x.items()}
         self.labels = {s: t[index] for s, t in self.labels.items()}
+        for name in ("run_ids", "elapsed", "rows", "evaluated", "probed", "status", "message",
+                     "best", "best_epoch", "best_step", "best_elapsed", "bad", "phase_best",
+                     "decays", "decay_epochs"):
+            values = getattr(self, name)
+            setattr(self, name, [values[k] for k in keep])
         if keep:
             self.method = self._build(self.configs, init=False)
             self.method.load_state_dict(module)
             self.method.load_optimizer_state(optim)
+            self._base_step_sizes = _optimizer_step_sizes(self.method)
+            self._apply_decays()
         self.best_state = best
         self.data_random = self.data_random.select(keep) if keep else self.data_random
         self.noise = self.noise.select(keep) if keep else self.noise
-        for name in ("run_ids", "elapsed", "rows", "evaluated", "probed", "status", "message",
-                     "best",
-                     "best_epoch", "best_step", "best_elapsed", "bad"):
-            values = getattr(self, name)
-            setattr(self, name, [values[k] for k in keep])
 
     def member_state(self, k: int) -> dict:
         """Everything needed to resume (or evaluate) member k, as plain values and tensors."""
@@ -651,7 +788,8 @@ class Trainer:
             "evaluated": sorted(self.evaluated[k]), "probed": sorted(self.probed[k]),
             "stop": {"best": self.best[k], "best_epoch": self.best_epoch[k],
                      "best_step": self.best_step[k], "best_elapsed": self.best_elapsed[k],
-                     "bad": self.bad[k]},
+                     "bad": self.bad[k], "phase_best": self.phase_best[k],
+                     "decays": self.decays[k], "decay_epochs": list(self.decay_epochs[k])},
             "module": one(self.method.state_dict()), "optim": one(self.method.optimizer_state()),
             "best_module": one(self.best_state),
             "streams": {"data": self.data_random.generators[k].get_state(),
@@ -696,6 +834,11 @@ class Trainer:
         trainer.message = [s["message"] for s in states]
         for name in ("best", "best_epoch", "best_step", "best_elapsed", "bad"):
             setattr(trainer, name, [s["stop"][name] for s in states])
+        # a checkpoint written before step-size decays: no decays, the phase's best = the best
+        trainer.phase_best = [s["stop"].get("phase_best", s["stop"]["best"]) for s in states]
+        trainer.decays = [int(s["stop"].get("decays", 0)) for s in states]
+        trainer.decay_epochs = [list(s["stop"].get("decay_epochs", [])) for s in states]
+        trainer._apply_decays()
         return trainer
 
 
@@ -712,6 +855,33 @@ def _check_declared(probe: Probe, result: ProbeResult) -> None:
         raise ContractError(f"probe {probe.name!r} wrote {', '.join(extra)}, which it does not "
                             f"declare (metrics {list(metrics or ())}, tables "
                             f"{list(tables or ())})")
+
+
+def _optimizer_step_sizes(method: InferenceMethod) -> list[Tensor]:
+    """Copies of every optimiser's per-member step sizes, in ``optimizers()`` order (flat
+    optimisers: one [K, 1] per group; row optimisers: [K, 1, 1])."""
+    out = []
+    for opt in method.optimizers().values():
+        out += [lr.clone() for lr in opt.lrs] if isinstance(opt, FlatOptimizer) \
+            else [opt.lr.clone()]
+    return out
+
+
+def _set_optimizer_step_sizes(method: InferenceMethod, base: Sequence[Tensor],
+                              scale: Sequence[float]) -> None:
+    """Set every optimiser's step sizes to ``base`` × ``scale`` [K] (per member)."""
+    it = iter(base)
+
+    def scaled(like: Tensor) -> Tensor:
+        b = next(it)
+        return b * torch.tensor(scale, dtype=b.dtype, device=b.device).reshape(
+            -1, *([1] * (b.dim() - 1)))
+
+    for opt in method.optimizers().values():
+        if isinstance(opt, FlatOptimizer):
+            opt.lrs = [scaled(lr) for lr in opt.lrs]
+        else:
+            opt.lr = scaled(opt.lr)
 
 
 def _member_mask(*, k_all: int, keep: Sequence[int], like: Tensor) -> Tensor:
