@@ -25,7 +25,7 @@ import pytest
 import torch
 from conftest import DTYPE, assert_unbiased, bonferroni_crit, member_random
 
-from vi import families, linear_gaussian
+from vi import families, gradstats, linear_gaussian
 from vi.decoders import GaussianDecoder
 from vi.estimators import (
     ESTIMATORS,
@@ -359,3 +359,58 @@ def test_settings_replace_keeps_objective_in_shared_fields():
     s = MethodSettings(objective="iwae", k=4, kl="mc")
     assert s.shared()["objective"] == "iwae" and s.shared()["k"] == 4
     assert dataclasses.replace(s, lr=0.1).shared() == s.shared()
+
+
+# ------------------------------------------------------------------- gradient statistics in k
+
+
+@pytest.mark.parametrize("name", ["amortized", "vem", "semi_amortized"])
+def test_batched_iwae_gradients_match_the_loop(name, linear_model):
+    """``per_sample_grads`` (one backward over copies, vmap over the decoder's grad, the
+    encoder's chain rule) gives the loop reference's numbers for every IWAE estimator."""
+    lm = linear_model
+    decoder = GaussianDecoder(lm.D, lm.H, mean="linear", variance="learned").to(DTYPE)
+    decoder.set_linear_parameters(lm.W, lm.b, lm.psi)
+    method = build_method(decoder, [MethodSettings(name=name, kl="mc", encoder_hidden=(8,),
+                                                   refine_steps=1)], n_train=lm.B).to(DTYPE)
+    idx = torch.arange(lm.B).unsqueeze(0)
+    if method.has_local_table:
+        method.local.copy_(lm.lam1)
+    noise = member_random(4).randn((3, 2 * 4, lm.B, lm.H), 2, dtype=DTYPE)
+    refined = lm.lam1 + 0.1 if method.refines_in_training else None
+    for estimator, baseline in IWAE:
+        s = MethodSettings(name=name, kl="mc", objective="iwae", k=4, estimator=estimator,
+                           baseline=baseline, encoder_hidden=(8,), refine_steps=1)
+        bval = torch.tensor([[MEAN_BASELINE]], dtype=DTYPE)
+        fast = gradstats.per_sample_grads(method, lm.x1, idx, noise=noise, settings=s,
+                                          baseline_value=bval, refined=refined)
+        slow = gradstats.per_sample_grads_loop(method, lm.x1, idx, noise, settings=s,
+                                               baseline_value=bval, refined=refined)
+        for group in fast:
+            torch.testing.assert_close(fast[group], slow[group], rtol=1e-10, atol=1e-10)
+
+
+def test_k_sweep_rows(linear_model):
+    """Rows per (estimator, baseline, k, group, metric) with the skipped cells absent: VIMCO
+    (score+loo) needs k >= 2 at M = 1; k = 1 is the MC-KL ELBO for every estimator, so all
+    pathwise estimators have the same statistics there (DReG = STL, and = reparam for θ)."""
+    lm = linear_model
+    decoder = GaussianDecoder(lm.D, lm.H, mean="linear", variance="learned").to(DTYPE)
+    decoder.set_linear_parameters(lm.W, lm.b, lm.psi)
+    method = build_method(decoder, [MethodSettings(name="vem")], n_train=lm.B).to(DTYPE)
+    method.local.copy_(lm.lam1)
+    rows = gradstats.k_sweep(method, lm.x1, torch.arange(lm.B).unsqueeze(0), ks=(1, 4),
+                             n_mc=1, draws=50, random=member_random(6))
+    cells = {(r["estimator"], r["baseline"], r["k"]) for r in rows}
+    assert ("score", "loo", 1) not in cells and ("score", "loo", 4) in cells
+    assert {(e, b) for e, b, _ in cells} == set(gradstats.IWAE_SWEEP_ESTIMATORS)
+    value = {(r["estimator"], r["k"], r["param_group"], r["metric"]): r["value"] for r in rows
+             if r["baseline"] == "none"}
+    for group in ("variational", "decoder"):
+        assert value[("dreg", 1, group, "grad_snr_mean")] == value[("stl", 1, group,
+                                                                     "grad_snr_mean")]
+    assert value[("dreg", 4, "decoder", "grad_var_total")] == pytest.approx(
+        value[("reparam", 4, "decoder", "grad_var_total")], rel=1e-10)
+    with pytest.raises(ValueError, match="draws >= 2"):
+        gradstats.k_sweep(method, lm.x1, torch.arange(lm.B).unsqueeze(0), draws=1,
+                          random=member_random(6))

@@ -12,7 +12,8 @@ Both ratios are biased for few draws (``gradient_statistics``): the relative var
 SNR of a weak coordinate high (a zero-mean coordinate reads about √(2/(π K)), 0.08 at K = 100).
 
 (K here counts draws; the ensemble's members are a separate axis, and every statistic is per
-member.) Parameter groups, the gradient of the ELBO:
+member.) Parameter groups, the gradient of the training objective (the ELBO, or the IWAE bound
+L_k with ``objective="iwae"``; ``k_sweep`` measures it against k):
 
 ``variational``  ∇_λ Σ_n L_n for the minibatch's λ [B, 2H]: each λ_n gets its own ∇_{λ_n} L_n.
                  λ are vem's table rows, or the encoder output λ⁽⁰⁾ = f_φ(x), so this group is
@@ -48,15 +49,18 @@ from torch import Tensor, nn
 from torch.func import functional_call, grad, vjp, vmap
 
 from vi.contract import GRADIENT_METRICS
-from vi.estimators import validate_estimator
-from vi.inference import InferenceMethod, MethodSettings, frozen
+from vi.estimators import ESTIMATORS, validate_estimator
+from vi.inference import InferenceMethod, MethodSettings, frozen, settings_estimate
+from vi.nets import member_mean
 from vi.objectives import elbo
 from vi.streams import MemberRandom
 
 __all__ = [
+    "IWAE_SWEEP_ESTIMATORS",
     "METRICS",
     "SWEEP_ESTIMATORS",
     "gradient_statistics",
+    "k_sweep",
     "per_sample_grads",
     "per_sample_grads_loop",
     "variance_sweep",
@@ -72,6 +76,10 @@ SWEEP_ESTIMATORS = (
     ("score", "none", "analytic"), ("score", "mean", "analytic"),
     ("score", "loo", "analytic"), ("score", "cv", "analytic"),
 )
+#: the default sweep of the IWAE gradient against k: (estimator, baseline); score with ``loo`` is
+#: VIMCO. An entry an estimator does not support at some k (``Estimator.support``) is skipped.
+IWAE_SWEEP_ESTIMATORS = (("reparam", "none"), ("stl", "none"), ("dreg", "none"),
+                         ("score", "none"), ("score", "loo"))
 #: a chunk of draws keeps its widest activation (draws x M x B x width, all members) about this
 #: size on the CPU, which measured faster than one large chunk
 CACHE_BUDGET = 2**20
@@ -90,9 +98,8 @@ class _DecoderObjective(nn.Module):
         self.settings, self.baseline_value = settings, baseline_value
 
     def forward(self, x: Tensor, lam: Tensor, eps: Tensor) -> Tensor:
-        s = self.settings
-        return elbo(self.decoder, x, lam, eps, estimator=s.estimator, baseline=s.baseline,
-                    kl=s.kl, baseline_value=self.baseline_value).surrogate.mean(-1).sum()
+        return settings_estimate(self.decoder, x, lam, eps, self.settings,
+                                 baseline_value=self.baseline_value).surrogate.mean(-1).sum()
 
 
 def _wanted(method: InferenceMethod, groups: Iterable[str] | None) -> tuple[str, ...]:
@@ -113,6 +120,14 @@ def _refined(method: InferenceMethod, x: Tensor, lam0: Tensor, random: MemberRan
     return lam.detach()
 
 
+def _groups_in(noise: Tensor, k: int) -> int:
+    """The number M of groups of k samples in noise [draws, M·k, K, B, H]."""
+    if noise.dim() < 2 or noise.shape[1] % k:
+        raise ValueError(f"noise must have shape [draws, M·k, K, B, H] with k = {k}; got "
+                         f"{tuple(noise.shape)}")
+    return noise.shape[1] // k
+
+
 def _chunk(x: Tensor, n_mc: int, width: int, chunk_size: int | None) -> int:
     if chunk_size is not None:
         if int(chunk_size) < 1:
@@ -131,8 +146,7 @@ def _variational_grads(decoder, x: Tensor, lam: Tensor, eps: Tensor, s: MethodSe
     x_d = x.unsqueeze(1).expand(k, d, b, x.shape[-1]).reshape(k, d * b, -1)
     eps_d = eps.permute(1, 2, 0, 3, 4).reshape(m, k, d * b, h)
     with torch.enable_grad():
-        est = elbo(decoder, x_d, lam_d, eps_d, estimator=s.estimator, baseline=s.baseline,
-                   kl=s.kl, baseline_value=bval)
+        est = settings_estimate(decoder, x_d, lam_d, eps_d, s, baseline_value=bval)
         (g,) = torch.autograd.grad(est.surrogate.sum(), lam_d)
     return g.reshape(k, d, -1).transpose(0, 1)
 
@@ -179,19 +193,21 @@ def per_sample_grads(
     Args:
         method: the model state (not modified); x [K, B, D] the minibatch and idx [K, B] its
             training indices (a local table's rows).
-        draws, random: the number of draws and the member streams the noise [draws, M, K, B, H]
+        draws, random: the number of draws and the member streams the noise
+            [draws, M·k, K, B, H] (k: the settings' samples per IWAE group, 1 for the ELBO)
             comes from (after a refining method's refinement, which draws first).
         settings: estimator settings to measure instead of the method's own (same model).
         groups: a subset of ``method.groups``.
-        noise: explicit noise [draws, M, K, B, H] (common random numbers across estimators).
+        noise: explicit noise [draws, M·k, K, B, H] (common random numbers across
+            estimators).
         baseline_value: the ``mean`` baseline's value [K, 1] (default: the method's).
         refined: λ⁽ᴷ⁾ of a refining method (default: refine once with ``random``).
     """
     wanted = _wanted(method, groups)
     s = settings if settings is not None else method.settings
     if noise is not None:
-        s = dataclasses.replace(s, n_mc=noise.shape[1])
-    validate_estimator(s.estimator, s.baseline, s.n_mc)
+        s = dataclasses.replace(s, n_mc=_groups_in(noise, s.k))
+    validate_estimator(s.estimator, s.baseline, s.n_mc, objective=s.objective, k=s.k)
     bval = None
     if s.baseline == "mean":
         bval = method.baseline_value() if baseline_value is None else baseline_value
@@ -206,12 +222,12 @@ def per_sample_grads(
     if noise is None:
         if draws is None or int(draws) < 1 or random is None:
             raise ValueError(f"give noise, or draws >= 1 and random; got draws={draws}")
-        noise = random.randn((int(draws), s.n_mc, b, h), 2, dtype=x.dtype)
+        noise = random.randn((int(draws), s.n_mc * s.k, b, h), 2, dtype=x.dtype)
     if noise.dim() != 5 or noise.shape[2:] != (k, b, h):
         raise ValueError(f"noise must have shape [draws, M, {k}, {b}, {h}]; got "
                          f"{tuple(noise.shape)}")
     width = max(x.shape[-1], 2 * h, *method.decoder.net.sizes)
-    step = _chunk(x, s.n_mc, width, chunk_size)
+    step = _chunk(x, s.n_mc * s.k, width, chunk_size)
     parts: dict[str, list[Tensor]] = {g: [] for g in wanted}
     for start in range(0, noise.shape[0], step):
         eps = noise[start:start + step]
@@ -245,7 +261,8 @@ def per_sample_grads_loop(
     """The reference for ``per_sample_grads``: one ordinary autograd call per draw and group
     (no ``functional_call``, no vmap, no chain rule)."""
     wanted = _wanted(method, groups)
-    s = dataclasses.replace(settings or method.settings, n_mc=noise.shape[1])
+    s = settings or method.settings
+    s = dataclasses.replace(s, n_mc=_groups_in(noise, s.k))
     bval = None
     if s.baseline == "mean":
         bval = method.baseline_value() if baseline_value is None else baseline_value
@@ -257,8 +274,7 @@ def per_sample_grads_loop(
     enc = method.encoder.params.flat if method.has_encoder else None
 
     def surrogate(lam: Tensor, eps: Tensor) -> Tensor:
-        return elbo(method.decoder, x, lam, eps, estimator=s.estimator, baseline=s.baseline,
-                    kl=s.kl, baseline_value=bval).surrogate
+        return settings_estimate(method.decoder, x, lam, eps, s, baseline_value=bval).surrogate
 
     out: dict[str, list[Tensor]] = {g: [] for g in wanted}
     with torch.enable_grad():
@@ -347,7 +363,8 @@ def variance_sweep(
         with torch.no_grad():
             eps = random.randn((16, x.shape[1], method.decoder.latent_dim), 1, dtype=x.dtype)
             pilot = elbo(method.decoder, x, refined if refined is not None else lam0, eps,
-                         kl=method.settings.kl).samples.mean(dim=(0, 2))
+                         kl=method.settings.kl).samples
+            pilot = member_mean(pilot, member_dim=1).to(x.dtype)
         bval = pilot.unsqueeze(-1)
     h = method.decoder.latent_dim
     rows = []
@@ -357,7 +374,7 @@ def variance_sweep(
             if base in ("loo", "cv") and int(m) < 2:
                 continue
             s = dataclasses.replace(method.settings, estimator=est, baseline=base, kl=kl,
-                                    n_mc=int(m))
+                                    n_mc=int(m), objective="elbo", k=1)
             grads = per_sample_grads(method, x, idx, noise=noise, settings=s, groups=wanted,
                                      baseline_value=bval, refined=refined)
             for group, g in grads.items():
@@ -369,4 +386,63 @@ def variance_sweep(
                                          "estimator": est, "baseline": base, "kl": kl,
                                          "n_mc": int(m), "draws": int(draws),
                                          "metric": metric, "value": value})
+    return rows
+
+
+def k_sweep(
+    method: InferenceMethod,
+    x: Tensor,
+    idx: Tensor,
+    *,
+    ks: Sequence[int] = (1, 4, 16, 64),
+    n_mc: int = 1,
+    draws: int,
+    random: MemberRandom,
+    estimators: Sequence[tuple[str, str]] = IWAE_SWEEP_ESTIMATORS,
+    groups: Iterable[str] | None = None,
+) -> list[dict]:
+    """Gradient variance and SNR of the IWAE bound L_k against k at a fixed number M =
+    ``n_mc`` of groups, per parameter group, at one fixed model state (Rainforth et al. 2018:
+    with ``reparam`` the SNR of the inference gradient falls like k^(−1/2) and the decoder's
+    grows like k^(1/2) for fixed M; Tucker et al. 2019: DReG's inference SNR grows).
+
+    For each k one noise tensor [draws, M·k, K, B, H] is drawn and shared by every estimator
+    (common random numbers); the objective is switched on the same model (``objective="iwae"``,
+    ``kl="mc"``; k = 1 is the MC-KL ELBO). An (estimator, baseline) the registry does not
+    declare at k, or whose baseline needs more samples (k, or M at k = 1), is skipped; the
+    ``mean`` baseline has no value here and is skipped too. A refining method's λ⁽ᴷ⁾ is
+    refined once (with its own settings) and shared. Returns rows {member, param_group,
+    estimator, baseline, objective, k, n_mc, draws, metric, value} (``gradient_statistics``).
+    """
+    wanted = _wanted(method, groups)
+    lam0 = method.training_lambda(x, idx)
+    refined = (_refined(method, x, lam0, random)
+               if method.refines_in_training and "decoder" in wanted else None)
+    h = method.decoder.latent_dim
+    m = int(n_mc)
+    if m < 1 or int(draws) < 2 or any(int(k) < 1 for k in ks):
+        raise ValueError(f"k_sweep needs n_mc >= 1, draws >= 2 and every k >= 1; got n_mc={n_mc}, "
+                         f"draws={draws}, ks={list(ks)}")
+    rows = []
+    for k in map(int, ks):
+        noise = random.randn((int(draws), m * k, x.shape[1], h), 2, dtype=x.dtype)
+        for est, base in estimators:
+            support = ESTIMATORS[est].support(k)
+            need = None if support is None or base == "mean" else support.baselines.get(base)
+            if need is None or (k if k > 1 else m) < need:
+                continue
+            s = dataclasses.replace(method.settings, estimator=est, baseline=base, kl="mc",
+                                    n_mc=m, objective="iwae", k=k)
+            grads = per_sample_grads(method, x, idx, noise=noise, settings=s, groups=wanted,
+                                     refined=refined)
+            for group, g in grads.items():
+                stats = gradient_statistics(g)
+                for metric in METRICS:
+                    for member, value in enumerate(stats[metric].tolist()):
+                        if value == value:  # NaN: undefined for this member
+                            rows.append({"member": member, "param_group": group,
+                                         "estimator": est, "baseline": base,
+                                         "objective": "iwae", "k": k, "n_mc": m,
+                                         "draws": int(draws), "metric": metric,
+                                         "value": value})
     return rows
