@@ -18,6 +18,8 @@ from collections.abc import Iterable
 import numpy as np
 import pandas as pd
 
+from vi import contract
+
 __all__ = [
     "COLORBLIND",
     "LABEL_COLOURS",
@@ -113,13 +115,18 @@ def method_colour(method: object) -> str:
 
 
 def estimator_label(estimator: object, baseline: object) -> str:
-    """``estimator`` alone for pathwise estimators without a baseline, else ``estimator+baseline``.
+    """``estimator+baseline`` for an estimator that accepts a baseline besides ``none``, or
+    whose baseline is not ``none``; else ``estimator`` alone (``reparam``, ``stl``).
 
-    The score function always shows its baseline (``score+none``), since that is what decides
-    its variance (Mohamed et al. 2020, §5).
+    What an estimator accepts is its declaration in the library's registry
+    (``vi.estimators.Estimator.baselines``), recorded with the results it trained and learnt
+    when they are read (``vi.contract.ESTIMATORS``, ``experiments.schema.read_contract``): so
+    the score function always shows its baseline (``score+none``), since that is what decides
+    its variance (Mohamed et al. 2020, §5), and so does any estimator declaring baselines.
     """
     b = "" if baseline is None or pd.isna(baseline) else str(baseline).strip()
-    if str(estimator) == "score" or (b and b != "none"):
+    accepts = any(a != "none" for a in contract.ESTIMATORS.get(str(estimator), ()))
+    if accepts or (b and b != "none"):
         return f"{estimator}+{b or 'none'}"
     return str(estimator)
 

@@ -66,8 +66,15 @@ def elbo(label: str, seed: int, epoch: int, split: str, h: int) -> float:
     return final + (3.0 if split == "train" else 0.0) - 50.0 * (np.exp(-epoch) - np.exp(-4))
 
 
+#: the estimators' declared baselines, recorded with results as a run records the library's
+#: registry (``vi.contract.record``): they decide the labels (``score+none``, ``reparam``)
+CONTRACT = {"estimators": {"reparam": ["none"], "stl": ["none"],
+                           "score": ["cv", "loo", "mean", "none"]}}
+
+
 def save(root: Path, exp: str, rows: list[dict], runs: list[dict], **tables: list) -> None:
     (root / exp).mkdir(parents=True, exist_ok=True)
+    (root / exp / schema.CONTRACT_FILE).write_text(json.dumps(CONTRACT))
     pd.DataFrame(rows, columns=schema.METRIC_COLUMNS).to_csv(root / exp / "metrics.csv",
                                                              index=False)
     pd.DataFrame(runs).to_csv(root / exp / "runs.csv", index=False)

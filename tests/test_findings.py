@@ -9,6 +9,7 @@ every claim supported, −1 makes every claim not supported (an interval on the 
 
 from __future__ import annotations
 
+import json
 import math
 import shutil
 from pathlib import Path
@@ -53,9 +54,16 @@ def _metric(ident: dict, epoch: int, metric: str, value: float, split: str = "te
             "param_group": group, "metric": metric, "value": float(value)}
 
 
+#: the estimators' declared baselines, recorded with results as a run records the library's
+#: registry (``vi.contract.record``): they decide the labels (``score+none``, ``reparam``)
+CONTRACT = {"estimators": {"reparam": ["none"], "stl": ["none"],
+                           "score": ["cv", "loo", "mean", "none"]}}
+
+
 def _write(root: Path, exp: str, name: str, rows: list[dict]) -> None:
     folder = root / exp
     folder.mkdir(parents=True, exist_ok=True)
+    (folder / schema.CONTRACT_FILE).write_text(json.dumps(CONTRACT))
     frame = pd.DataFrame(rows)
     if name == "metrics":
         frame = frame[list(schema.METRIC_COLUMNS)]

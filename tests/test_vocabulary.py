@@ -39,9 +39,27 @@ def test_a_method_it_does_not_know_gets_its_own_line_style_and_word() -> None:
     assert V.style_word("--") == "dashed" and V.style_word(None) == "custom"
 
 
+def test_an_estimator_label_follows_the_estimators_declared_baselines(monkeypatch) -> None:
+    """An estimator that declares a baseline besides none shows its baseline, even none; one
+    that declares none, or that no recorded contract declares, only a baseline it was given.
+    The declarations are the library registry's, as a run records them."""
+    from vi import contract
+    from vi.estimators import ESTIMATORS
+
+    recorded = contract.record(estimators={n: e.baselines for n, e in ESTIMATORS.items()})
+    for name, baselines in recorded["estimators"].items():
+        monkeypatch.setitem(contract.ESTIMATORS, name, tuple(baselines))
+        label = V.estimator_label(name, "none")
+        assert label == (f"{name}+none" if ESTIMATORS[name].accepts_baseline else name)
+    assert V.estimator_label("score", float("nan")) == "score+none"
+    assert V.estimator_label("reparam", None) == "reparam"
+    monkeypatch.setitem(contract.ESTIMATORS, "mine", ("mean", "none"))
+    assert V.estimator_label("mine", "none") == "mine+none"
+    assert V.estimator_label("mine", "mean") == "mine+mean"
+
+
 def test_an_estimator_it_does_not_know_gets_a_marker_and_a_spare_colour() -> None:
     assert V.estimator_label("dreg", "none") == "dreg"
-    assert V.estimator_label("score", float("nan")) == "score+none"
     assert V.estimator_label("vimco", "loo") == "vimco+loo"
     assert V.marker_of("dreg") not in V.LABEL_MARKERS.values()
     assert V.marker_of("reparam, KL MC") == V.LABEL_MARKERS["reparam"]

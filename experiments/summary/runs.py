@@ -3,6 +3,7 @@ label, setting, convergence, data seed, final values filled from metrics.csv).""
 
 from __future__ import annotations
 
+import contextlib
 import math
 from pathlib import Path
 
@@ -19,6 +20,8 @@ def read_csv(path: Path) -> pd.DataFrame | None:
     path = Path(path)
     if not path.is_file():
         return None
+    with contextlib.suppress(schema.SchemaError):  # the estimators' declarations, for labels
+        schema.read_contract(path.parent)  # (a malformed one is reported by check)
     try:
         if path.name == "metrics.csv":
             return schema.read_metrics(path, validate=False)
