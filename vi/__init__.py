@@ -5,7 +5,8 @@ gradient estimators as surrogates (``vi.estimators``), stacked networks (``vi.ne
 decoder (``vi.decoders``), the ELBO and the IWAE bound (``vi.objectives``), the closed forms of
 the linear-Gaussian model (``vi.linear_gaussian``), data sets (``vi.data``), reference models
 (``vi.references``), optimisers (``vi.optim``), the inference methods
-``vem``/``amortized``/``semi_amortized`` (``vi.inference``), evaluation and gradient statistics
+``vem``/``amortized``/``semi_amortized`` (``vi.inference``), log p(x) by annealed importance
+sampling with its BDMC check (``vi.ais``), evaluation and gradient statistics
 (``vi.evaluation``, ``vi.gradstats``), the run configuration and the trainer (``vi.config``,
 ``vi.training``) and the measurements taken during training (``vi.probes``).
 
@@ -20,7 +21,7 @@ import importlib
 __version__ = "0.2.0"
 
 _EXPORTS = {
-    "families": None, "linear_gaussian": None,
+    "families": None, "linear_gaussian": None, "ais": None,
     "DATASETS": "data", "DataError": "data", "Dataset": "data", "load_dataset": "data",
     "load_npz": "data", "save_dataset": "data", "variance_floor": "data",
     "bits_per_dim": "data",
@@ -38,6 +39,7 @@ _EXPORTS = {
     "approximation_gap": "linear_gaussian", "elbo_closed_form": "linear_gaussian",
     "exact_log_marginal": "linear_gaussian", "exact_posterior": "linear_gaussian",
     "optimal_diagonal_posterior": "linear_gaussian", "ppca_mle": "linear_gaussian",
+    "AISResult": "ais", "BDMCResult": "ais", "bdmc": "ais",
     "fit_optimal_posterior": "evaluation", "gap_decomposition": "evaluation",
     "test_time_curve": "evaluation", "latent_activity": "evaluation",
     "gradient_statistics": "gradstats", "per_sample_grads": "gradstats",
