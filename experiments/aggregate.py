@@ -4,7 +4,8 @@
 
 ``metrics.csv``   every run's rows, concatenated in grid order (``experiments.schema``)
 ``runs.csv``      one row per run: identity, ``status``/``message``, how training stopped
-                  (``stop_reason``, ``converged``, ``epochs_run``, ``best_epoch``),
+                  (``stop_reason``, ``converged``, ``epochs_run``, ``best_epoch``, and
+                  ``vi.contract.OUTCOME_COLUMNS``: ``outcome``, ``decays``, …),
                   ``lr_source``, provenance (code and package versions), every configuration
                   field under its dotted name (``method.lr``, ``model.hidden``; lists as JSON
                   text), ``seconds_per_epoch`` and ``final_<metric>_<split>``: each metric
@@ -57,6 +58,7 @@ from experiments.schema import (
     validate_runs,
 )
 from vi import contract
+from vi.contract import OUTCOME_COLUMNS
 from vi.files import atomic_write
 
 __all__ = [
@@ -271,6 +273,7 @@ def _runs_row(parts: dict) -> dict[str, Any]:
         "latent_dim": c["model"]["latent_dim"], "n_mc": c["method"]["n_mc"], "seed": c["seed"],
         "status": prov.get("status"), "message": prov.get("message", "")}
     row.update({k: prov.get(k, "") for k in _PROVENANCE_COLUMNS})
+    row.update({k: _cell(prov.get(k, "")) for k in OUTCOME_COLUMNS})  # how training went
     row["selection_round"] = cfg.get("selection_round")
     epochs = prov.get("epochs_run") or 0
     row["seconds_per_epoch"] = (round(prov["run_seconds"] / epochs, 4)

@@ -391,7 +391,8 @@ def _save_checkpoint(path: Path, state: dict) -> dict[str, Any]:
 def _failed_all(cells: Sequence[Cell], provs: dict, message: str, tb: str) -> Outcome:
     for cell in cells:
         prov = provs.get(cell.run_id, {"run_id": cell.run_id, "experiment": cell.experiment})
-        prov.update({"status": "failed", "message": message, "finished": _now()})
+        prov.update({"status": "failed", "outcome": "failed", "message": message,
+                     "finished": _now()})
         if tb:
             prov["traceback"] = tb
         try:
@@ -424,6 +425,7 @@ def _write_member(cell: Cell, prov: dict, result, action: str, cpu0: float, t0: 
         writing = "provenance.json"
         prov.update({"status": result.status, "message": result.message, "finished": _now(),
                      "stop_reason": result.stop_reason, "converged": result.converged,
+                     **result.record(),
                      "epochs_run": result.epochs_run, "best_epoch": result.best_epoch,
                      "run_seconds": round(result.elapsed, 3), **result.data_info,
                      "ensemble_cpu_seconds": round(time.process_time() - cpu0, 3),
@@ -436,7 +438,8 @@ def _write_member(cell: Cell, prov: dict, result, action: str, cpu0: float, t0: 
         _write_json(run_dir / "provenance.json", prov)
     except (OSError, SchemaError) as err:
         message = f"writing {writing} failed: {type(err).__name__}: {err}"
-        prov.update({"status": "failed", "message": message, "finished": _now()})
+        prov.update({"status": "failed", "outcome": "failed", "message": message,
+                     "finished": _now()})
         try:
             _write_json(run_dir / "provenance.json", prov)
         except OSError:

@@ -146,6 +146,11 @@ def validate_runs(df: pd.DataFrame, where: str = "runs.csv") -> None:
             ["<empty>"] if df["status"].isna().any() else [])
         if bad:
             problems.append(f"{where}: unknown status(es) {bad}; valid: {', '.join(STATUSES)}")
+        if "outcome" in df:  # vi.contract.OUTCOMES (runs.csv written before it: no column)
+            bad = sorted(set(df["outcome"].dropna().astype(str)) - set(contract.OUTCOMES))
+            if bad:
+                problems.append(f"{where}: unknown outcome(s) {bad}; valid: "
+                                f"{', '.join(contract.OUTCOMES)}")
         dup = df["run_id"][df["run_id"].duplicated()].tolist()
         if dup:
             problems.append(f"{where}: repeated run_id(s) {dup[:5]}")

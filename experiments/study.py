@@ -244,12 +244,13 @@ def _execute(grid, cells, results: Path, args, *, launcher="local", slurm=None, 
         print(f"  note: {len(out['stale'])} run folder(s) in {exp_dir / 'runs'} are not cells "
               f"of this grid and were left out")
     runs = out["runs"]
-    if "converged" in runs and not quiet:
+    if "outcome" in runs and not quiet:
         ok = runs[runs["status"] == "ok"]
-        not_conv = int((ok["converged"].astype(str) == "False").sum())
-        if not_conv:
-            print(f"  note: {not_conv} of {len(ok)} finished runs hit max_epochs before their "
-                  f"validation ELBO reached a plateau (converged = False in runs.csv)")
+        other = ok["outcome"][ok["outcome"].astype(str) != "converged"].value_counts()
+        if len(other):
+            counts = ", ".join(f"{n} {name}" for name, n in other.items())
+            print(f"  note: {len(ok) - int(other.sum())} of {len(ok)} finished runs converged; "
+                  f"{counts} (outcome in runs.csv)")
     print(f"  → {', '.join(str(p) for p in out['written'])}", flush=True)
     return failed, runs
 

@@ -33,8 +33,9 @@ Conventions shared by every figure
 - ELBO and log p(x) figures of digits and mnist5k carry the no-latent Gaussian and factor
   analysis at the panel's H (from ``results/references.csv``, the mean over the data seeds the
   runs used); PPCA figures carry the maximum-likelihood target.
-- Diverged runs: thin dashed curves ending in ×, excluded from means; runs that stopped at the
-  epoch cap before a plateau (``converged`` False): curves end in a hollow ▷, seed dots hollow.
+- Diverged runs: thin dashed curves ending in ×, excluded from means; finished runs that did
+  not converge (``converged`` False: outcome ``cap``, ``collapsed`` or ``stuck`` in runs.csv):
+  curves end in a hollow ▷, seed dots hollow.
   Both are counted in the legend ("score+none — 1/5 diverged, 2/5 not converged") and panel
   titles. Legends list only what was drawn.
 - A figure whose input table or column is missing is skipped with a logged note; an invalid

@@ -26,9 +26,11 @@ and is **unclear** otherwise, always when n < 2. The finding's verdict is
 - **inconclusive** otherwise,
 - **not measured** when the CSVs it needs are missing or hold no usable cell.
 
-Comparisons of trained models "at convergence" use only finished runs whose training stopped at
-a plateau (``converged`` in runs.csv; runs.csv without the column: all finished runs); the number
-left out is stated. Diverged and failed runs never enter an effect.
+Comparisons of trained models "at convergence" use only finished runs whose outcome is
+``converged`` (``converged`` in runs.csv: stopped by the plateau rule after its last step-size
+decay, neither stuck nor collapsed; runs.csv without the column: all finished runs); the number
+left out is stated, by outcome (cap, collapsed, stuck). Diverged and failed runs never enter an
+effect.
 
 References: Kingma & Welling 2014 (auto-encoding variational Bayes); Rezende et al. 2014;
 Williams 1992 (REINFORCE); Ranganath, Gerrish & Blei 2014 (black-box VI); Mnih & Gregor 2014;

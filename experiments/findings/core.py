@@ -342,7 +342,9 @@ def report_markdown(items: list[Finding], *, converged_only: bool = True) -> str
         "where runs share a seed, i.e. the same data split; variance ratios on the same model "
         "with common random numbers), and gives a verdict — supported, not supported, "
         "inconclusive or not measured — by the rule stated with it. "
-        + ("Comparisons of trained models use converged runs only (stopped at a plateau). "
+        + ("Comparisons of trained models use converged runs only (outcome `converged` in "
+           "runs.csv: stopped by the plateau rule after its last step-size decay, neither "
+           "stuck nor collapsed); each comparison counts the runs it left out, by outcome. "
            if converged_only else "Comparisons of trained models use every finished run. ")
         + "Diverged and failed runs never enter an effect.",
         "",

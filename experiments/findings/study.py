@@ -15,6 +15,30 @@ from experiments.findings.core import _paired
 from experiments.vocabulary import estimator_label
 
 
+class LeftOut(int):
+    """A count of finished runs left out as not converged, with its breakdown by ``outcome``
+    (``vi.contract.OUTCOMES``: cap, collapsed, stuck; ``not converged`` where runs.csv has no
+    outcome); sums keep the breakdown."""
+
+    by: dict[str, int]
+
+    def __new__(cls, by: dict[str, int] | None = None) -> LeftOut:
+        by = {k: int(v) for k, v in (by or {}).items() if v}
+        out = super().__new__(cls, sum(by.values()))
+        out.by = by
+        return out
+
+    def __add__(self, other: object) -> LeftOut | int:
+        if not isinstance(other, int):
+            return NotImplemented
+        by = dict(self.by)
+        for k, v in getattr(other, "by", {"not converged": int(other)} if other else {}).items():
+            by[k] = by.get(k, 0) + v
+        return LeftOut(by)
+
+    __radd__ = __add__
+
+
 class _Study:
     """Cached access to one results folder."""
 
@@ -32,15 +56,18 @@ class _Study:
 
     def finished(self, exp: str, final: bool) -> tuple[pd.DataFrame | None, int]:
         """Status-ok runs; with ``final`` and ``converged_only``, only those that converged
-        (unknown convergence kept). Returns (runs, number left out as not converged)."""
+        (unknown convergence kept). Returns (runs, number left out as not converged, by
+        outcome: a ``LeftOut``)."""
         runs = self.runs(exp)
         if runs is None:
-            return None, 0
+            return None, LeftOut()
         ok = runs[runs["status"] == "ok"]
         if not (final and self.converged_only):
-            return ok, 0
+            return ok, LeftOut()
         keep = ok["conv"].ne(False)
-        return ok[keep], int((~keep).sum())
+        outcome = ok["outcome"].fillna("not converged").astype(str) if "outcome" in ok else \
+            pd.Series("not converged", index=ok.index)
+        return ok[keep], LeftOut(outcome[~keep].value_counts().to_dict())
 
     def csv(self, exp: str, name: str) -> pd.DataFrame | None:
         key = (exp, name)
@@ -77,7 +104,13 @@ class _Study:
 
 
 def _left_out(n: int) -> str:
-    return f" {n} finished run(s) left out as not converged." if n else ""
+    """The sentence saying which finished runs a comparison left out, by outcome."""
+    if not n:
+        return ""
+    by = getattr(n, "by", {})
+    parts = ", ".join(f"{v} {k}" for k, v in sorted(by.items())) if by else ""
+    return f" {int(n)} finished run(s) left out as not converged" + (
+        f" ({parts})." if parts else ".")
 
 
 def _vs_amortized(w: pd.DataFrame, col: str, by: list[str], methods) -> pd.DataFrame:

@@ -9,12 +9,15 @@ experiments or across training settings:
   their values, e.g. ``method.e_steps=20, method.e_tol=—`` in ``vem_e_steps`` or
   ``method.refine_steps=5`` in ``refinement``; ``default`` where nothing varies. A column that
   varies only between cells (``training.batch_size`` for ppca) is already fixed by the keys.
-- ``convergence``: finished runs (status ``ok``) that stopped at a plateau (``converged`` true in
-  ``runs.csv``) and those that ran out of epochs or budget are **separate rows** (``converged`` /
-  ``not converged``; ``unknown`` where runs.csv does not say); diverged and failed runs are
-  never averaged. The counts ``n_runs``, ``n_ok``, ``n_diverged``, ``n_failed``,
-  ``n_not_converged`` describe the whole cell and repeat on each of its rows; a cell without a
-  finished run keeps one row (``convergence`` = ``none finished``) with its counts.
+- ``convergence``: finished runs (status ``ok``) whose outcome is ``converged`` (``converged``
+  true in ``runs.csv``: the plateau rule stopped them after their last step-size decay, neither
+  stuck nor collapsed) and the others are **separate rows**, one per ``outcome`` (``cap``,
+  ``collapsed``, ``stuck``; ``not converged`` where runs.csv has no outcome, ``unknown`` where
+  it does not say); diverged and failed runs are never averaged. The counts ``n_runs``,
+  ``n_ok``, ``n_diverged``, ``n_failed``, ``n_not_converged`` (finished, not converged) and
+  its parts ``n_cap``, ``n_collapsed``, ``n_stuck`` describe the whole cell and repeat on each
+  of its rows: what a comparison of converged runs excluded; a cell without a finished run
+  keeps one row (``convergence`` = ``none finished``) with its counts.
 - ``lr_selection`` is left out: its runs differ in step size, the quantity it selects.
 
 Quantities (per run first, then over the seeds of a row). Each column stem names its split:

@@ -14,15 +14,32 @@ from experiments.summary.values import run_values
 from experiments.vocabulary import LABEL_ORDER, METHOD_ORDER
 from vi.files import atomic_write
 
+#: finished runs that did not converge, told apart by their ``outcome`` (``vi.contract``)
+EXCLUDED = ("cap", "collapsed", "stuck")
+COUNTS = ("n_runs", "n_ok", "n_diverged", "n_failed", "n_not_converged",
+          *(f"n_{o}" for o in EXCLUDED))
+
+
+def _with_outcomes(runs: pd.DataFrame | None) -> pd.DataFrame | None:
+    """A finished run that did not converge gets its ``outcome`` (cap, collapsed, stuck) as its
+    convergence class where runs.csv records one (else it stays ``not converged``)."""
+    if runs is None or "outcome" not in runs or "convergence" not in runs:
+        return runs
+    out = runs["outcome"].astype(str)
+    other = runs["status"].eq("ok") & runs["conv"].eq(False) & out.isin(EXCLUDED)
+    return runs.assign(convergence=runs["convergence"].where(~other, out))
+
 
 def _counts(runs: pd.DataFrame) -> pd.DataFrame:
+    ok = runs["status"].eq("ok")
+    outcome = runs["outcome"].astype(str) if "outcome" in runs else pd.Series("", runs.index)
     flags = runs.assign(
-        n_runs=1, n_ok=runs["status"].eq("ok").astype(int),
+        n_runs=1, n_ok=ok.astype(int),
         n_diverged=runs["status"].eq("diverged").astype(int),
         n_failed=runs["status"].eq("failed").astype(int),
-        n_not_converged=(runs["status"].eq("ok") & runs["conv"].eq(False)).astype(int))
-    return (flags.groupby(CELL, dropna=False)[["n_runs", "n_ok", "n_diverged", "n_failed",
-                                              "n_not_converged"]].sum().reset_index())
+        n_not_converged=(ok & runs["conv"].eq(False)).astype(int),
+        **{f"n_{o}": (ok & outcome.eq(o)).astype(int) for o in EXCLUDED})
+    return flags.groupby(CELL, dropna=False)[list(COUNTS)].sum().reset_index()
 
 
 def _rows(runs: pd.DataFrame) -> pd.DataFrame:
@@ -40,12 +57,11 @@ def summary_table(results: str | Path) -> pd.DataFrame:
     """The summary as a DataFrame (module docstring: keys, sources and statistics)."""
     results = Path(results)
     names = experiments_present(results)
-    loaded = {n: load_runs(results, n) for n in names}
+    loaded = {n: _with_outcomes(load_runs(results, n)) for n in names}
     all_runs = [r for r in loaded.values() if r is not None and len(r)]
     stems = list(QUANTITIES)
     if not all_runs:
-        cols = [*CELL, "convergence", "n_runs", "n_ok", "n_diverged", "n_failed",
-                "n_not_converged"]
+        cols = [*CELL, "convergence", *COUNTS]
         for s in (s for s, q in QUANTITIES.items() if q.core):
             cols += [f"{s}_{k}" for k in ("mean", "sd", "n", "ci_low", "ci_high", "points")]
         return pd.DataFrame(columns=cols)
@@ -81,7 +97,8 @@ def summary_table(results: str | Path) -> pd.DataFrame:
     exp_rank = {e: i for i, e in enumerate(names)}
     method_rank = {m: i for i, m in enumerate(METHOD_ORDER)}
     label_rank = {m: i for i, m in enumerate(LABEL_ORDER)}
-    conv_rank = {"converged": 0, "unknown": 1, "not converged": 2, "none finished": 3}
+    conv_rank = {"converged": 0, "unknown": 1, "cap": 2, "collapsed": 3, "stuck": 4,
+                 "not converged": 5, "none finished": 6}
     table = table.assign(
         _e=table["experiment"].map(exp_rank).fillna(len(exp_rank)),
         _s=[setting_rank.get(k, 0) for k in zip(table["experiment"], table["setting"],
@@ -92,8 +109,7 @@ def summary_table(results: str | Path) -> pd.DataFrame:
     table = (table.sort_values(["_e", "experiment", "dataset", "_s", "_m", "method", "_l",
                                 "estimator_label", "latent_dim", "_c"], kind="stable")
              .drop(columns=["_e", "_s", "_m", "_l", "_c"]).reset_index(drop=True))
-    front = [*CELL, "convergence", "n_runs", "n_ok", "n_diverged", "n_failed",
-             "n_not_converged"]
+    front = [*CELL, "convergence", *COUNTS]
     return table[front + [c for c in table.columns if c not in front]]
 
 
