@@ -40,7 +40,7 @@ from vi.estimators import (
     validate_estimator,
     validate_twice_differentiable,
 )
-from vi.nets import ACTIVATIONS, StackedMLP, member_sum
+from vi.nets import ACTIVATIONS, StackedMLP, member_mean, member_sum
 from vi.objectives import KL_MODES, elbo, objective_estimate, validate_training_objective
 from vi.optim import FlatOptimizer, RowOptimizer, validate_optimizer
 from vi.streams import MemberRandom
@@ -575,7 +575,7 @@ def fit_local(
             if step % rule.window == 0 and step < rule.max_steps:
                 with torch.no_grad():
                     check = elbo(decoder, x, table, check_eps, kl=s.kl).samples
-                check = check.double().mean(dim=(0, 2))
+                check = member_mean(check, member_dim=1)  # grouping-independent rounding
                 improved = check > best + rule.tol
                 best = torch.where(running & improved, check, best)
                 bad = torch.where(running, torch.where(improved, 0, bad + 1), bad)
@@ -662,7 +662,7 @@ class VariationalEM(InferenceMethod):
         samples = objective_estimate(
             self.decoder, torch.cat([x, x], 1), torch.cat([before, after], 1),
             torch.cat([eps, eps], 2), objective=s.objective, k=s.k, kl=s.kl).samples
-        return (samples[..., b:] - samples[..., :b]).mean(dim=(0, 2))
+        return member_mean(samples[..., b:] - samples[..., :b], member_dim=1)
 
     def infer(self, x, random):
         fit = self.fit_heldout(x, random)
