@@ -491,6 +491,16 @@ class Trainer:
         _set_optimizer_step_sizes(self.method, self._base_step_sizes,
                                   [factor ** n for n in self.decays])
 
+    def scale_step_sizes(self, scale: Sequence[float]) -> None:
+        """Set member k's training step sizes to its configured ones × ``scale[k]`` × its
+        decays' factor (a hand-made schedule, e.g. a cosine decay over a fixed budget; the next
+        decay, or members leaving the batch, sets them from the decays alone again)."""
+        rule = self.configs[0].training.stopping
+        factor = rule.decay if rule is not None else 1.0
+        _set_optimizer_step_sizes(self.method, self._base_step_sizes,
+                                  [float(s) * factor ** n for s, n in zip(scale, self.decays,
+                                                                          strict=True)])
+
     def _validation(self, k: int) -> dict[int, float]:
         """Member k's validation ELBO at each evaluated epoch so far (first value per epoch)."""
         out: dict[int, float] = {}
