@@ -55,11 +55,12 @@ def test_every_grid_loads_with_seeds_and_a_smaller_quick_scale() -> None:
 @pytest.mark.slow
 def test_every_grid_prepares_at_every_scale(tmp_path: Path) -> None:
     """Every cell of every grid passes validation (configuration, probes, data, sizes) at the
-    default scale and at each scale it defines, without writing anything."""
+    default scale and at each scale it defines, without writing anything (the step sizes of
+    lr_selection pending, as when ``reproduce`` validates every grid before it runs)."""
     for name in available():
         g = load_grid(name)
         for scale in ["default", *g.scales]:
-            cells = prepare(g, tmp_path / "r", scale=scale)
+            cells = prepare(g, tmp_path / "r", scale=scale, selection_pending=True)
             assert len({c.run_id for c in cells}) == len(cells), (name, scale)
     assert not (tmp_path / "r").exists()
 
