@@ -9,9 +9,12 @@ Every estimator has one signature (after DeepMind's ``mc_gradients``)::
 * ``f(z, lam_f) -> [M, ...]`` is any integrand. It receives the samples z [M, ..., H] and the
   variational parameters it may depend on directly (the ELBO's − log q(z; λ) term does), and may
   close over other parameters θ, whose gradient is always the plain ∇_θ f at the sampled z.
-* ``lam`` [..., 2H] parameterizes the diagonal Gaussian q (``vi.families``).
-* ``eps`` [M, ..., H] is explicit standard-normal noise, z = μ + σ ⊙ ε. Noise is an argument, not
-  hidden state, so an estimate is a deterministic function of (parameters, data, noise):
+* ``lam`` [..., P] parameterizes the variational family q (``vi.families``; ``family``, the
+  diagonal Gaussian by default, P = 2H).
+* ``eps`` [M, ..., H] is explicit standard-normal noise, z = r(λ, ε) (μ + σ ⊙ ε for the diagonal
+  Gaussian). Every estimator needs only the family's ``sample`` and ``log_prob`` (and ``cv`` its
+  ``score``), so each applies unchanged to every family. Noise is an argument, not hidden
+  state, so an estimate is a deterministic function of (parameters, data, noise):
   ``torch.func.vmap`` over draws and common random numbers across estimators just work.
 
 The returned ``Estimate.surrogate`` [...] has the Monte Carlo estimate (1/M) Σ_m f(z_m) as its
@@ -140,8 +143,9 @@ class Estimate(NamedTuple):
     samples: Tensor
 
 
-def _check_noise(lam: Tensor, eps: Tensor, k: int = 1) -> None:
-    h = families.latent_dim_of(lam)
+def _check_noise(lam: Tensor, eps: Tensor, k: int = 1,
+                 family: families.Family = families.FAMILIES["diagonal"]) -> None:
+    h = family.latent_dim(lam)
     if eps.dim() != lam.dim() + 1 or eps.shape[-1] != h or eps.shape[1:-1] != lam.shape[:-1]:
         raise ValueError(
             f"noise must have shape [M, {', '.join(map(str, lam.shape[:-1]))}, {h}] for "
@@ -206,26 +210,27 @@ def _log_mean_exp(values: Tensor, k: int) -> Tensor:
 
 
 def _pathwise(name: str, f: Integrand, lam: Tensor, eps: Tensor, baseline: str, k: int,
-              lam_f: Tensor) -> Estimate:
-    _check_noise(lam, eps, k)
+              lam_f: Tensor, family: str | families.Family) -> Estimate:
+    fam = families.get_family(family)
+    _check_noise(lam, eps, k, fam)
     _check_baseline(name, baseline, eps.shape[0] // k, k)
-    values = _log_mean_exp(_values(f, families.sample(lam, eps), lam_f), k)
+    values = _log_mean_exp(_values(f, fam.sample(lam, eps), lam_f), k)
     return Estimate(values.mean(0), values.detach())
 
 
 def reparam(
     f: Integrand, lam: Tensor, eps: Tensor, baseline: str = "none", baseline_value=None,
-    k: int = 1,
+    k: int = 1, family: str | families.Family = "diagonal",
 ) -> Estimate:
     """Pathwise estimator: ∇_λ (1/M) Σ_m f(μ + σ ⊙ ε_m; λ). Drops nothing; its derivatives of
     every order are the pathwise ones, unbiased for a smooth f. With k >= 2 the gradient of the
     groups' log (1/k) Σ_i exp f(z_i(λ); λ), Σ_i w̃_i ∇_λ f_i (Burda et al. 2016)."""
-    return _pathwise("reparam", f, lam, eps, baseline, k, lam)
+    return _pathwise("reparam", f, lam, eps, baseline, k, lam, family)
 
 
 def stl(
     f: Integrand, lam: Tensor, eps: Tensor, baseline: str = "none", baseline_value=None,
-    k: int = 1,
+    k: int = 1, family: str | families.Family = "diagonal",
 ) -> Estimate:
     """Sticking-the-landing: pathwise through z, f sees stop(λ) (Roeder et al., 2017).
 
@@ -233,12 +238,12 @@ def stl(
     the ELBO's Hessian plus the Fisher information of q (the Hessian of KL(q_λ ‖ q_λ₀)).
     With k >= 2, Σ_i w̃_i ∂f_i/∂z_i ∂z_i/∂λ: biased for the IWAE gradient (the dropped
     Σ_i w̃_i ∇_λ f_i|_z has non-zero mean; Tucker et al. 2019)."""
-    return _pathwise("stl", f, lam, eps, baseline, k, lam.detach())
+    return _pathwise("stl", f, lam, eps, baseline, k, lam.detach(), family)
 
 
 def dreg(
     f: Integrand, lam: Tensor, eps: Tensor, baseline: str = "none", baseline_value=None,
-    k: int = 1,
+    k: int = 1, family: str | families.Family = "diagonal",
 ) -> Estimate:
     """Doubly reparameterized gradient of the IWAE (Tucker, Lawson, Gu & Maddison 2019, eq. 5):
 
@@ -251,10 +256,11 @@ def dreg(
     gradients. At k = 1 (w̃ = 1) it is ``stl``. Its derivatives are first-order only (the
     weights are held constant)."""
     if k == 1:
-        return _pathwise("dreg", f, lam, eps, baseline, k, lam.detach())
-    _check_noise(lam, eps, k)
+        return _pathwise("dreg", f, lam, eps, baseline, k, lam.detach(), family)
+    fam = families.get_family(family)
+    _check_noise(lam, eps, k, fam)
     _check_baseline("dreg", baseline, eps.shape[0] // k, k)
-    z = families.sample(lam, eps)
+    z = fam.sample(lam, eps)
     z0 = z.detach()
     with torch.no_grad():
         weights = torch.softmax(_groups(_values(f, z0, lam.detach()), k), 1).flatten(0, 1)
@@ -264,7 +270,8 @@ def dreg(
 
 
 def _baseline(
-    kind: str, values: Tensor, lam: Tensor, eps: Tensor, baseline_value: Tensor | float | None
+    kind: str, values: Tensor, lam: Tensor, eps: Tensor, baseline_value: Tensor | float | None,
+    family: families.Family,
 ) -> Tensor:
     m = values.shape[0]
     if kind == "none":
@@ -276,7 +283,7 @@ def _baseline(
     if kind == "loo":
         return (values.sum(0, keepdim=True) - values) / (m - 1)
     # cv: a_m = Σ_{j≠m} f_j ‖h_j‖² / Σ_{j≠m} ‖h_j‖²
-    h2 = families.score(lam.detach(), eps).pow(2).sum(-1)
+    h2 = family.score(lam.detach(), eps).pow(2).sum(-1)
     num = (values * h2).sum(0, keepdim=True) - values * h2
     den = h2.sum(0, keepdim=True) - h2
     return num / den.clamp_min(torch.finfo(den.dtype).tiny)
@@ -297,7 +304,8 @@ def _vimco(values: Tensor) -> Tensor:
 
 
 def _score_iwae(f: Integrand, lam: Tensor, eps: Tensor, baseline: str,
-                baseline_value: Tensor | float | None, k: int) -> Estimate:
+                baseline_value: Tensor | float | None, k: int,
+                family: families.Family) -> Estimate:
     """The score estimator of the IWAE (k >= 2) as one surrogate per group m:
 
         S_m = L̂(f(z, λ)) exp(Σ_i τ_i) − (1/k) Σ_i [f(z_i; λ) − f(z_i; stop(λ))]
@@ -306,12 +314,12 @@ def _score_iwae(f: Integrand, lam: Tensor, eps: Tensor, baseline: str,
     z = μ + σ ε held fixed. Its value is L̂; its gradient Σ_i (L̂ − b_i) ∇ log q_i + Σ_i
     (w̃_i − 1/k) ∇_λ f_i|_z in λ, and Σ_i w̃_i ∇_θ f_i in θ (the two evaluations of f differ
     only in λ's gradient, so their θ-gradients cancel)."""
-    z = families.sample(lam.detach(), eps)
+    z = family.sample(lam.detach(), eps)
     live = _values(f, z, lam)
     fixed = _values(f, z, lam.detach())
     groups = _groups(live, k)
     value = torch.logsumexp(groups, 1) - math.log(k)
-    log_q = _groups(families.log_prob(lam, z), k)
+    log_q = _groups(family.log_prob(lam, z), k)
     tau = log_q - log_q.detach()
     if baseline == "none":
         b = torch.zeros_like(groups)
@@ -334,6 +342,7 @@ def score(
     baseline: str = "none",
     baseline_value: Tensor | float | None = None,
     k: int = 1,
+    family: str | families.Family = "diagonal",
 ) -> Estimate:
     """Score-function estimator (1/M) Σ_m [f(z_m) − b_m] ∇_λ log q(z_m; λ), z_m held fixed, as
     the DiCE surrogate (1/M) Σ_m [f_m exp(τ_m) + b_m (1 − exp(τ_m))], τ_m = log q(z_m; λ) −
@@ -341,14 +350,15 @@ def score(
     stop(λ). Its derivatives of every order (in λ and in the parameters f closes over) are
     unbiased when f has no direct λ-dependence. With k >= 2 the IWAE's score estimator with
     the baseline ``none``, ``mean`` or VIMCO's ``loo`` (``_score_iwae``, first order)."""
-    _check_noise(lam, eps, k)
+    fam = families.get_family(family)
+    _check_noise(lam, eps, k, fam)
     _check_baseline("score", baseline, eps.shape[0] // k, k)
     if k > 1:
-        return _score_iwae(f, lam, eps, baseline, baseline_value, k)
-    z = families.sample(lam.detach(), eps)
+        return _score_iwae(f, lam, eps, baseline, baseline_value, k, fam)
+    z = fam.sample(lam.detach(), eps)
     values = _values(f, z, lam.detach())
-    b = _baseline(baseline, values.detach(), lam, eps, baseline_value).detach()
-    log_q = families.log_prob(lam, z)
+    b = _baseline(baseline, values.detach(), lam, eps, baseline_value, fam).detach()
+    log_q = fam.log_prob(lam, z)
     dice = torch.exp(log_q - log_q.detach())  # value 1, ∇ᵏ dice = ∇ᵏ q / q
     return Estimate((values * dice + b * (1.0 - dice)).mean(0), values.detach())
 
@@ -485,16 +495,22 @@ def estimate(
     baseline_value: Tensor | float | None = None,
     objective: str = "elbo",
     k: int = 1,
+    family: str | families.Family = "diagonal",
 ) -> Estimate:
     """Dispatch to a registered estimator by name (see the module docstring). ``objective``
     ``"iwae"`` with ``k`` >= 2 estimates the importance-weighted bound over groups of k
     consecutive samples of ``eps`` [M·k, ..., H]; with k = 1 the estimator is called as for the
-    ELBO."""
+    ELBO. ``family`` names the variational family of λ (``vi.families.FAMILIES``); it is passed
+    on to the estimator only when it is not the diagonal Gaussian, so an estimator written for
+    the diagonal family alone keeps working with it."""
     validate_objective(objective, k)
     if eps.shape[0] % k:
         raise ValueError(f"the noise's {eps.shape[0]} samples do not form groups of k = {k}")
     validate_estimator(estimator, baseline, eps.shape[0] // k, objective=objective, k=k)
     extra = {"k": k} if k > 1 else {}
+    fam = families.get_family(family)
+    if fam.name != "diagonal":
+        extra["family"] = fam
     return ESTIMATORS[estimator](f, lam, eps, baseline=baseline, baseline_value=baseline_value,
                                  **extra)
 

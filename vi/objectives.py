@@ -14,6 +14,9 @@ multi-sample estimators of ``vi.estimators`` (``iwae``).
 
 Both ELBO forms are built on the generic estimator layer (``vi.estimators``); with
 ``kl="analytic"`` the estimator covers the reconstruction term only and the KL gradient is exact.
+Every function takes the variational ``family`` of λ (``vi.families.FAMILIES``, the diagonal
+Gaussian by default); for a family without a closed-form KL (the planar flow) ``kl="analytic"``
+means the Monte Carlo form: the ELBO is then the same estimate as with ``kl="mc"``.
 """
 
 from __future__ import annotations
@@ -45,17 +48,21 @@ def elbo(
     baseline: str = "none",
     kl: str = "analytic",
     baseline_value: Tensor | float | None = None,
+    family: str | families.Family = "diagonal",
 ) -> Estimate:
     """Per-data-point ELBO estimate L_n (value, nats) whose gradient is the chosen estimator.
 
     Args:
         decoder: p_θ(x | z) and the prior.
         x: data [K, B, D] (K ensemble members; any leading axes work).
-        lam: variational parameters [K, B, 2H] (table rows or encoder outputs).
+        lam: variational parameters [K, B, P] (table rows or encoder outputs; P = 2H for the
+            diagonal family).
         eps: noise [M, K, B, H].
         estimator, baseline: see ``vi.estimators``.
-        kl: ``"analytic"`` (closed-form KL) or ``"mc"`` (everything by Monte Carlo).
+        kl: ``"analytic"`` (closed-form KL, where the family has one) or ``"mc"`` (everything by
+            Monte Carlo).
         baseline_value: the running mean for ``baseline="mean"``, broadcastable to [K, B].
+        family: the variational family of λ (``vi.families``).
 
     Returns:
         ``Estimate(surrogate [K, B], samples [M, K, B])``; ``samples`` are per-sample ELBO
@@ -68,24 +75,25 @@ def elbo(
             f"elbo expects x [K, B, D] and lam [K, B, 2H] with the same leading axes; got x "
             f"{tuple(x.shape)}, lam {tuple(lam.shape)}"
         )
-    if kl == "mc":
+    fam = families.get_family(family)
+    kl_term = fam.kl_to_prior(lam) if kl == "analytic" else None
+    if kl_term is None:
 
         def integrand(z: Tensor, lam_f: Tensor) -> Tensor:
-            return log_joint(decoder, x, z) - families.log_prob(lam_f, z)
+            return log_joint(decoder, x, z) - fam.log_prob(lam_f, z)
 
         return estimate(
             integrand, lam, eps, estimator=estimator, baseline=baseline,
-            baseline_value=baseline_value,
+            baseline_value=baseline_value, family=fam,
         )
 
-    kl_term = families.kl_to_standard_normal(lam)
     # The baseline acts on the estimated part only, so a running mean of the whole ELBO is
     # shifted back onto the reconstruction scale.
     if baseline_value is not None:
         baseline_value = baseline_value + kl_term.detach()
     rec = estimate(
         lambda z, _: decoder.log_likelihood(x, z), lam, eps, estimator=estimator,
-        baseline=baseline, baseline_value=baseline_value,
+        baseline=baseline, baseline_value=baseline_value, family=fam,
     )
     return Estimate(rec.surrogate - kl_term, rec.samples - kl_term.detach())
 
@@ -100,6 +108,7 @@ def iwae(
     estimator: str = "reparam",
     baseline: str = "none",
     baseline_value: Tensor | float | None = None,
+    family: str | families.Family = "diagonal",
 ) -> Estimate:
     """Per-data-point IWAE estimate (Burda, Grosse & Salakhutdinov 2016) whose gradient is the
     chosen multi-sample estimator (``vi.estimators``):
@@ -115,11 +124,13 @@ def iwae(
             f"{tuple(x.shape)}, lam {tuple(lam.shape)}"
         )
 
+    fam = families.get_family(family)
+
     def log_weight(z: Tensor, lam_f: Tensor) -> Tensor:
-        return log_joint(decoder, x, z) - families.log_prob(lam_f, z)
+        return log_joint(decoder, x, z) - fam.log_prob(lam_f, z)
 
     return estimate(log_weight, lam, eps, estimator=estimator, baseline=baseline,
-                    baseline_value=baseline_value, objective="iwae", k=k)
+                    baseline_value=baseline_value, objective="iwae", k=k, family=fam)
 
 
 def validate_training_objective(objective: str, k: int, kl: str) -> None:
@@ -145,15 +156,16 @@ def objective_estimate(
     baseline: str = "none",
     kl: str = "analytic",
     baseline_value: Tensor | float | None = None,
+    family: str | families.Family = "diagonal",
 ) -> Estimate:
     """The training objective's ``Estimate``: ``elbo`` (noise [M, K, B, H]) or ``iwae`` with k
-    samples per group (noise [M·k, K, B, H])."""
+    samples per group (noise [M·k, K, B, H]), for λ of the variational ``family``."""
     validate_training_objective(objective, k, kl)
     if objective == "iwae":
         return iwae(decoder, x, lam, eps, k, estimator=estimator, baseline=baseline,
-                    baseline_value=baseline_value)
+                    baseline_value=baseline_value, family=family)
     return elbo(decoder, x, lam, eps, estimator=estimator, baseline=baseline, kl=kl,
-                baseline_value=baseline_value)
+                baseline_value=baseline_value, family=family)
 
 
 #: the defensive mixture's components besides q: q widened by _WIDEN (its share of the
@@ -171,7 +183,8 @@ def defensive_weights(defensive: float) -> tuple[float, float, float]:
 
 
 def log_weights(decoder: GaussianDecoder, x: Tensor, lam: Tensor, eps: Tensor, *,
-                defensive: float = 0.0, component: Tensor | None = None) -> Tensor:
+                defensive: float = 0.0, component: Tensor | None = None,
+                family: str | families.Family = "diagonal") -> Tensor:
     """Importance log-weights log p_θ(x, z_i) − log r(z_i): [k, K, B].
 
     r = q(λ) when ``defensive`` is 0, with z_i = μ + σ ⊙ ε_i. Otherwise r is the defensive
@@ -183,7 +196,13 @@ def log_weights(decoder: GaussianDecoder, x: Tensor, lam: Tensor, eps: Tensor, *
     component ``component`` [k, K, B] names (``Q``: μ + σ ⊙ ε_i, ``WIDE``: μ + 2σ ⊙ ε_i,
     ``PRIOR``: ε_i; all ``Q`` when None). Since r ≥ ¼ α p, every weight obeys
     p_θ(x, z)/r(z) ≤ 4 p_θ(x | z)/α.
+
+    For another ``family`` q(z; λ) and its widened copy z = r(λ, 2ε) (``Family.widen``) take
+    the places of the two Gaussians.
     """
+    fam = families.get_family(family)
+    if fam.name != "diagonal":
+        return _family_log_weights(decoder, x, lam, eps, defensive, component, fam)
     mu, logvar = families.split_params(lam)
     sd = torch.exp(0.5 * logvar)
     z = mu + sd * eps
@@ -198,6 +217,26 @@ def log_weights(decoder: GaussianDecoder, x: Tensor, lam: Tensor, eps: Tensor, *
     log_r = torch.logsumexp(torch.stack([
         families.log_prob(lam, z) + math.log(w_q),
         families.log_prob(wide, z) + math.log(w_wide),
+        log_prior + math.log(w_prior)]), 0)
+    return decoder.log_likelihood(x, z) + log_prior - log_r
+
+
+def _family_log_weights(decoder: GaussianDecoder, x: Tensor, lam: Tensor, eps: Tensor,
+                        defensive: float, component: Tensor | None,
+                        fam: families.Family) -> Tensor:
+    """``log_weights`` for a family other than the diagonal Gaussian."""
+    z = fam.sample(lam, eps)
+    if defensive <= 0:
+        return log_joint(decoder, x, z) - fam.log_prob(lam, z)
+    wide = fam.widen(lam, _WIDEN)
+    if component is not None:
+        c = component.unsqueeze(-1)
+        z = torch.where(c == WIDE, fam.sample(wide, eps), torch.where(c == PRIOR, eps, z))
+    w_q, w_wide, w_prior = defensive_weights(defensive)
+    log_prior = families.standard_log_prob(z)
+    log_r = torch.logsumexp(torch.stack([
+        fam.log_prob(lam, z) + math.log(w_q),
+        fam.log_prob(wide, z) + math.log(w_wide),
         log_prior + math.log(w_prior)]), 0)
     return decoder.log_likelihood(x, z) + log_prior - log_r
 
@@ -228,6 +267,7 @@ def iwae_bound(
     *,
     defensive: float = 0.0,
     chunk_size: int | None = None,
+    family: str | families.Family = "diagonal",
 ) -> ImportanceEstimate:
     """log p(x) by importance sampling with k samples per point (Burda et al., 2016), the
     project's one IWAE:  log (1/k) Σ_i p_θ(x, z_i)/r(z_i),  z_1..z_k i.i.d. from r.
@@ -257,19 +297,21 @@ def iwae_bound(
     ``vi.streams.MemberRandom`` (one stream per member).
     Chunks of samples are combined with ``logsumexp`` (memory stays bounded for any k; the
     chunk is sized from the data by default). k = 1 with α = 0 is the ELBO with ``kl="mc"``
-    and M = 1.
+    and M = 1. ``family`` is λ's variational family (``log_weights``).
     """
     k = int(k)
     if k < 1 or not 0.0 <= float(defensive) < 1.0:
         raise ValueError(f"k must be positive and defensive in [0, 1); got k={k}, "
                          f"defensive={defensive}")
-    h = families.latent_dim_of(lam)
+    fam = families.get_family(family)
+    h = fam.latent_dim(lam)
     alpha = float(defensive)
     if chunk_size is None:
         per_sample = max(1, x.shape[:-1].numel() * max(x.shape[-1], h))
         chunk_size = max(1, min(k, 2**23 // per_sample))
     if lam.dim() != 3:
-        raise ValueError(f"iwae_bound expects lam [K, B, 2H]; got {tuple(lam.shape)}")
+        raise ValueError(f"iwae_bound expects lam [K, B, 2H] (the diagonal family; [K, B, "
+                         f"P] for any other); got {tuple(lam.shape)}")
     if alpha > 0:  # component boundaries on the extra normal coordinate: Φ⁻¹ of cumulative weights
         _, w_wide, w_prior = defensive_weights(alpha)
         cuts = (NormalDist().inv_cdf(w_prior), NormalDist().inv_cdf(w_prior + w_wide))
@@ -281,10 +323,10 @@ def iwae_bound(
             c = noise[..., h]
             component = torch.where(c < cuts[0], PRIOR, torch.where(c < cuts[1], WIDE, Q))
             lw = log_weights(decoder, x, lam, noise[..., :h], defensive=alpha,
-                             component=component).double()
+                             component=component, family=fam).double()
         else:
             eps = random.randn((n, lam.shape[1], h), 1, dtype=lam.dtype)
-            lw = log_weights(decoder, x, lam, eps).double()
+            lw = log_weights(decoder, x, lam, eps, family=fam).double()
         lse1.append(torch.logsumexp(lw, 0))
         lse2.append(torch.logsumexp(2 * lw, 0))
     l1 = torch.logsumexp(torch.stack(lse1), 0)
