@@ -130,10 +130,18 @@ def _selection_command(results: Path, scale: str | None) -> str:
 def _missing_selection(grid: str, results: Path, scale: str | None) -> PrepareError:
     """Why an experiment that takes its step sizes from lr_selection cannot run: no choice."""
     path = results / SELECTION
-    interrupted = (path.parent / "manifest.json").is_file()
-    why = (f"{path} is missing: the lr_selection in {results} has run but its choice was "
-           f"never written (interrupted before the end)" if interrupted
-           else f"{path} does not exist")
+    manifest = path.parent / "manifest.json"
+    try:
+        listed = json.loads(manifest.read_text()).get("files", {})
+    except (OSError, ValueError, AttributeError):
+        listed = None
+    if listed is None:
+        why = f"{path} does not exist"
+    elif isinstance(listed, dict) and path.name in listed:
+        why = f"{path} is missing (deleted: {manifest} lists it)"
+    else:
+        why = (f"{path} is missing: the lr_selection in {results} has run but its choice was "
+               f"never written (interrupted before the end)")
     return PrepareError(f"{grid} takes its step sizes from lr_selection, but {why}; run "
                         f"`{_selection_command(results, scale)}` first, or pass --default-lr "
                         f"to train with the grid's own step sizes (lr_source records it)")

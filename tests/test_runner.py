@@ -324,6 +324,7 @@ def test_a_missing_selection_is_refused_unless_defaults_are_asked_for(
     line = refused(capsys, ["run", str(grid), "--results", str(selected_results)],
                    f"{exp / 'selected.csv'} is missing", tmp_path)
     assert "python -m experiments run lr_selection" in line and "--default-lr" in line
+    assert f"(deleted: {exp / 'manifest.json'} lists it)" in line
     fresh = tmp_path / "fresh"
     line = refused(capsys, ["run", str(grid), "--results", str(fresh), "--quick"],
                    "does not exist", tmp_path)
