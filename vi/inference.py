@@ -11,9 +11,10 @@
                     gradients through the refinement (Kim et al.'s SA-VAE, 2018).
 
 Every method is an *ensemble* of K members (``vi.nets``) that share one configuration and differ
-in seed and step sizes: data x [K, B, D], posterior parameters λ [K, B, 2H], noise
-[M, K, B, H]. A member never sees another member's numbers; a step returns per-member health
-flags instead of raising, so one diverging member is set aside while the others go on.
+in seed and step sizes: data x [K, B, D], posterior parameters λ [K, B, P] (P = 2H for the
+diagonal family, ``vi.families``), noise [M, K, B, H]. A member never sees another member's
+numbers; a step returns per-member health flags instead of raising, so one diverging member is
+set aside while the others go on.
 
 Each method declares its traits as class attributes (``has_encoder``, ``has_local_table``,
 ``refines_in_training``, ``refines_at_inference``, ``refine_through``, ``groups``,
@@ -33,6 +34,7 @@ from typing import ClassVar
 import torch
 from torch import Tensor, nn
 
+from vi import families
 from vi.decoders import GaussianDecoder
 from vi.estimators import (
     Estimate,
@@ -132,6 +134,12 @@ class MethodSettings:
     the refinement): ``"elbo"``, or ``"iwae"`` with ``k`` samples per group (Burda et al. 2016;
     it needs ``kl="mc"``, and k = 1 is the ELBO). ``n_mc`` counts the groups, so a step draws
     ``n_mc · k`` samples per point.
+
+    ``family`` is the variational family of every λ the method handles (its table, its
+    encoder's output, its refinement, its held-out fits; ``vi.families.FAMILIES``): λ has
+    ``param_dim(H)`` entries per point and starts at the family's ``init`` (q = the prior).
+    ``kl="analytic"`` takes the closed-form KL where the family has one, else the Monte Carlo
+    form.
     """
 
     name: str = "amortized"
@@ -141,6 +149,7 @@ class MethodSettings:
     n_mc: int = 1
     objective: str = "elbo"
     k: int = 1
+    family: str = "diagonal"
     optimizer: str = "adam"
     lr: float = 1e-3
     encoder_lr: float | None = None
@@ -166,6 +175,7 @@ class MethodSettings:
         if self.kl not in KL_MODES:
             raise ValueError(f"unknown kl mode {self.kl!r}; valid: {', '.join(KL_MODES)}")
         validate_training_objective(self.objective, self.k, self.kl)
+        families.get_family(self.family)
         validate_estimator(self.estimator, self.baseline, self.n_mc, objective=self.objective,
                            k=self.k)
         validate_optimizer(self.optimizer, self.lr, self.rm_power, self.rm_delay)
@@ -184,8 +194,8 @@ class MethodSettings:
             raise ValueError(f"{self.name} needs refine_steps >= 1 (0 is the plain VAE)")
         if traits.refine_through:
             validate_twice_differentiable(
-                self.estimator, self.kl, f"{self.name} differentiates its refinement steps' "
-                f"gradients again")
+                self.estimator, self.effective_kl, f"{self.name} differentiates its refinement "
+                f"steps' gradients again")
         if not (math.isfinite(self.refine_lr) and self.refine_lr > 0):
             raise ValueError(f"refine_lr must be finite and positive; got {self.refine_lr}")
         if self.refine_clip is not None and not (math.isfinite(self.refine_clip)
@@ -205,6 +215,12 @@ class MethodSettings:
         if any(int(w) < 1 for w in self.encoder_hidden):
             raise ValueError(f"encoder_hidden widths must be positive; got "
                              f"{list(self.encoder_hidden)}")
+
+    @property
+    def effective_kl(self) -> str:
+        """The KL mode the ELBO takes: ``kl``, but ``"mc"`` for a family without a closed-form
+        KL."""
+        return self.kl if families.get_family(self.family).analytic_kl else "mc"
 
     def heldout_settings(self) -> MethodSettings:
         """The held-out E-step, the same procedure for every method and training estimator:
@@ -269,15 +285,19 @@ def _clip(leaves: Sequence[Tensor], max_norm: float | None) -> None:
 
 
 class Encoder(nn.Module):
-    """Inference network f_φ: x [K, B, D] → λ [K, B, 2H], an MLP per member; the log σ² head
-    starts at a tenth of ``nn.Linear``'s scale with zero bias (q starts near N(·, I))."""
+    """Inference network f_φ: x [K, B, D] → λ [K, B, P], an MLP per member (P = 2H for the
+    diagonal family); the heads after μ (log σ², or the family's other parameters) start at a
+    tenth of ``nn.Linear``'s scale with the family's prior λ as bias (zero for the diagonal
+    family: q starts near N(·, I))."""
 
     def __init__(self, data_dim: int, latent_dim: int, hidden: Sequence[int] = (256,),
                  activation: str = "tanh", *, members: int = 1,
-                 generators: Sequence[torch.Generator] | None = None) -> None:
+                 generators: Sequence[torch.Generator] | None = None,
+                 family: str = "diagonal") -> None:
         super().__init__()
         self.latent_dim = int(latent_dim)
-        self.net = StackedMLP(members, [data_dim, *map(int, hidden), 2 * latent_dim],
+        fam = families.get_family(family)
+        self.net = StackedMLP(members, [data_dim, *map(int, hidden), fam.param_dim(latent_dim)],
                               activation)
         last = len(self.net.sizes) - 2
         for k in range(members):
@@ -286,7 +306,7 @@ class Encoder(nn.Module):
             with torch.no_grad():
                 views = self.net.params.views()
                 views[f"w{last}"][k, :, latent_dim:].mul_(0.1)
-                views[f"b{last}"][k].zero_()
+                views[f"b{last}"][k].copy_(fam.init(latent_dim, views[f"b{last}"]))
 
     @property
     def params(self):
@@ -499,7 +519,7 @@ def settings_estimate(decoder: GaussianDecoder, x: Tensor, lam: Tensor, eps: Ten
     s = settings
     return objective_estimate(decoder, x, lam, eps, objective=s.objective, k=s.k,
                               estimator=s.estimator, baseline=s.baseline, kl=s.kl,
-                              baseline_value=baseline_value)
+                              baseline_value=baseline_value, family=s.family)
 
 
 def _restart(opt: RowOptimizer, members: Tensor) -> None:
@@ -574,7 +594,8 @@ def fit_local(
             steps += running.long()
             if step % rule.window == 0 and step < rule.max_steps:
                 with torch.no_grad():
-                    check = elbo(decoder, x, table, check_eps, kl=s.kl).samples
+                    check = elbo(decoder, x, table, check_eps, kl=s.kl,
+                                 family=s.family).samples
                 check = member_mean(check, member_dim=1)  # grouping-independent rounding
                 improved = check > best + rule.tol
                 best = torch.where(running & improved, check, best)
@@ -607,8 +628,8 @@ class VariationalEM(InferenceMethod):
         super().__init__(decoder, settings)
         s = self.settings
         like = decoder.params.flat
-        self.register_buffer("local", like.new_zeros(decoder.members, int(n_train),
-                                                     2 * decoder.latent_dim))
+        prior = families.get_family(s.family).init(decoder.latent_dim, like)
+        self.register_buffer("local", prior.expand(decoder.members, int(n_train), -1).clone())
         self.local_opt = RowOptimizer(self.local, self.local_lr, s.local_optimizer,
                                       rm_delay=s.rm_delay, rm_power=s.rm_power)
         self.decoder_opt = FlatOptimizer(
@@ -661,7 +682,8 @@ class VariationalEM(InferenceMethod):
                            dtype=before.dtype)
         samples = objective_estimate(
             self.decoder, torch.cat([x, x], 1), torch.cat([before, after], 1),
-            torch.cat([eps, eps], 2), objective=s.objective, k=s.k, kl=s.kl).samples
+            torch.cat([eps, eps], 2), objective=s.objective, k=s.k, kl=s.kl,
+            family=s.family).samples
         return member_mean(samples[..., b:] - samples[..., :b], member_dim=1)
 
     def infer(self, x, random):
@@ -672,7 +694,8 @@ class VariationalEM(InferenceMethod):
         """The held-out fit of the points x [K, N, D] from the prior λ = 0, θ fixed, with its
         record (steps, decays, whether the cap bound): ``fit_local`` with
         ``MethodSettings.heldout_settings`` and the rule ``heldout``."""
-        zeros = x.new_zeros(*x.shape[:-1], 2 * self.decoder.latent_dim)
+        prior = families.get_family(self.settings.family).init(self.decoder.latent_dim, x)
+        zeros = prior.expand(*x.shape[:-1], -1)
         return fit_local(self.decoder, x, zeros, settings=self.settings.heldout_settings(),
                          lr=self.local_lr, rule=self.settings.heldout, random=random)
 
@@ -692,7 +715,8 @@ class Amortized(InferenceMethod):
         s = self.settings
         self.encoder = Encoder(decoder.data_dim, decoder.latent_dim, s.encoder_hidden,
                                s.encoder_activation, members=decoder.members,
-                               generators=generators).to(decoder.params.flat)
+                               generators=generators, family=s.family
+                               ).to(decoder.params.flat)
         self.opt = FlatOptimizer(
             [(decoder.params.flat, _step_sizes(self.member_settings, "lr")),
              (self.encoder.params.flat, _step_sizes(self.member_settings, "encoder_lr"))],
