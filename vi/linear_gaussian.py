@@ -26,6 +26,7 @@ __all__ = [
     "exact_posterior",
     "marginal",
     "optimal_diagonal_posterior",
+    "optimal_full_posterior",
     "posterior_precision",
     "ppca_mle",
 ]
@@ -75,21 +76,46 @@ def optimal_diagonal_posterior(x: Tensor, W: Tensor, b: Tensor, psi: Tensor) -> 
     return families.join_params(post.mean, logvar.expand_as(post.mean))
 
 
+def optimal_full_posterior(x: Tensor, W: Tensor, b: Tensor, psi: Tensor) -> Tensor:
+    """λ* of the full-covariance family (``vi.families.FullCovariance``) equal to the exact
+    posterior N(P⁻¹ Wᵀ Ψ⁻¹ (x − b), P⁻¹): its ELBO is log p(x), [..., H + H(H+1)/2]."""
+    post = exact_posterior(x, W, b, psi)
+    tril = torch.linalg.cholesky(post.covariance_matrix).expand(*post.mean.shape,
+                                                                 post.mean.shape[-1])
+    return families.FullCovariance.join(post.mean, tril)
+
+
 def approximation_gap(W: Tensor, psi: Tensor) -> Tensor:
     """log p(x) − L[q*] = KL(q* ‖ p(z | x)) = ½ (Σ_h log P_hh − log det P) ≥ 0, for every x."""
     prec = posterior_precision(W, psi)
     return 0.5 * (torch.log(torch.diagonal(prec)).sum() - torch.logdet(prec))
 
 
-def elbo_closed_form(x: Tensor, lam: Tensor, W: Tensor, b: Tensor, psi: Tensor) -> Tensor:
+def elbo_closed_form(x: Tensor, lam: Tensor, W: Tensor, b: Tensor, psi: Tensor,
+                     family: str | families.Family = "diagonal") -> Tensor:
     """Exact ELBO of a diagonal Gaussian q(z; λ) under the linear model, per data point.
 
     L = Σ_d [−½ log 2πψ_d − ((x_d − (Wμ + b)_d)² + Σ_h W²_dh σ²_h) / (2ψ_d)] − KL(q ‖ N(0, I)).
     Differentiable in λ, W, b and ψ: its autograd gradient is the exact gradient every
     estimator must match in expectation. Batched: x [K, N, D], λ [K, N, 2H] with W [K, D, H],
     b and ψ [K, 1, D] give [K, N].
+
+    Any Gaussian ``family`` q = N(μ, L Lᵀ) (``vi.families``, e.g. ``"full"``): the spread
+    Σ_h W²_dh σ²_h becomes (W L Lᵀ Wᵀ)_dd = Σ_h (W L)²_dh and the KL the family's closed form.
     """
     psi = _check(W, b, psi)
+    fam = families.get_family(family)
+    if fam.name != "diagonal":
+        if not fam.gaussian:
+            raise ValueError(f"the linear model's ELBO has a closed form for Gaussian families "
+                             f"only; got {fam.name!r}")
+        mu, tril = fam.mean_and_scale_tril(lam)
+        resid = x - (mu @ W.transpose(-1, -2) + b)
+        spread = (W.unsqueeze(-3) @ tril).pow(2).sum(-1)
+        expected_loglik = -0.5 * (
+            torch.log(2 * math.pi * psi) + (resid.pow(2) + spread) / psi
+        ).sum(-1)
+        return expected_loglik - fam.kl_to_prior(lam)
     mu, logvar = families.split_params(lam)
     resid = x - (mu @ W.transpose(-1, -2) + b)
     spread = torch.exp(logvar) @ (W * W).transpose(-1, -2)
