@@ -106,6 +106,12 @@ METRICS: dict[str, str] = {
     "e_steps": "E-steps the held-out fit took before the stopping rule fired (count)",
     # gaps, exact
     "iwae": "IWAE estimate of log p(x) with the defensive proposal built on q* (nats)",
+    "ais": "log p(x) by annealed importance sampling with HMC from q* (vi.ais), mean over the "
+           "probe's points (nats)",
+    "ais_se": "mean over the points of the AIS estimate's standard error over its chains (nats)",
+    "ais_ess_min": "smallest effective sample size of the AIS chains' weights over the points "
+                   "(of the chains per point)",
+    "ais_acceptance": "mean HMC acceptance probability of the AIS chains",
     "log_px_exact": "exact log p(x) of a linear decoder (nats)",
     "log_px_mle": "exact log p(x) under the closed-form PPCA maximum-likelihood fit of the "
                   "training split (nats)",
@@ -116,6 +122,8 @@ METRICS: dict[str, str] = {
     "approximation_gap": "log p(x) − L[q*] (nats)",
     "amortization_gap": "L[q*] − L[q_φ] (nats)",
     "qstar_steps": "optimisation steps taken to fit q* (count)",
+    "qstar_decays": "step-size decays the fit of q* took (count)",
+    "qstar_capped": "1 where the fit of q* stopped at its step cap, else 0",
     "iwae_ess_min": "smallest effective sample size of the IWAE weights over the points",
     "iwae_low_ess_points": "points whose IWAE effective sample size is below low_ess · k",
     # test_curve
@@ -145,6 +153,7 @@ TABLES: dict[str, tuple[str, ...]] = {
     "gaps": ("epoch", "split", "point", "log_px_iwae", "iwae_ess", "iwae_low_ess",
              "elbo_qstar", "elbo_qphi", "approximation_gap", "amortization_gap"),
     "activity": ("epoch", "split", "dim", "kl_per_dim", "activity", "active"),
+    "bdmc": ("epoch", "point", "lower", "upper", "width"),
 }
 
 
@@ -161,7 +170,9 @@ PROBES: dict[str, ProbeContract] = {
     "gradvar": ProbeContract(GRADIENT_METRICS),
     "gaps": ProbeContract(("iwae", "log_px_exact", "elbo_qstar", "elbo_qphi",
                            "approximation_gap", "amortization_gap", "qstar_steps",
-                           "iwae_ess_min", "iwae_low_ess_points"), ("gaps",)),
+                           "qstar_decays", "qstar_capped", "iwae_ess_min",
+                           "iwae_low_ess_points", "ais", "ais_se", "ais_ess_min",
+                           "ais_acceptance"), ("gaps", "bdmc")),
     "test_curve": ProbeContract(("test_curve_elbo",)),
     "exact": ProbeContract(("log_px_exact", "approximation_gap", "log_px_mle",
                             "approximation_gap_mle")),

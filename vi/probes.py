@@ -12,8 +12,9 @@ or in any module (subclassing ``ProbeBase`` registers it).
 ==================  =========================================================================
 ``gradvar``         gradient variance and SNR per parameter group (``vi.gradstats``) on a fixed
                     training minibatch, at log-spaced epochs and at the end
-``gaps``            log p(x), L[q*], L[q_φ], approximation and amortization gaps
-                    (``vi.evaluation.gap_decomposition``), at the end; table ``gaps``
+``gaps``            log p(x) by AIS (IWAE beside it), L[q*], L[q_φ], approximation and
+                    amortization gaps (``vi.evaluation.gap_decomposition``), at the end;
+                    tables ``gaps`` and (with a BDMC check) ``bdmc``
 ``test_curve``      held-out ELBO against E-steps from each of the method's starts, at the end
 ``exact``           closed forms of a linear decoder at each evaluation: exact log p(x) and
                     approximation gap; at the end also the PPCA maximum-likelihood target
@@ -33,6 +34,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -44,7 +46,7 @@ from torch import Tensor
 
 from vi import contract, gradstats, linear_gaussian
 from vi.config import LIMITS, RunConfig, _build
-from vi.evaluation import gap_decomposition, latent_activity, test_time_curve
+from vi.evaluation import bdmc_check, gap_decomposition, latent_activity, test_time_curve
 from vi.inference import StoppingRule
 from vi.streams import generator
 from vi.training import ProbeContext, ProbeResult
@@ -218,14 +220,25 @@ class GradVar(ProbeBase):
 
 
 class Gaps(ProbeBase):
-    """The gap decomposition (Cremer et al., 2018) of the final model on each of ``splits``
-    (the first ``points`` points; None: all): q* fitted from ``qstar_init`` by Adam
-    (``qstar_n_mc`` samples, step ``qstar_lr``, window-and-patience rule ``qstar_window``,
-    ``qstar_patience``, cap ``qstar_max_steps``); log p(x) by IWAE with ``iwae_k`` samples
-    from the defensive proposal (mixture weight ``defensive`` on a widened copy of q* and the
-    prior, ``vi.objectives.iwae_bound``), exact
-    for linear decoders; ELBOs with ``gap_n_mc`` samples; points with ESS < ``low_ess`` · k
-    flagged."""
+    """The gap decomposition (Cremer et al., 2018) of the final model on each of ``splits``, on
+    the first ``points`` points of each split (None: all; a split with fewer points is used
+    whole), and every quantity on the same points; the table's ``points`` column names them
+    (``all N`` or ``first N of M``).
+
+    q* is fitted from ``qstar_init`` by Adam (``qstar_n_mc`` samples, step ``qstar_lr``) under
+    the held-out stopping rule (``vi.inference.StoppingRule``): checks every ``qstar_window``
+    steps on ``qstar_check_n_mc`` common noise samples, a plateau after ``qstar_patience``
+    checks without a gain above ``qstar_tol``, then the step size × ``qstar_decay``, up to
+    ``qstar_decays`` times; stop at the last plateau or at ``qstar_max_steps`` (the steps,
+    decays and whether the cap bound are recorded). log p(x) by AIS from q* (``vi.ais``:
+    ``ais_steps`` distributions, ``ais_chains`` chains, ``ais_leapfrog`` leapfrog steps; 0
+    steps: no AIS), exact for linear decoders; beside it the IWAE estimate with ``iwae_k``
+    samples from the defensive proposal (mixture weight ``defensive`` on a widened copy of q*
+    and the prior, ``vi.objectives.iwae_bound``), points with ESS < ``low_ess`` · k flagged;
+    ELBOs with ``gap_n_mc`` samples. With ``bdmc_points`` > 0, a BDMC check of the decoder on
+    that many points per member simulated from it, at the same AIS settings
+    (``vi.evaluation.bdmc_check``): the per-point bounds and sandwich in table ``bdmc`` (the
+    points belong to no split, so there are no metric rows)."""
 
     name = "gaps"
 
@@ -235,14 +248,22 @@ class Gaps(ProbeBase):
         points: int | None = None
         qstar_init: str = "posterior"
         qstar_n_mc: int = 10
-        qstar_lr: float = 1e-2
-        qstar_window: int = 100
-        qstar_patience: int = 10
-        qstar_max_steps: int = 5000
+        qstar_lr: float = 0.03
+        qstar_window: int = 10
+        qstar_patience: int = 3
+        qstar_max_steps: int = 3000
+        qstar_decays: int = 4
+        qstar_decay: float = 0.3
+        qstar_tol: float = 1e-3
+        qstar_check_n_mc: int = 4
         iwae_k: int = 1000
         defensive: float = 0.2
         gap_n_mc: int = 1000
         low_ess: float = 0.01
+        ais_steps: int = 1000
+        ais_chains: int = 16
+        ais_leapfrog: int = 1
+        bdmc_points: int = 0
 
         def validate(self, config: RunConfig) -> None:
             if not self.splits or set(self.splits) - {"train", "validation", "test"}:
@@ -252,35 +273,62 @@ class Gaps(ProbeBase):
             if self.qstar_init not in ("posterior", "prior"):
                 raise ValueError(f"qstar_init must be posterior or prior; got "
                                  f"{self.qstar_init!r}")
-            for name in ("qstar_n_mc", "iwae_k", "gap_n_mc"):
+            for name in ("qstar_n_mc", "iwae_k", "gap_n_mc", "ais_chains", "qstar_check_n_mc"):
                 _positive(name, getattr(self, name), LIMITS["n_mc"])
-            for name in ("qstar_window", "qstar_patience", "qstar_max_steps"):
+            for name in ("qstar_window", "qstar_patience", "qstar_max_steps", "ais_leapfrog"):
                 _positive(name, getattr(self, name))
+            for name in ("ais_steps", "bdmc_points", "qstar_decays"):
+                value = getattr(self, name)
+                if not 0 <= value <= LIMITS["steps"]:
+                    raise ValueError(f"{name} must be an integer in [0, {LIMITS['steps']}]; "
+                                     f"got {value!r}")
+            if self.bdmc_points and not self.ais_steps:
+                raise ValueError("bdmc_points needs AIS (ais_steps > 0)")
             if not self.qstar_lr > 0:
                 raise ValueError(f"qstar_lr must be positive; got {self.qstar_lr}")
             if not 0 <= self.defensive < 1 or not 0 <= self.low_ess <= 1:
                 raise ValueError("defensive must lie in [0, 1) and low_ess in [0, 1]")
+            self.rule()
+
+        def rule(self) -> StoppingRule:
+            """The q* fit's stopping rule (a ``ValueError`` for bad settings)."""
+            return StoppingRule(self.qstar_window, self.qstar_patience, self.qstar_max_steps,
+                                decays=self.qstar_decays, decay=self.qstar_decay,
+                                tol=self.qstar_tol, check_n_mc=self.qstar_check_n_mc)
 
     def __call__(self, ctx: ProbeContext) -> ProbeResult:
         o = self.options
-        rows, frames = [], []
+        rows, frames, tables = [], [], {}
+        ais_settings = {"steps": o.ais_steps, "chains": o.ais_chains,
+                        "leapfrog": o.ais_leapfrog}
         for split in o.splits:
             x = _points(ctx.x[split], o.points)
             if x.shape[1] == 0:
                 continue
+            total = ctx.x[split].shape[1]
+            label = f"all {total}" if x.shape[1] == total else f"first {x.shape[1]} of {total}"
             result = gap_decomposition(
                 ctx.method, x, qstar_init=o.qstar_init, qstar_n_mc=o.qstar_n_mc,
-                qstar_lr=o.qstar_lr,
-                qstar_rule=StoppingRule(o.qstar_window, o.qstar_patience, o.qstar_max_steps),
-                iwae_k=o.iwae_k, defensive=o.defensive, gap_n_mc=o.gap_n_mc, low_ess=o.low_ess,
-                random=ctx.random(self.name, split))
+                qstar_lr=o.qstar_lr, qstar_rule=o.rule(), iwae_k=o.iwae_k,
+                defensive=o.defensive, gap_n_mc=o.gap_n_mc, low_ess=o.low_ess,
+                random=ctx.random(self.name, split), ais_steps=o.ais_steps,
+                ais_chains=o.ais_chains, ais_leapfrog=o.ais_leapfrog)
             seconds = _per_member(result.means.pop("seconds"))
             for metric, values in result.means.items():
                 rows.append({"split": split, "metric": metric, "value": _per_member(values),
                              "wall_s": seconds})
-            frames.append(result.per_point.assign(split=split, epoch=ctx.epoch))
-        return ProbeResult(rows, {"gaps": pd.concat(frames, ignore_index=True)} if frames
-                           else {})
+            frames.append(result.per_point.assign(split=split, epoch=ctx.epoch, points=label))
+        if frames:
+            tables["gaps"] = pd.concat(frames, ignore_index=True)
+        if o.bdmc_points:
+            start = time.perf_counter()
+            check = bdmc_check(ctx.method, o.bdmc_points, qstar_n_mc=o.qstar_n_mc,
+                               qstar_lr=o.qstar_lr, qstar_rule=o.rule(),
+                               random=ctx.random(self.name, "bdmc"), **ais_settings)
+            seconds = (time.perf_counter() - start) / len(ctx.seeds)
+            tables["bdmc"] = check.frame.assign(epoch=ctx.epoch, ais_steps=o.ais_steps,
+                                                ais_chains=o.ais_chains, wall_s=seconds)
+        return ProbeResult(rows, tables)
 
 
 # ---------------------------------------------------------------------- test-time inference
