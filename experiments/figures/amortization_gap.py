@@ -6,9 +6,12 @@ not converge) of the approximation gap log p(x) − L[q*] (top) and the amortiza
 L[q*] − L[q_φ] (bottom), columns = split, x = method, hue = estimator.
 
 Table ``gaps_table.csv`` / ``gaps_table.md`` (``write_gaps_table``; Cremer et al. 2018, Table
-2): per data set × method × estimator × split, log p̂(x), L[q*], L[q_φ] and both gaps (mean ± sd
-over seeds and their number), the fraction of points whose IWAE weights had a low effective
-sample size, and the steps q* took; the Markdown states how q* was fitted.
+2): per data set × method × estimator × split, log p̂(x) (exact, else AIS), the AIS and IWAE
+estimates beside it and how far IWAE sits below AIS, L[q*], L[q_φ] and both gaps (mean ± sd over
+seeds and their number), every number on the same points (``points``: which), the fraction of
+points whose IWAE weights had a low effective sample size, the steps q* took, and the BDMC
+sandwich of the decoders (``bdmc.csv``); the Markdown states how q* and log p(x) were
+estimated.
 """
 
 from __future__ import annotations
@@ -44,9 +47,12 @@ __all__ = ["GAPS", "INPUTS", "QUANTITIES", "fig_amortization_gap", "gaps_table",
 log = logging.getLogger(__name__)
 
 INPUTS = {"gaps.csv": ("run_id", "split", "epoch", "elbo_qstar", "elbo_qphi",
-                       "approximation_gap", "amortization_gap")}
+                       "approximation_gap", "amortization_gap"),
+          "bdmc.csv": ("run_id", "epoch", "point", "lower", "upper", "width")}
 #: per-run quantity → heading
-QUANTITIES = {"log_px": "log p̂(x)", "elbo_qstar": "L[q*]", "elbo_qphi": "L[q_φ]",
+QUANTITIES = {"log_px": "log p̂(x)", "log_px_ais": "AIS", "log_px_iwae": "IWAE",
+              "iwae_below_ais": "AIS − IWAE", "ais_minus_exact": "AIS − exact",
+              "elbo_qstar": "L[q*]", "elbo_qphi": "L[q_φ]",
               "approximation_gap": "approximation gap", "amortization_gap": "amortization gap"}
 GAPS = (("approximation_gap", "approximation gap\nlog p(x) − L[q*] (nats)"),
         ("amortization_gap", "amortization gap\nL[q*] − L[q_φ] (nats)"))
@@ -54,34 +60,47 @@ GAPS = (("approximation_gap", "approximation gap\nlog p(x) − L[q*] (nats)"),
 
 def per_run_gaps(res: ExperimentResults) -> pd.DataFrame:
     """One row per run × split with the point means of ``QUANTITIES``, ``low_ess_fraction``,
-    ``qstar_steps``, ``n_points`` and ``log_px_kind`` (exact / IWAE), from ``gaps.csv`` (each
-    run's last measurement) or, without it, from metrics.csv at the best epoch; runs.csv
-    identity, status and convergence joined. Runs without gaps (diverged) keep NaN rows."""
+    ``qstar_steps``, ``n_points``, ``points`` (which points: ``all N`` / ``first N of M``) and
+    ``log_px_kind`` (exact / AIS / IWAE: log p̂(x) and the approximation gap), from
+    ``gaps.csv`` (each run's last measurement) or, without it, from metrics.csv at the best
+    epoch; runs.csv identity, status and convergence joined. Runs without gaps (diverged) keep
+    NaN rows."""
     if "gaps.csv" in res.tables and len(res.tables["gaps.csv"]):
         g = res.tables["gaps.csv"]
         g = g[g["epoch"] == g.groupby(["run_id", "split"])["epoch"].transform("max")]
-        exact = pd.to_numeric(g.get("log_px_exact", np.nan), errors="coerce")
-        iwae = pd.to_numeric(g.get("log_px_iwae", np.nan), errors="coerce")
-        g = g.assign(log_px=exact.where(exact.notna(), iwae), exact=exact.notna(),
+
+        def num(col: str) -> pd.Series:
+            return pd.to_numeric(g[col], errors="coerce") if col in g else pd.Series(
+                np.nan, index=g.index)
+
+        exact, ais, iwae = num("log_px_exact"), num("log_px_ais"), num("log_px_iwae")
+        kind = np.where(exact.notna(), "exact", np.where(ais.notna(), "AIS", "IWAE"))
+        g = g.assign(log_px=exact.fillna(ais).fillna(iwae), log_px_ais=ais, log_px_iwae=iwae,
+                     iwae_below_ais=ais - iwae, ais_minus_exact=ais - exact, kind=kind,
+                     points=g["points"] if "points" in g else "first points",
                      low=schema.as_bool(g["iwae_low_ess"]).astype(float) if "iwae_low_ess" in g
                      else np.nan,
-                     steps=pd.to_numeric(g.get("qstar_steps", np.nan), errors="coerce"))
+                     steps=num("qstar_steps"))
         per = g.groupby(["run_id", "split"]).agg(
             **{q: (q, "mean") for q in QUANTITIES}, low_ess_fraction=("low", "mean"),
             qstar_steps=("steps", "mean"), n_points=("log_px", "size"),
-            exact=("exact", "all")).reset_index()
+            points=("points", "first"), log_px_kind=("kind", "first")).reset_index()
     else:
-        names = ["iwae", "log_px_exact", *list(QUANTITIES)[1:], "qstar_steps"]
+        names = ["iwae", "ais", "log_px_exact", *list(QUANTITIES)[5:], "qstar_steps"]
         m = at_best(res, res.metric(*names), ["run_id", "split", "metric"])
         if m.empty:
             raise SkipFigure("no gaps.csv and no gap rows in metrics.csv")
         per = m.pivot_table(index=["run_id", "split"], columns="metric", values="value",
                             aggfunc="mean").reset_index()
         exact = per["log_px_exact"] if "log_px_exact" in per else pd.Series(np.nan, per.index)
-        per = per.assign(exact=exact.notna(), log_px=exact.where(
-            exact.notna(), per["iwae"] if "iwae" in per else np.nan), low_ess_fraction=np.nan,
-            n_points=np.nan)
-    per["log_px_kind"] = np.where(per["exact"], "exact", "IWAE")
+        iwae = per["iwae"] if "iwae" in per else pd.Series(np.nan, per.index)
+        ais = per["ais"] if "ais" in per else pd.Series(np.nan, per.index)
+        per = per.assign(log_px=exact.fillna(ais).fillna(iwae), log_px_ais=ais,
+                         log_px_iwae=iwae, iwae_below_ais=ais - iwae,
+                         ais_minus_exact=ais - exact,
+                         low_ess_fraction=np.nan, n_points=np.nan, points="",
+                         log_px_kind=np.where(exact.notna(), "exact",
+                                              np.where(ais.notna(), "AIS", "IWAE")))
     if res.runs is None:
         return per
     ident = res.runs[["run_id", "dataset", "method", "estimator_label", "seed", "status",
@@ -162,6 +181,7 @@ def gaps_table(res: ExperimentResults) -> pd.DataFrame:
     """Per data set × method × estimator × split: mean, sd and n over the finished runs of each
     quantity, the mean low-ESS fraction and q* steps, and the runs counted."""
     per = per_run_gaps(res)
+    bdmc = _bdmc_per_run(res)
     keys = ["dataset", "method", "estimator_label", "split"]
     rows = []
     for key, grp in per.groupby(keys, sort=False):
@@ -178,6 +198,11 @@ def gaps_table(res: ExperimentResults) -> pd.DataFrame:
         row["low_ess_fraction"] = ok["low_ess_fraction"].mean() if len(ok) else np.nan
         row["qstar_steps_mean"] = ok["qstar_steps"].mean() if len(ok) else np.nan
         row["n_points"] = ok["n_points"].mean() if len(ok) else np.nan
+        row["points"] = "; ".join(ordered(ok["points"].dropna().astype(str))) if len(ok) else ""
+        w = bdmc[bdmc["run_id"].isin(ok["run_id"])] if len(bdmc) else bdmc
+        row["bdmc_width_mean"] = w["width"].mean() if len(w) else np.nan
+        row["bdmc_width_max"] = w["width_max"].max() if len(w) else np.nan
+        row["bdmc_points"] = w["n"].sum() if len(w) else 0
         rows.append(row)
     out = pd.DataFrame(rows).rename(columns={"estimator_label": "estimator"})
     rank = {v: i for i, v in enumerate([*METHOD_ORDER, *LABEL_ORDER, "train", "validation",
@@ -187,25 +212,51 @@ def gaps_table(res: ExperimentResults) -> pd.DataFrame:
                                 out["dataset"].astype(str)])].reset_index(drop=True)
 
 
+def _bdmc_per_run(res: ExperimentResults) -> pd.DataFrame:
+    """Per run: the mean and largest BDMC sandwich over its simulated points and their number
+    (``bdmc.csv``, the run's last measurement); empty without the table."""
+    b = res.tables.get("bdmc.csv")
+    if b is None or b.empty:
+        return pd.DataFrame(columns=["run_id", "width", "width_max", "n"])
+    b = b[b["epoch"] == b.groupby("run_id")["epoch"].transform("max")]
+    width = pd.to_numeric(b["width"], errors="coerce")
+    return (b.assign(width=width).groupby("run_id")
+            .agg(width=("width", "mean"), width_max=("width", "max"), n=("width", "size"))
+            .reset_index())
+
+
 def _qstar_rule() -> str:
     """How q* is fitted, with the grid's settings (default scale)."""
     try:
         from experiments.grids import load_grid
 
         o = load_grid("amortization_gap").probes.get("gaps", {})
-    except Exception:  # no grid: state the rule without its numbers
+    except Exception:  # no grid: the probe's defaults
         o = {}
-    w, p, s = (o.get(k, "?") for k in ("qstar_window", "qstar_patience", "qstar_max_steps"))
-    k, mix = o.get("iwae_k", "?"), o.get("defensive", "?")
-    return (f"q* is fitted separately for every point by Adam, starting from the method's own "
-            f"q_φ (vem: its local parameters), with the window-and-patience rule of Cremer et "
-            f"al. (2018): stop when the mean ELBO over a window of {w} steps has not improved on "
-            f"the best window for {p} windows, or after {s} steps (the grid's default scale; "
-            f"the steps actually taken are in the last column). log p̂(x) is exact for the "
-            f"linear decoder (ppca), else an IWAE estimate with k = {k} samples from a defensive "
-            f"proposal (mixture weight {mix} on a widened copy of q* and the prior); 'low ESS' "
-            f"is the fraction of points whose importance weights have an effective sample size "
-            f"below 1 % of k. "
+    o = {k: o.get(k, "?") for k in (
+        "qstar_window", "qstar_patience", "qstar_max_steps", "qstar_lr", "qstar_tol",
+        "qstar_decay", "qstar_decays", "iwae_k", "defensive", "ais_steps", "ais_chains",
+        "ais_leapfrog", "bdmc_points")} | {"points": o.get("points")}
+    w, p, cap = o["qstar_window"], o["qstar_patience"], o["qstar_max_steps"]
+    k, mix, t, c = o["iwae_k"], o["defensive"], o["ais_steps"], o["ais_chains"]
+    pts = "every point of each split" if o["points"] is None else (
+        f"the first {o['points']} points of each split (all of a smaller one)")
+    return (f"Every number of a row is on the same points: {pts} (column 'points'). "
+            f"q* is fitted separately for every point by Adam from step size {o['qstar_lr']}, "
+            f"starting from the method's own q_φ (vem: its local parameters), under the "
+            f"held-out stopping rule: a check every {w} steps on common noise, a plateau after "
+            f"{p} checks without a gain above {o['qstar_tol']} nat, then the step size × "
+            f"{o['qstar_decay']}, up to {o['qstar_decays']} decays, stopping at the last "
+            f"plateau or after {cap} steps (the grid's default scale; the steps actually taken "
+            f"are in the last column). log p̂(x) is exact for the linear decoder (ppca), else "
+            f"annealed importance sampling from q* (T = {t} distributions, {c} chains, "
+            f"{o['ais_leapfrog']} leapfrog step(s) per HMC move; AIS − exact on ppca measures "
+            f"its error); beside it an IWAE estimate with k = {k} samples from a defensive "
+            f"proposal (mixture weight {mix} on a widened copy of q* and the prior), and "
+            f"AIS − IWAE, how far that lower bound sits below AIS; 'low ESS' is the fraction of "
+            f"points whose IWAE weights have an effective sample size below 1 % of k; 'BDMC' is "
+            f"the mean sandwich (reverse − forward AIS) on {o['bdmc_points']} points per run "
+            f"simulated from the decoder, which bounds AIS's error on data like the model's. "
             f"Gap = difference of the point means; mean ± sd over seeds (n), models "
             f"{TRAINING_LENGTH}; diverged runs are counted, not averaged.")
 
@@ -215,17 +266,20 @@ def _gaps_markdown(table: pd.DataFrame) -> str:
         m, s = row[f"{q}_mean"], row[f"{q}_sd"]
         if not np.isfinite(m):
             return "—"
-        return f"{m:.2f} ± {s:.2f}" if np.isfinite(s) else f"{m:.2f}"
+        d = 3 if q in ("iwae_below_ais", "ais_minus_exact") else 2
+        return f"{m:.{d}f} ± {s:.{d}f}" if np.isfinite(s) else f"{m:.{d}f}"
 
-    heads = ["data set", "method", "estimator", "split", *QUANTITIES.values(), "n",
-             "low ESS", "q* steps", "runs (diverged / not converged)"]
+    heads = ["data set", "method", "estimator", "split", "points", *QUANTITIES.values(), "n",
+             "low ESS", "q* steps", "BDMC", "runs (diverged / not converged)"]
     lines = [_qstar_rule(), "", "| " + " | ".join(heads) + " |", "|" + "---|" * len(heads)]
     for _, r in table.iterrows():
         low = "—" if not np.isfinite(r["low_ess_fraction"]) else f"{r['low_ess_fraction']:.0%}"
         steps = "—" if not np.isfinite(r["qstar_steps_mean"]) else f"{r['qstar_steps_mean']:.0f}"
+        bdmc = "—" if not np.isfinite(r["bdmc_width_mean"]) else f"{r['bdmc_width_mean']:.3f}"
         lines.append("| " + " | ".join([
             str(r["dataset"]), method_name(r["method"]), str(r["estimator"]), str(r["split"]),
-            *(pm(r, q) for q in QUANTITIES), str(int(r["n_seeds"])), low, steps,
+            str(r["points"]) or "—", *(pm(r, q) for q in QUANTITIES), str(int(r["n_seeds"])),
+            low, steps, bdmc,
             f"{int(r['n_runs'])} ({int(r['n_diverged'])} / {int(r['n_unconverged'])})"]) + " |")
     return "\n".join(lines) + "\n"
 
