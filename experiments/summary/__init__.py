@@ -26,8 +26,9 @@ Quantities (per run first, then over the seeds of a row). Each column stem names
 ``<split>_elbo``               ``final_elbo_<split>`` of runs.csv: the ELBO of the method's own
                                posterior at the best (restored) epoch, over all ``n_<split>``
                                points; ``_bpd`` in bits/dim for quantized (image) data
-``<split>_iwae``,              the ``gaps`` table (Cremer et al. 2018): per-point log p(x) (IWAE,
-``<split>_log_px_exact``,      or exact for a linear decoder), L[q*], L[q_φ], approximation gap
+``<split>_ais``,               the ``gaps`` table (Cremer et al. 2018): per-point log p(x) by AIS
+``<split>_iwae``,              from q* and by IWAE, exact log p(x) for a linear decoder,
+``<split>_log_px_exact``,      L[q*], L[q_φ], approximation gap
 ``<split>_elbo_qstar``,        log p(x) − L[q*], amortization gap L[q*] − L[q_φ]; mean over the
 ``<split>_elbo_qphi``,         table's points (``_points`` = their number) at the run's last
 ``<split>_approximation_gap``, measurement; without a gaps table, the run's final value of that

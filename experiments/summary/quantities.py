@@ -19,7 +19,7 @@ CELL = ["experiment", "dataset", "method", "estimator", "baseline", "estimator_l
 _NOT_SETTINGS = {"data.name", "method.name", "method.estimator", "method.baseline", "method.kl",
                  "method.n_mc", "model.latent_dim", "data.seed", "data.path"}
 _SPLITS = ("train", "test")
-_GAP_COLUMNS = {"iwae": "log_px_iwae", "log_px_exact": "log_px_exact",
+_GAP_COLUMNS = {"ais": "log_px_ais", "iwae": "log_px_iwae", "log_px_exact": "log_px_exact",
                 "elbo_qstar": "elbo_qstar", "elbo_qphi": "elbo_qphi",
                 "approximation_gap": "approximation_gap", "amortization_gap": "amortization_gap"}
 
@@ -40,7 +40,8 @@ def _quantities() -> dict[str, Quantity]:
         q[f"{s}_elbo"] = Quantity(s, f"runs.csv final_elbo_{s}", f"{s} ELBO", True)
         q[f"{s}_elbo_bpd"] = Quantity(s, f"runs.csv final_elbo_{s}, bits/dim",
                                       f"{s} ELBO (bits/dim)")
-        for stem, head in (("iwae", "IWAE log p(x)"), ("log_px_exact", "exact log p(x)"),
+        for stem, head in (("ais", "AIS log p(x)"), ("iwae", "IWAE log p(x)"),
+                           ("log_px_exact", "exact log p(x)"),
                            ("elbo_qstar", "L[q*]"), ("elbo_qphi", "L[q_φ]"),
                            ("approximation_gap", "approx. gap"),
                            ("amortization_gap", "amort. gap")):

@@ -139,7 +139,8 @@ def _cell(mean: float, sd: float, n: int, digits: int) -> str:
 
 #: the columns of the Markdown tables (each shown only where its experiment measured it)
 _MD_STEMS = ("test_elbo", "test_elbo_bpd", "train_elbo", "test_ref_factor_analysis",
-             "test_elbo_minus_fa", "test_iwae", "test_log_px_exact", "test_approximation_gap",
+             "test_elbo_minus_fa", "test_ais", "test_iwae", "test_log_px_exact",
+             "test_approximation_gap",
              "train_amortization_gap", "test_amortization_gap", "test_active_units",
              "seconds_per_epoch")
 
@@ -155,8 +156,11 @@ def summary_markdown(results: str | Path) -> str:
             "failed runs are counted, never averaged. ELBOs are those of each method's own "
             "posterior over the whole split at the best epoch (nats per data point; bits/dim "
             "for images); FA = exact log p(x) of factor analysis at the same H and data seed; "
-            "IWAE log p(x) and the gaps (Cremer et al. 2018) over the first points of the split "
-            "(`gaps.csv`). H = latent dimension.")
+            "log p(x) by AIS and by IWAE and the gaps (Cremer et al. 2018) on the points of the "
+            "gaps table (`gaps.csv`, whose `points` column names them; the whole test split in "
+            "amortization_gap and refinement, so every test number of a row is on the same "
+            "points; point counts in the `_points` columns of summary.csv). H = latent "
+            "dimension.")
     if table.empty:
         return note + "\n\n(no results yet)\n"
     parts = [note]
