@@ -111,7 +111,8 @@ def elbo_closed_form(x: Tensor, lam: Tensor, W: Tensor, b: Tensor, psi: Tensor,
                              f"only; got {fam.name!r}")
         mu, tril = fam.mean_and_scale_tril(lam)
         resid = x - (mu @ W.transpose(-1, -2) + b)
-        spread = (W.unsqueeze(-3) @ tril).pow(2).sum(-1)
+        wl = (W.unsqueeze(-3) if W.dim() > 2 else W) @ tril  # W [K, D, H] meets L [K, N, H, H]
+        spread = wl.pow(2).sum(-1)
         expected_loglik = -0.5 * (
             torch.log(2 * math.pi * psi) + (resid.pow(2) + spread) / psi
         ).sum(-1)
