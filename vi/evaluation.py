@@ -32,7 +32,7 @@ import pandas as pd
 import torch
 from torch import Tensor
 
-from vi import linear_gaussian
+from vi import families, linear_gaussian
 from vi.ais import ais, bdmc, simulate
 from vi.decoders import GaussianDecoder
 from vi.inference import InferenceMethod, LocalFit, MethodSettings, StoppingRule, fit_local
@@ -45,12 +45,14 @@ __all__ = [
     "ELBOValue",
     "GapDecomposition",
     "bdmc_check",
+    "diagonal_start",
     "elbo_value",
     "exact_log_marginal",
     "fit_optimal_posterior",
     "gap_decomposition",
     "latent_activity",
     "log_marginal",
+    "moments",
     "split_elbo",
     "test_time_curve",
 ]
@@ -77,15 +79,18 @@ class ELBOValue:
 
 @torch.no_grad()
 def elbo_value(decoder: GaussianDecoder, x: Tensor, lam: Tensor, *, n_mc: int,
-               random: MemberRandom, chunk_size: int | None = None) -> ELBOValue:
-    """L(λ; x) per point for reporting: in closed form for linear decoders (exact,
-    ``vi.linear_gaussian.elbo_closed_form``); otherwise E_q[log p(x | z)] − KL(q ‖ p) with the KL
-    in closed form and the expectation averaged over ``n_mc`` samples (in chunks), SE = sd/√n_mc.
+               random: MemberRandom, chunk_size: int | None = None,
+               family: str | families.Family = "diagonal") -> ELBOValue:
+    """L(λ; x) per point for reporting: in closed form for linear decoders and Gaussian families
+    (exact, ``vi.linear_gaussian.elbo_closed_form``); otherwise E_q[log p(x | z)] − KL(q ‖ p)
+    with the KL in closed form (where the ``family`` has one, else in the Monte Carlo average)
+    and the expectation averaged over ``n_mc`` samples (in chunks), SE = sd/√n_mc.
     """
-    if _is_linear(decoder):
+    fam = families.get_family(family)
+    if _is_linear(decoder) and fam.gaussian:
         W, b, psi = (t.double() for t in decoder.linear_parameters())
         value = linear_gaussian.elbo_closed_form(x.double(), lam.double(), W, b.unsqueeze(1),
-                                                 psi.unsqueeze(1))
+                                                 psi.unsqueeze(1), family=fam)
         return ELBOValue(value.to(lam.dtype), torch.zeros_like(lam[..., 0]), True)
     n_mc, h = int(n_mc), decoder.latent_dim
     if chunk_size is None:  # samples per chunk: activations stay about 2^23 numbers
@@ -96,7 +101,7 @@ def elbo_value(decoder: GaussianDecoder, x: Tensor, lam: Tensor, *, n_mc: int,
     for start in range(0, n_mc, int(chunk_size)):
         n = min(int(chunk_size), n_mc - start)
         eps = random.randn((n, lam.shape[1], h), 1, dtype=lam.dtype)
-        samples = elbo(decoder, x, lam, eps, kl="analytic").samples.double()
+        samples = elbo(decoder, x, lam, eps, kl="analytic", family=fam).samples.double()
         total += samples.sum(0)
         total_sq += samples.pow(2).sum(0)
     mean = total / n_mc
@@ -111,7 +116,8 @@ def split_elbo(method: InferenceMethod, x: Tensor, *, n_mc: int, random: MemberR
     every split: ``infer`` (vem: E-steps from the prior until the held-out rule fires) then
     ``elbo_value``."""
     lam, steps = method.infer(x, random)
-    value = elbo_value(method.decoder, x, lam, n_mc=n_mc, random=random).value
+    value = elbo_value(method.decoder, x, lam, n_mc=n_mc, random=random,
+                       family=method.settings.family).value
     return value.double().mean(1), steps
 
 
@@ -130,10 +136,12 @@ def exact_log_marginal(decoder: GaussianDecoder, x: Tensor) -> Tensor | None:
 
 
 def log_marginal(decoder: GaussianDecoder, x: Tensor, proposal: Tensor, *, k: int,
-                 defensive: float, random: MemberRandom) -> tuple[ImportanceEstimate,
-                                                                  Tensor | None]:
-    """(IWAE estimate of log p(x) with the given proposal λ, exact log p(x) or None)."""
-    estimate = iwae_bound(decoder, x, proposal, k, random, defensive=defensive)
+                 defensive: float, random: MemberRandom,
+                 family: str | families.Family = "diagonal"
+                 ) -> tuple[ImportanceEstimate, Tensor | None]:
+    """(IWAE estimate of log p(x) with the given proposal λ of ``family``, exact log p(x) or
+    None)."""
+    estimate = iwae_bound(decoder, x, proposal, k, random, defensive=defensive, family=family)
     return estimate, exact_log_marginal(decoder, x)
 
 
@@ -149,19 +157,50 @@ def fit_optimal_posterior(
     lr: float,
     rule: StoppingRule,
     random: MemberRandom,
+    family: str = "diagonal",
 ) -> LocalFit:
-    """q* = argmax_λ L(λ; x) per data point, θ frozen (Cremer et al., 2018, §5).
+    """q* = argmax_λ L(λ; x) per data point over the variational ``family``
+    (``vi.families.FAMILIES``), θ frozen (Cremer et al., 2018, §5).
 
     The held-out procedure (``vi.inference.fit_local``) with more samples: per-row Adam from
     ``init`` on the analytic-KL ELBO with the reparameterization gradient, M = ``n_mc``,
     batched over points and members, step size ``lr`` decayed on each plateau of ``rule``
-    until its last phase's plateau or its cap. Returns the ``LocalFit`` (λ* [K, N, 2H] detached,
-    steps, decays, whether the cap bound, each [K])."""
+    until its last phase's plateau or its cap (the KL in closed form where the family has one,
+    else by Monte Carlo). Returns the ``LocalFit`` (λ* [K, N, P] detached, steps, decays,
+    whether the cap bound, each [K])."""
     settings = MethodSettings(estimator="reparam", baseline="none", kl="analytic",
-                              n_mc=int(n_mc), local_optimizer="adam", local_lr=float(lr))
+                              n_mc=int(n_mc), local_optimizer="adam", local_lr=float(lr),
+                              family=family)
     fit = fit_local(decoder, x, init, settings=settings, lr=[float(lr)] * x.shape[0],
                     rule=rule, random=random)
     return LocalFit(fit.lam.detach(), fit.steps, fit.decays, fit.capped)
+
+
+def moments(family: str | families.Family, lam: Tensor, random: MemberRandom,
+            n_mc: int = 256) -> tuple[Tensor, Tensor]:
+    """(E_q[z], Var_q[z_h]) per point, each [K, N, H]: exact for a Gaussian family (μ and
+    diag(L Lᵀ)), else the mean and variance of ``n_mc`` samples from ``random``."""
+    fam = families.get_family(family)
+    if fam.name == "diagonal":
+        mu, logvar = families.split_params(lam)
+        return mu, logvar.exp()
+    if fam.gaussian:
+        mu, tril = fam.mean_and_scale_tril(lam)
+        return mu, tril.pow(2).sum(-1)
+    h = fam.latent_dim(lam)
+    z = fam.sample(lam, random.randn((int(n_mc), lam.shape[1], h), 1, dtype=lam.dtype))
+    return z.mean(0), z.var(0, correction=1)
+
+
+def diagonal_start(family: str | families.Family, lam: Tensor, random: MemberRandom
+                   ) -> Tensor:
+    """The diagonal Gaussian λ [K, N, 2H] with q's per-coordinate means and variances
+    (``moments``): AIS's initial distribution for a q* of any family (the diagonal family's λ
+    itself)."""
+    if families.get_family(family).name == "diagonal":
+        return lam
+    mu, var = moments(family, lam, random)
+    return families.join_params(mu, torch.log(var))
 
 
 # ------------------------------------------------------------------------------------ gaps
@@ -212,18 +251,21 @@ def gap_decomposition(
     ``qstar_steps``, ``qstar_decays``, ``qstar_capped`` (0 or 1)."""
     decoder = method.decoder
     start = time.perf_counter()
+    family = families.get_family(method.settings.family)
     lam_phi = method.infer(x, random)[0].detach()
-    init = lam_phi if qstar_init == "posterior" else torch.zeros_like(lam_phi)
+    init = (lam_phi if qstar_init == "posterior"
+            else family.init(decoder.latent_dim, lam_phi).expand_as(lam_phi))
     qstar = fit_optimal_posterior(decoder, x, init, n_mc=qstar_n_mc, lr=qstar_lr,
-                                  rule=qstar_rule, random=random)
+                                  rule=qstar_rule, random=random, family=family.name)
     lam_star, steps = qstar.lam, qstar.steps
     iw, exact = log_marginal(decoder, x, lam_star, k=iwae_k, defensive=defensive,
-                             random=random)
-    annealed = (ais(decoder, x, lam_star, random=random, steps=int(ais_steps),
+                             random=random, family=family)
+    annealed = (ais(decoder, x, diagonal_start(family, lam_star, random), random=random,
+                    steps=int(ais_steps),
                     chains=int(ais_chains), leapfrog=int(ais_leapfrog))
                 if ais_steps else None)
-    l_star = elbo_value(decoder, x, lam_star, n_mc=gap_n_mc, random=random)
-    l_phi = elbo_value(decoder, x, lam_phi, n_mc=gap_n_mc, random=random)
+    l_star = elbo_value(decoder, x, lam_star, n_mc=gap_n_mc, random=random, family=family)
+    l_phi = elbo_value(decoder, x, lam_phi, n_mc=gap_n_mc, random=random, family=family)
     seconds = time.perf_counter() - start
     if exact is not None:
         best, best_se, kind = exact, torch.zeros_like(exact), "exact"
@@ -299,9 +341,11 @@ def bdmc_check(method: InferenceMethod, n: int, *, qstar_n_mc: int, qstar_lr: fl
     decoder = method.decoder
     x, z = simulate(decoder, n, random)
     lam_phi = method.infer(x, random)[0].detach()
+    family = families.get_family(method.settings.family)
     lam = fit_optimal_posterior(decoder, x, lam_phi, n_mc=qstar_n_mc, lr=qstar_lr,
-                                rule=qstar_rule, random=random).lam
-    result = bdmc(decoder, x, z, lam, random=random, **ais_settings)
+                                rule=qstar_rule, random=random, family=family.name).lam
+    result = bdmc(decoder, x, z, diagonal_start(family, lam, random), random=random,
+                  **ais_settings)
     return BDMCCheck(result.summary(), result.frame())
 
 
@@ -340,7 +384,8 @@ def test_time_curve(
             with torch.no_grad():
                 lam0 = method.encoder(x)
         else:
-            lam0 = x.new_zeros(k_members, n, 2 * decoder.latent_dim)
+            family = families.get_family(method.settings.family)
+            lam0 = family.init(decoder.latent_dim, x).expand(k_members, n, -1)
         t_init = time.perf_counter() - t0
         for s in sorted(set(int(v) for v in steps)):
             t0 = time.perf_counter()
@@ -350,7 +395,8 @@ def test_time_curve(
                                 lr=method.local_lr, rule=dataclasses.replace(rule, max_steps=s),
                                 random=random).lam
             per_point = (t_init + time.perf_counter() - t0) / (n * k_members)
-            value = elbo_value(decoder, x, lam.detach(), n_mc=n_mc, random=random).value
+            value = elbo_value(decoder, x, lam.detach(), n_mc=n_mc, random=random,
+                               family=method.settings.family).value
             out.append((init, s, value.double().mean(1), per_point))
     return out
 
@@ -377,8 +423,12 @@ def latent_activity(method: InferenceMethod, x: Tensor, *, threshold: float,
                     random: MemberRandom) -> Activity:
     """Active units and KL per latent dimension of the method's own posterior on x [K, N, D]."""
     lam, _ = method.infer(x, random)
-    h = method.decoder.latent_dim
-    mu, logvar = lam[..., :h].double(), lam[..., h:].double()
+    if method.settings.family == "diagonal":
+        h = method.decoder.latent_dim
+        mu, logvar = lam[..., :h].double(), lam[..., h:].double()
+    else:  # q(z_h | x)'s mean and variance (moment-matched for a non-Gaussian family)
+        mu, var = moments(method.settings.family, lam, random)
+        mu, logvar = mu.double(), var.double().log()
     kl = 0.5 * (logvar.exp() + mu.pow(2) - 1.0 - logvar)
     activity = mu.var(dim=1, correction=1) if x.shape[1] > 1 else torch.zeros_like(mu[:, 0])
     return Activity(kl.mean(1), (activity > threshold).sum(1).double(), activity)
