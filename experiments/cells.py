@@ -70,7 +70,7 @@ class Outcome:
 def read_selection(results: Path) -> pd.DataFrame | None:
     """``lr_selection/selected.csv``, verified against its manifest (a truncated or edited table
     would silently give the wrong step sizes), or None when there is no selection."""
-    from experiments.aggregate import verify_manifest_file
+    from experiments.checks import verify_manifest_file
 
     path = results / SELECTION
     if not path.exists():

@@ -353,7 +353,7 @@ def cmd_readme(args) -> int:
 
 
 def cmd_check(args) -> int:
-    from experiments.aggregate import check_results
+    from experiments.checks import check_results
 
     if not args.results.is_dir():
         raise UsageError(f"no results folder {args.results}")

@@ -70,7 +70,7 @@ def write_references(results: str | Path) -> Path:
     """Compute and atomically write ``results/references.csv``, recorded in the results
     folder's ``manifest.json`` (``check`` verifies it); return its path. Raises ``ValueError``,
     writing nothing, when no experiment under ``results`` has runs."""
-    from experiments.aggregate import add_to_manifest
+    from experiments.checks import add_to_manifest
 
     results = Path(results)
     table = reference_table(results)

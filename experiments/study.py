@@ -306,7 +306,7 @@ def published_runs(grid, results: Path, args, seeds) -> list[str]:
     [] (a plain run publishes exactly the grid's cells)."""
     import pandas as pd
 
-    from experiments.aggregate import verify_manifest_file
+    from experiments.checks import verify_manifest_file
 
     path = results / grid.name / "runs.csv"
     if seeds is None or not path.exists():
@@ -352,7 +352,7 @@ def reference_inputs(results: Path) -> None:
     """Refuse (``UsageError``) to compute references without verified inputs: the runs.csv of
     every experiment, each checked against its manifest. No runs.csv at all is refused too
     (references.csv would be empty)."""
-    from experiments.aggregate import verify_manifest_file
+    from experiments.checks import verify_manifest_file
 
     runs = sorted(results.glob("*/runs.csv"))
     if not runs:
@@ -376,7 +376,7 @@ def verify_inputs(results: Path, experiments: list[str] | None = None, *,
     """Problems with the files a report reads: ``check`` on ``results`` (or on the named
     experiments, and then also ``references.csv``), leaving out the results folder's files in
     ``writing``, which the caller is about to replace."""
-    from experiments.aggregate import check_results, verify_manifest_file
+    from experiments.checks import check_results, verify_manifest_file
 
     _, problems = check_results(results, experiments, ignore=[results / n for n in writing])
     refs = results / "references.csv"
@@ -426,7 +426,7 @@ def figures(results: Path, experiments: list[str] | None) -> int:
         paths, failures = figures.make_figures(results, experiments or None)
         for p in paths:
             print(p)
-        from experiments.aggregate import add_to_manifest
+        from experiments.checks import add_to_manifest
 
         for table in (p for p in paths if p.suffix in (".csv", ".md")):  # derived: checked too
             add_to_manifest(table.parent, [table])

@@ -84,8 +84,8 @@ def test_a_selection_lacking_one_of_a_methods_step_sizes_is_recorded(tmp_path: P
     sets the others; that one keeps the grid's value and ``lr_source`` names it."""
     import pandas as pd
 
-    from experiments.aggregate import add_to_manifest
     from experiments.cells import SELECTION, prepare
+    from experiments.checks import add_to_manifest
 
     folder = tmp_path / "r" / SELECTION.parent
     folder.mkdir(parents=True)

@@ -12,8 +12,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import pandas as pd
-
 from experiment_tools import csv_rows, tiny_grid
+
 from experiments.cli import main
 
 MEMBERS = [{"seed": 0, "method.lr": 0.05}, {"seed": 0, "method.lr": 0.001},

@@ -44,7 +44,7 @@ from experiment_tools import (
 )
 
 from experiments import aggregate as agg
-from experiments import runner
+from experiments import checks, runner
 from experiments.cli import main
 from experiments.grids import load_grid
 from experiments.schema import read_runs
@@ -200,7 +200,7 @@ def test_divergence_is_recorded_and_the_sweep_goes_on(tmp_path: Path, capsys) ->
     assert (diverged["last_epoch"] < 3).all()  # the rows up to the last finite epoch survive
     metrics = pd.read_csv(results / "g" / "metrics.csv")
     assert set(metrics["run_id"]) == set(runs["run_id"])
-    assert agg.check_results(results)[1] == []
+    assert checks.check_results(results)[1] == []
     capsys.readouterr()
     assert main(["run", str(grid), "--results", str(results)]) == 0  # finished: not rerun
     assert "4 skipped" in capsys.readouterr().out
@@ -263,7 +263,7 @@ def test_truncated_run_metrics_detected_by_aggregation_and_check(finished: Path,
     (run_dir / "metrics.csv").write_text(text[: len(text) - 7])  # cut inside the last row
     with pytest.raises(agg.AggregateError, match="checksum"):
         agg.aggregate(finished / "g")
-    _, problems = agg.check_results(finished)
+    _, problems = checks.check_results(finished)
     assert any(run_dir.name in p and "metrics.csv" in p for p in problems)
     capsys.readouterr()
     assert main(["check", "--results", str(finished)]) == 1
@@ -864,7 +864,7 @@ def test_aggregation_into_a_read_only_folder_is_a_message(finished: Path, capsys
         out, err = capsys.readouterr()
     assert code == 1 and "Traceback" not in out + err
     assert err.count("error:") == 1 and "cannot write the CSVs of" in err, err
-    assert agg.check_results(finished)[1] == []  # the published CSVs are as they were
+    assert checks.check_results(finished)[1] == []  # the published CSVs are as they were
 
 
 @pytest.mark.parametrize("fail_at", [1, 2, 4])
@@ -890,7 +890,7 @@ def test_a_full_disk_during_aggregation_is_a_message(finished: Path, monkeypatch
     assert code == 1 and "Traceback" not in out + err
     assert "No space left on device" in err and "cannot write the CSVs" in err, err
     monkeypatch.undo()
-    problems = agg.check_results(finished)[1]
+    problems = checks.check_results(finished)[1]
     if fail_at == 1:
         assert problems == []
     else:
@@ -906,7 +906,7 @@ def test_check_refuses_a_path_for_an_experiment(finished: Path, tmp_path: Path, 
                                                 name: str) -> None:
     name = str(tmp_path) if name == "ABS" else name
     refused(capsys, ["check", "--results", str(finished), name], "not a path", tmp_path)
-    assert agg.check_results(finished, [name])[1][0].endswith(
+    assert checks.check_results(finished, [name])[1][0].endswith(
         f"is not the name of an experiment folder under {finished}")
 
 

@@ -26,9 +26,10 @@ from experiment_tools import (
 )
 
 from experiments import aggregate as agg
+from experiments import checks
+from experiments.cells import DEFAULT_NO_ROW, DEFAULT_NO_SELECTION
 from experiments.cli import main
 from experiments.grids import GRID_DIR, available, load_grid, run_id_for
-from experiments.cells import DEFAULT_NO_ROW, DEFAULT_NO_SELECTION
 from experiments.runner import group_ensembles, prepare
 from experiments.schema import read_metrics, read_runs
 
@@ -124,7 +125,7 @@ def test_tiny_sweep_writes_run_folders_and_aggregates(tmp_path: Path) -> None:
         "value"].tolist()
     assert list(dict.fromkeys(metrics["run_id"])) == runs["run_id"].tolist()
     assert json.loads((exp / "manifest.json").read_text())["runs"] == 6
-    assert agg.check_results(results)[1] == []
+    assert checks.check_results(results)[1] == []
 
 
 def test_rerun_skips_completed_cells_and_force_reruns_identically(tmp_path: Path,

@@ -134,7 +134,7 @@ def findings_markdown(results: str | Path, *, converged_only: bool = True) -> st
 def write_findings(results: str | Path, *, converged_only: bool = True) -> Path:
     """Write ``results/FINDINGS.md`` atomically, record it in the results folder's
     ``manifest.json`` (``check`` verifies it), and return its path."""
-    from experiments.aggregate import add_to_manifest
+    from experiments.checks import add_to_manifest
 
     path = atomic_write(Path(results) / "FINDINGS.md",
                         findings_markdown(results, converged_only=converged_only))

@@ -116,7 +116,7 @@ def summary_table(results: str | Path) -> pd.DataFrame:
 def write_summary(results: str | Path) -> Path:
     """Write ``results/summary.csv`` atomically, record it in the results folder's
     ``manifest.json`` (``check`` verifies it), and return its path."""
-    from experiments.aggregate import add_to_manifest
+    from experiments.checks import add_to_manifest
 
     results = Path(results)
     table = summary_table(results)
