@@ -49,7 +49,8 @@ Modules
 - ``study``: cached access to a results folder and the data helpers several findings share;
 - one module per group of findings, in the order FINDINGS.md lists them: ``gradient_variance``
   (score function vs reparameterization, baselines, sticking the landing), ``convergence``
-  (methods at convergence, amortization gaps, refinement), ``factor_analysis`` (converged models
+  (methods at convergence, amortization gaps, refinement), ``log_likelihood`` (decoders
+  compared by test log p(x) by AIS; IWAE against AIS), ``factor_analysis`` (converged models
   vs the factor-analysis reference), ``costs`` (test-time inference and training costs),
   ``inference_steps`` (vem's E-steps, SA-VAE, refinement steps) and ``collapse`` (posterior
   collapse, active units).
@@ -62,8 +63,8 @@ from pathlib import Path
 
 # isort: off
 # Importing a group module registers its findings; FINDINGS.md lists the groups in this order.
-from experiments.findings import gradient_variance, convergence, factor_analysis  # noqa: F401
-from experiments.findings import costs, inference_steps, collapse  # noqa: F401
+from experiments.findings import gradient_variance, convergence, log_likelihood  # noqa: F401
+from experiments.findings import factor_analysis, costs, inference_steps, collapse  # noqa: F401
 # isort: on
 from experiments.findings.core import (
     CONTRADICTS,
