@@ -191,7 +191,7 @@ def test_figures_that_fail_are_one_line_each(tmp_path: Path) -> None:
             "        return broken(res)\n"
             "    f.__name__ = f'fig_{i}'\n"
             "    fns.append(f)\n"
-            "make.figure_functions = lambda name: fns\n"
+            "make.figure_makers = lambda name: fns\n"
             "from experiments.cli import main\n"
             f"sys.exit(main(['figures', '--results', {str(results)!r}]))\n")
     out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env(),

@@ -31,6 +31,12 @@ __all__ = ["make_figures"]
 log = logging.getLogger(__name__)
 
 
+def figure_makers(experiment: str) -> tuple:
+    """The figure functions that draw ``experiment``: those its figure module registered (even
+    none), or the generic figures for an experiment without a module (a custom grid)."""
+    return figure_functions(experiment) if experiment in REGISTRY else tuple(generic.FIGURES)
+
+
 def make_figures(results: str | Path, experiments: list[str] | None = None, *,
                  strict: bool = False) -> tuple[list[Path], list[str]]:
     """Validate the CSVs, then draw every figure of every experiment that has results.
@@ -58,10 +64,7 @@ def make_figures(results: str | Path, experiments: list[str] | None = None, *,
             for write in table_writers(name):
                 written += write(res)
             folder, mine, failed = res.folder / "figures", [], False
-            # an experiment that registered a figure module draws its own figures (even none);
-            # one without (a custom grid) gets the generic ones
-            makers = figure_functions(name) if name in REGISTRY else generic.FIGURES
-            for make in makers:
+            for make in figure_makers(name):
                 try:
                     for stem, fig in make(res):
                         mine += save_figure(fig, folder, stem)
