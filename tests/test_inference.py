@@ -231,6 +231,7 @@ def test_step_sizes_follow_from_the_traits_and_a_bad_declaration_is_refused():
 
     assert TestTimeRefiner.step_sizes == ("lr", "encoder_lr", "refine_lr")
     assert not TestTimeRefiner.refines_in_training
+    assert METHODS["amortized"] is Amortized  # an unnamed subclass replaces no entry
     for cls in METHODS.values():
         assert set(cls.step_sizes) <= set(STEP_SIZE_FIELDS)
     with pytest.raises(TypeError, match="must include 'lr'"):

@@ -369,8 +369,8 @@ class InferenceMethod(nn.Module):
                             f"{', '.join(STEP_SIZE_FIELDS)}; got {cls.step_sizes}")
         if cls.refine_through and not cls.refines_in_training:
             raise TypeError(f"{cls.__name__}: refine_through needs refines_in_training")
-        if cls.name:
-            METHODS[cls.name] = cls
+        if cls.__dict__.get("name"):  # a subclass that names no method of its own (a test
+            METHODS[cls.name] = cls   # double, a variant) must not replace its parent's entry
 
     def __init__(self, decoder: GaussianDecoder, settings: Sequence[MethodSettings]) -> None:
         super().__init__()
