@@ -77,7 +77,7 @@ class ProbeBase:
 
     def __init_subclass__(cls, **kwargs) -> None:
         super().__init_subclass__(**kwargs)
-        if not cls.name:
+        if not cls.__dict__.get("name"):  # names no probe of its own: replaces no entry
             return
         own = {k: cls.__dict__[k] for k in ("metrics", "tables") if k in cls.__dict__}
         if own:
