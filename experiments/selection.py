@@ -20,6 +20,13 @@ training data). Per group:
   search); this repeats up to ``max_extensions`` times per group, after which a choice still at
   an edge is flagged ``at_cap``.
 
+How often the epoch cap binds is recorded: ``n_capped`` per candidate (its seeds that reached
+``max_epochs``), and per choice ``capped_candidates`` (the group's candidates with such a seed)
+and ``cap_binds`` (the chosen candidate itself had one: its step sizes were chosen with a cap
+that stopped training, so the cap, not only the data, may have chosen them). ``searched`` is
+true for a group whose candidates were trained and false for a choice copied by a ``share``
+rule.
+
 ``share`` rules give groups that were not selected the choice of a group that was (e.g. STL
 the step sizes chosen for reparam); ``selected.csv`` names the source in ``shared_from``.
 
@@ -205,6 +212,7 @@ def candidate_table(runs: pd.DataFrame, select: dict) -> pd.DataFrame:
                          "n_seeds": len(cand), "n_diverged": n_bad,
                          "unstable": bool(n_bad > 0 or far),
                          "unconverged": bool(capped.any()),
+                         "n_capped": int(capped.sum()),
                          "round": int(cand["selection_round"].max())
                          if "selection_round" in cand else 0})
     cand = pd.DataFrame(rows)
@@ -253,11 +261,14 @@ def choose(candidates: pd.DataFrame, select: dict) -> pd.DataFrame:
         row = {k: best[k] for k in group.columns if k not in ("rank",)}
         row.update({"metric": rule["metric"], "split": rule["split"],
                     "n_candidates": len(group), "rounds": rounds + 1,
+                    "capped_candidates": int(group["unconverged"].astype(bool).sum()),
+                    "cap_binds": bool(best["unconverged"]),
                     "interior": not edges,
                     "edge": ",".join(f"{f.split('.')[1]}:{side}"
                                      for f, side in sorted(edges.items())),
                     "at_cap": bool(edges) and rounds >= rule["max_extensions"]})
         row["shared_from"] = ""
+        row["searched"] = True
         rows.append(row)
     selected = pd.DataFrame(rows)
     for rule_ in select.get("share", []):
@@ -273,6 +284,7 @@ def choose(candidates: pd.DataFrame, select: dict) -> pd.DataFrame:
                     if "dataset" in rule_["to"] and ":" not in source:
                         source = f"{r['dataset']}:{source}"  # chosen on another data set
                     copy["shared_from"] = source
+                    copy["searched"] = False
                     extra.append(copy)
         if extra:
             selected = pd.concat([selected, pd.DataFrame(extra)], ignore_index=True)

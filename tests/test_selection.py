@@ -85,6 +85,40 @@ def test_unconverged_candidates_lose_to_converged_ones() -> None:
     assert not bool(best["unconverged"])
 
 
+def test_a_binding_epoch_cap_is_counted_and_shown_in_the_choice() -> None:
+    capped = {(0.003, 0.003, 0), (0.003, 0.003, 2), (0.009, 0.003, 1)}
+    table = sel.candidate_table(runs(CROSS, capped=capped), SELECT)
+    n = {(r["method.lr"], r["method.encoder_lr"]): r["n_capped"] for _, r in table.iterrows()}
+    assert n[(0.003, 0.003)] == 2 and n[(0.009, 0.003)] == 1 and n[(0.001, 0.003)] == 0
+    chosen = sel.choose(table, SELECT).iloc[0]  # the centre loses: its seeds hit the cap
+    assert (chosen["method.lr"], chosen["method.encoder_lr"]) == (0.001, 0.003)
+    assert chosen["capped_candidates"] == 2 and not bool(chosen["cap_binds"])
+    only_capped = sel.candidate_table(
+        runs(CROSS, capped={(lr, o, k) for lr, o, _ in CROSS for k in range(3)}), SELECT)
+    chosen = sel.choose(only_capped, SELECT).iloc[0]  # nothing converged: the cap chose
+    assert bool(chosen["cap_binds"]) and chosen["n_capped"] == 3
+    assert chosen["capped_candidates"] == len(CROSS)
+
+
+def test_a_data_set_searched_in_its_own_right_keeps_its_choice_beside_shared_ones() -> None:
+    mnist = runs([(lr, o, [v + 100.0 for v in sc]) for lr, o, sc in CROSS[1:]]
+                 + [(0.003, 0.003, [10.0] * 3)]).assign(dataset="mnist5k")
+    select = {**SELECT, "share": [
+        {"from": {"estimator": "reparam", "baseline": "none"},
+         "to": {"estimator": "stl", "baseline": "none"}},
+        {"from": {"dataset": "digits"}, "to": {"dataset": "mnist5k"}}]}
+    both = pd.concat([runs(CROSS), mnist], ignore_index=True)
+    chosen = sel.choose(sel.candidate_table(both, select), select).set_index(
+        ["dataset", "estimator"])
+    assert bool(chosen.loc[("mnist5k", "reparam"), "searched"])
+    assert chosen.loc[("mnist5k", "reparam"), "shared_from"] == ""
+    assert chosen.loc[("mnist5k", "reparam"), "method.lr"] == 0.001  # its own optimum
+    assert chosen.loc[("digits", "reparam"), "method.lr"] == 0.003
+    stl = chosen.loc[("mnist5k", "stl")]  # shared within mnist5k, not from digits
+    assert not bool(stl["searched"]) and stl["shared_from"] == "amortized/reparam+none"
+    assert stl["method.lr"] == 0.001
+
+
 def test_an_optimum_at_an_edge_extends_that_step_size_and_is_flagged() -> None:
     cells = [(0.003, 0.003, [50.0] * 3), (0.001, 0.003, [55.0] * 3),  # best at the low lr edge
              (0.009, 0.003, [45.0] * 3), (0.003, 0.001, [48.0] * 3), (0.003, 0.009, [47.0] * 3)]
