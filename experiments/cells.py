@@ -335,21 +335,22 @@ def _check_data(config, checked: dict[str, Any], probes: Sequence = ()) -> None:
 def probe_memory_bytes(name: str, options: Any, config, data_dim: int, n_train: int) -> int:
     """A rough upper estimate of the memory (bytes, one run) of the probes whose size the
     options set: ``gradvar`` and ``variance_sweep`` hold a noise tensor of draws x M x B x H,
-    per parameter group a gradient per draw (draws x (2 · B · 2H + parameters), with the
-    copies their statistics make) and at least one draw's activations (M x B x the widest
-    layer, forward and backward); the others evaluate in bounded chunks (0)."""
+    per parameter group a gradient per draw (draws x (2 · B · P + parameters), P the length of
+    one point's λ in the method's family, with the copies their statistics make) and at least
+    one draw's activations (M x B x the widest layer, forward and backward); the others
+    evaluate in bounded chunks (0)."""
     if name not in ("gradvar", "variance_sweep"):
         return 0
     item = 8 if config.dtype == "float64" else 4
-    h = config.model.latent_dim
+    h, p = config.model.latent_dim, config.lambda_dim()
     batch = min(int(options.batch), n_train)
-    width = max(data_dim, 2 * h, *config.model.hidden, *config.method.encoder_hidden)
+    width = max(data_dim, p, *config.model.hidden, *config.method.encoder_hidden)
     if name == "gradvar":
         sample_counts = [options.n_mc or config.method.n_mc]
     else:
         sample_counts = list(options.n_mc)
     draws = int(options.draws)
-    grads = 3 * draws * (2 * batch * 2 * h + config.parameter_count(data_dim))
+    grads = 3 * draws * (2 * batch * p + config.parameter_count(data_dim))
     return max(item * (draws * m * batch * h + grads + 8 * m * batch * width)
                for m in sample_counts)
 

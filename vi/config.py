@@ -241,19 +241,27 @@ class RunConfig:
         m, h = self.model, self.model.latent_dim
         sizes = [h, *m.hidden, 2 * data_dim] if m.decoder_mean == "mlp" else [h, data_dim]
         decoder = sum((a + 1) * b for a, b in itertools.pairwise(sizes)) + data_dim
-        enc = [data_dim, *self.method.encoder_hidden, 2 * h]
+        enc = [data_dim, *self.method.encoder_hidden, self.lambda_dim()]
         encoder = sum((a + 1) * b for a, b in itertools.pairwise(enc))
         return decoder + encoder
+
+    def lambda_dim(self) -> int:
+        """P, the length of one point's variational parameters λ in the method's family
+        (``vi.families``): 2H diagonal, H + H(H+1)/2 full covariance, 2H + S(2H + 1) flow."""
+        from vi.families import get_family
+
+        return get_family(self.method.family).param_dim(self.model.latent_dim)
 
     def memory_bytes(self, data_dim: int, n_train: int, n_eval: int, members: int = 1) -> int:
         """A rough upper estimate of the memory a run needs (bytes), to refuse impossible sizes
         before anything is allocated: parameters with their gradients, optimiser moments and
-        best-state snapshot, a local table with its per-row state, and the activations of a
-        training step and of a held-out fit over ``n_eval`` points."""
-        m, h = self.model, self.model.latent_dim
-        width = max(data_dim, 2 * h, *m.hidden, *self.method.encoder_hidden)
+        best-state snapshot, a local table of P = ``lambda_dim()`` numbers per point with its
+        per-row state, and the activations of a training step and of a held-out fit over
+        ``n_eval`` points."""
+        m, p = self.model, self.lambda_dim()
+        width = max(data_dim, p, *m.hidden, *self.method.encoder_hidden)
         params = 4 * 6 * self.parameter_count(data_dim)
-        table = n_train * 2 * h * (3 * 4 + 8)
+        table = n_train * p * (3 * 4 + 8)
         n_mc = self.method.n_mc
         step = 4 * 8 * n_mc * self.training.batch_size * width
         heldout = 4 * 8 * n_mc * max(n_eval, 1) * width

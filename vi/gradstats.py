@@ -226,7 +226,7 @@ def per_sample_grads(
     if noise.dim() != 5 or noise.shape[2:] != (k, b, h):
         raise ValueError(f"noise must have shape [draws, M, {k}, {b}, {h}]; got "
                          f"{tuple(noise.shape)}")
-    width = max(x.shape[-1], 2 * h, *method.decoder.net.sizes)
+    width = max(x.shape[-1], lam0.shape[-1], *method.decoder.net.sizes)  # λ's length P
     step = _chunk(x, s.n_mc * s.k, width, chunk_size)
     parts: dict[str, list[Tensor]] = {g: [] for g in wanted}
     for start in range(0, noise.shape[0], step):
