@@ -2,13 +2,20 @@
 
 ``aggregate(exp_dir, run_ids)`` rebuilds ``results/<experiment>/``:
 
-``metrics.csv``   every run's rows, concatenated in grid order (``experiments.schema``)
+``metrics.csv``   every run's rows, concatenated in grid order (``experiments.schema``); the
+                  ``wall_s`` of the trainer's rows (``TRAINING_TIMED``) on the run-alone clock,
+                  epoch × ``seconds_per_epoch_alone``, where the run recorded a calibration
 ``runs.csv``      one row per run: identity, ``status``/``message``, how training stopped
                   (``stop_reason``, ``converged``, ``epochs_run``, ``best_epoch``, and
                   ``vi.contract.OUTCOME_COLUMNS``: ``outcome``, ``decays``, …),
                   ``lr_source``, provenance (code and package versions), every configuration
                   field under its dotted name (``method.lr``, ``model.hidden``; lists as JSON
-                  text), ``seconds_per_epoch`` and ``final_<metric>_<split>``: each metric
+                  text), the training cost (``seconds_per_epoch_alone``: the K = 1
+                  calibration of the run's ensemble, ``experiments.runner``;
+                  ``seconds_per_epoch``: that, else the ensemble share;
+                  ``seconds_per_epoch_ensemble``: ``run_seconds`` / epochs, the run's share
+                  of its ensemble's epoch time; ``run_seconds_alone``: epochs × the
+                  calibration), and ``final_<metric>_<split>``: each metric
                   without a parameter group at the run's best (restored) epoch, with
                   ``final_<metric>_bpd_<split>`` in bits per dimension for image data
 ``<table>.csv``   each per-run ``tables/<table>.csv`` concatenated (``gaps``, ``images``, …)
@@ -253,6 +260,24 @@ def _bpd(nats: float, data_dim: Any, levels: Any) -> float:
     return -(nats - int(data_dim) * math.log(int(levels))) / (int(data_dim) * math.log(2))
 
 
+#: the metrics whose ``wall_s`` is the trainer's cumulative training time (``vi.training``)
+TRAINING_TIMED = ("elbo", "elbo_running", "e_steps")
+
+
+def _alone_time(parts: dict) -> pd.DataFrame:
+    """A run's metric rows with the ``wall_s`` of its training-timed rows (``TRAINING_TIMED``)
+    put on the run-alone clock: epoch × ``seconds_per_epoch_alone`` (the K = 1 calibration of
+    its ensemble, ``experiments.runner``) instead of its share of the ensemble's epoch time;
+    unchanged where the run has no calibration. Probe rows keep their own measured seconds."""
+    metrics, alone = parts["metrics"], parts["provenance"].get("seconds_per_epoch_alone")
+    if alone is None or not len(metrics):
+        return metrics
+    timed = metrics["metric"].isin(TRAINING_TIMED)
+    out = metrics.copy()
+    out.loc[timed, "wall_s"] = (out.loc[timed, "epoch"].astype(float) * float(alone)).round(3)
+    return out
+
+
 def _runs_row(parts: dict) -> dict[str, Any]:
     cfg, prov, metrics = parts["config"], parts["provenance"], parts["metrics"]
     c = cfg["config"]
@@ -266,8 +291,13 @@ def _runs_row(parts: dict) -> dict[str, Any]:
     row.update({k: _cell(prov.get(k, "")) for k in OUTCOME_COLUMNS})  # how training went
     row["selection_round"] = cfg.get("selection_round")
     epochs = prov.get("epochs_run") or 0
-    row["seconds_per_epoch"] = (round(prov["run_seconds"] / epochs, 4)
-                                if epochs and prov.get("run_seconds") is not None else None)
+    share = (round(prov["run_seconds"] / epochs, 4)
+             if epochs and prov.get("run_seconds") is not None else None)
+    alone = prov.get("seconds_per_epoch_alone")
+    row["seconds_per_epoch_ensemble"] = share
+    row["seconds_per_epoch_alone"] = alone
+    row["seconds_per_epoch"] = alone if alone is not None else share
+    row["run_seconds_alone"] = round(alone * epochs, 3) if alone is not None else None
     for key, value in flatten(c).items():
         row.setdefault(key, _cell(value))
     row["probes"] = ",".join(sorted(c.get("probes", {})))
@@ -324,7 +354,7 @@ def aggregate(
     if not parts:
         raise AggregateError(f"{exp_dir}: no run folders to aggregate")
     metric_cols = list(parts[0]["metrics"].columns)
-    metrics = pd.concat([p["metrics"] for p in parts], ignore_index=True)[metric_cols]
+    metrics = pd.concat([_alone_time(p) for p in parts], ignore_index=True)[metric_cols]
     validate_metrics(metrics, str(exp_dir / "metrics.csv"))
     runs = pd.DataFrame([_runs_row(p) for p in parts])
     validate_runs(runs, str(exp_dir / "runs.csv"))

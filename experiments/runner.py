@@ -26,6 +26,13 @@ again loads each member's checkpoint (after checking that it belongs to this cel
 and configuration) and continues. Because the rows, the random streams and every optimiser state
 are in it, the final ``metrics.csv`` equals an uninterrupted run's on CPU, ``wall_s`` aside.
 
+Cost alone: a member's ``run_seconds`` is its share of its ensemble's epoch time, which depends
+on how many members happened to batch with it. So before an ensemble trains, one member's
+configuration is trained alone (K = 1) for ``CALIBRATION_EPOCHS`` timed epochs after one
+warm-up epoch, in the same process and thread setting, and every member records
+``seconds_per_epoch_alone``: the training seconds per epoch that run would take on its own
+(``experiments.aggregate`` derives the published cost columns from it).
+
 Divergence is a result: a non-finite loss, gradient or parameter ends a member ``diverged``;
 the others go on. A write that fails (disk full, a file-size limit, a read-only folder) makes
 that member ``failed`` with the OS error in its message: a run folder that cannot be prepared
@@ -241,6 +248,29 @@ def _resume_state(cell: Cell) -> tuple[dict | None, str]:
     return state, ""
 
 
+#: timed epochs of the K = 1 calibration of an ensemble's epoch time (after one warm-up epoch)
+CALIBRATION_EPOCHS = 3
+
+
+def seconds_per_epoch_alone(config, datasets: dict | None = None,
+                            epochs: int = CALIBRATION_EPOCHS) -> float | None:
+    """Training seconds per epoch of ``config`` trained alone (an ensemble of one member), the
+    mean over ``epochs`` timed epochs after one warm-up epoch (capped at the run's own
+    ``max_epochs``), timed like the trainer times epochs (``wall_s``): the training steps only,
+    no evaluation. None when no epoch can be timed (a run of at most one epoch)."""
+    from vi.training import Trainer
+
+    timed = min(int(epochs), int(config.training.max_epochs) - 1)
+    if timed < 1:
+        return None
+    trainer = Trainer([config], datasets=datasets)
+    trainer._train_epoch()  # warm-up: allocations, first-call dispatch
+    before = trainer.elapsed[0]
+    for _ in range(timed):
+        trainer._train_epoch()
+    return (trainer.elapsed[0] - before) / timed
+
+
 def run_ensemble(cells: Sequence[Cell | dict], threads: int | None = 1,
                  checkpoint_seconds: float = 30.0) -> list[Outcome]:
     """Run (or resume, or skip) the cells of one ensemble group into their folders; never raises
@@ -355,6 +385,10 @@ def _train(cells: list[Cell], checkpoint_seconds: float) -> list[Outcome]:
 
         try:
             configs = [RunConfig.from_dict(c.config) for c in group_cells]
+            alone = seconds_per_epoch_alone(configs[0], datasets)
+            for c in group_cells:
+                provs[c.run_id]["seconds_per_epoch_alone"] = (
+                    None if alone is None else round(alone, 5))
             if action == "resumed":
                 trainer = Trainer.from_states([s for _, s in group], datasets=datasets)
             else:

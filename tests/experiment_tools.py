@@ -40,6 +40,7 @@ TINY_AXES: dict[str, list] = {"method.name": ["vem", "amortized"], "seed": [0, 1
 #: columns that hold times, hosts or commands: they differ between two identical runs
 TIMING = ["wall_s"]
 RUN_TIMING = ["started", "finished", "run_seconds", "seconds_per_epoch", "hostname",
+              "seconds_per_epoch_alone", "seconds_per_epoch_ensemble", "run_seconds_alone",
               "git_commit", "git_dirty", "command", "ensemble", "ensemble_size",
               "ensemble_cpu_seconds", "ensemble_wall_seconds", "resumed"]
 

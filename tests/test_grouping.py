@@ -24,6 +24,7 @@ BASE = {"method": {"name": "sa_vae", "estimator": "score", "baseline": "none", "
         "training": {"max_epochs": 8, "batch_size": 128}}
 #: runs.csv columns that name the grouping itself, times, hosts or the command line
 GROUPING = ["started", "finished", "run_seconds", "seconds_per_epoch", "hostname", "git_commit",
+            "seconds_per_epoch_alone", "seconds_per_epoch_ensemble", "run_seconds_alone",
             "git_dirty", "command", "ensemble", "ensemble_size", "ensemble_cpu_seconds",
             "ensemble_wall_seconds", "resumed"]
 

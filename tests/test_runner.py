@@ -165,6 +165,37 @@ def test_ensembles_do_not_change_a_members_results(tmp_path: Path) -> None:
     np.testing.assert_allclose(ma["value"], mb["value"], rtol=1e-5, atol=1e-5)
 
 
+def test_each_run_records_its_cost_alone_and_its_curves_use_it(tmp_path: Path) -> None:
+    """Every member records the K = 1 calibration of its ensemble's epoch time; runs.csv's
+    seconds_per_epoch is that calibration (the ensemble share beside it), and metrics.csv puts
+    the trainer's rows on the run-alone clock (epoch x calibration) while the run folders keep
+    the share they measured."""
+    grid = tiny_grid(tmp_path, base={"training": {"max_epochs": 4}},
+                     axes={"method.name": ["vem", "amortized"], "seed": [0, 1, 2]})
+    results = tmp_path / "results"
+    assert main(["run", str(grid), "--results", str(results)]) == 0
+    runs = read_runs(results / "g" / "runs.csv")
+    assert set(runs["ensemble_size"]) == {3}
+    alone = runs.set_index("run_id")["seconds_per_epoch_alone"].astype(float)
+    assert (alone > 0).all()
+    assert runs.groupby("method")["seconds_per_epoch_alone"].nunique().eq(1).all()  # per cell
+    np.testing.assert_array_equal(runs["seconds_per_epoch"], runs["seconds_per_epoch_alone"])
+    np.testing.assert_allclose(runs["seconds_per_epoch_ensemble"],
+                               runs["run_seconds"] / runs["epochs_run"], atol=1e-4)
+    np.testing.assert_allclose(runs["run_seconds_alone"], alone.to_numpy() * 4, atol=1e-3)
+    metrics = read_metrics(results / "g" / "metrics.csv")
+    timed = metrics[metrics["metric"].isin(agg.TRAINING_TIMED)]
+    np.testing.assert_allclose(timed["wall_s"],
+                               (timed["epoch"] * timed["run_id"].map(alone)).round(3),
+                               atol=1e-9)
+    for folder in run_dirs(results):  # the folders keep the measured share
+        own = pd.read_csv(folder / "metrics.csv")
+        mine = metrics[metrics["run_id"] == folder.name]
+        assert own["value"].tolist() == mine["value"].tolist()
+        last = own[own["metric"] == "elbo_running"]["wall_s"].iloc[-1]
+        assert last == pytest.approx(provenance(folder)["run_seconds"], abs=2e-3)
+
+
 @pytest.mark.slow
 def test_jobs_2_gives_the_same_csvs_as_jobs_1(tmp_path: Path) -> None:
     grid = tiny_grid(tmp_path, axes={"method.name": ["vem", "amortized", "semi_amortized"],
