@@ -244,7 +244,8 @@ def gap_decomposition(
     estimates with standard errors. The approximation gap is log p̂(x) − L[q*], the amortization
     gap L[q*] − L[q_φ], per point.
 
-    Per-point columns (nats rounded to 1e-4, far below every standard error): ``log_px_ais``,
+    Per-point columns (nats rounded to 1e-4, far below every standard error): ``family`` (of
+    q* and q_φ: the method's own, ``MethodSettings.family``), ``log_px_ais``,
     ``log_px_ais_se`` (over the chains), ``ais_ess`` (of C), ``ais_acceptance``,
     ``log_px_iwae``…, ``log_px_kind`` (exact, AIS or IWAE: what the approximation gap used).
     Means per member: ``ais``, ``ais_se``, ``ais_ess_min``, ``ais_acceptance``, ``iwae``, …,
@@ -288,7 +289,7 @@ def gap_decomposition(
 
     frame = pd.DataFrame({
         "member": np.repeat(np.arange(k_members), n), "point": np.tile(np.arange(n), k_members),
-        "log_px_ais": ais_col("log_px"), "log_px_ais_se": ais_col("se"),
+        "family": family.name, "log_px_ais": ais_col("log_px"), "log_px_ais_se": ais_col("se"),
         "ais_ess": ais_col("ess", 2), "ais_acceptance": ais_col("acceptance", 3),
         "log_px_iwae": col(iw.value), "log_px_iwae_se": col(iw.se), "iwae_k": iw.k,
         "iwae_ess": col(iw.ess, 1), "iwae_low_ess": col(low, None).astype(bool),

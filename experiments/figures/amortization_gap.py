@@ -6,12 +6,12 @@ not converge) of the approximation gap log p(x) − L[q*] (top) and the amortiza
 L[q*] − L[q_φ] (bottom), columns = split, x = method, hue = estimator.
 
 Table ``gaps_table.csv`` / ``gaps_table.md`` (``write_gaps_table``; Cremer et al. 2018, Table
-2): per data set × method × estimator × split, log p̂(x) (exact, else AIS), the AIS and IWAE
-estimates beside it and how far IWAE sits below AIS, L[q*], L[q_φ] and both gaps (mean ± sd over
-seeds and their number), every number on the same points (``points``: which), the fraction of
-points whose IWAE weights had a low effective sample size, the steps q* took, and the BDMC
-sandwich of the decoders (``bdmc.csv``); the Markdown states how q* and log p(x) were
-estimated.
+2): per data set × method × variational family × estimator × split, log p̂(x) (exact, else
+AIS), the AIS and IWAE estimates beside it and how far IWAE sits below AIS, L[q*], L[q_φ] and
+both gaps (mean ± sd over seeds and their number), every number on the same points
+(``points``: which), the fraction of points whose IWAE weights had a low effective sample size,
+the steps q* took, and the BDMC sandwich of the decoders (``bdmc.csv``); the Markdown states how
+q* and log p(x) were estimated.
 """
 
 from __future__ import annotations
@@ -41,10 +41,13 @@ from experiments.figures.style import (
     seeds_text,
 )
 
-__all__ = ["GAPS", "INPUTS", "QUANTITIES", "fig_amortization_gap", "gaps_table",
-           "per_run_gaps", "write_gaps_table"]
+__all__ = ["FAMILY_ORDER", "GAPS", "INPUTS", "QUANTITIES", "family_of", "fig_amortization_gap",
+           "gaps_table", "per_run_gaps", "write_gaps_table"]
 
 log = logging.getLogger(__name__)
+
+#: the variational families (``vi.families.FAMILIES``) in the order tables and figures show them
+FAMILY_ORDER = ("diagonal", "full", "flow")
 
 INPUTS = {"gaps.csv": ("run_id", "split", "epoch", "elbo_qstar", "elbo_qphi",
                        "approximation_gap", "amortization_gap"),
@@ -58,13 +61,21 @@ GAPS = (("approximation_gap", "approximation gap\nlog p(x) − L[q*] (nats)"),
         ("amortization_gap", "amortization gap\nL[q*] − L[q_φ] (nats)"))
 
 
+def family_of(runs: pd.DataFrame) -> pd.Series:
+    """Each run's variational family (``method.family`` in runs.csv; ``diagonal`` where
+    runs.csv predates the family axis)."""
+    if "method.family" not in runs.columns:
+        return pd.Series("diagonal", index=runs.index)
+    return runs["method.family"].astype(object).where(runs["method.family"].notna(), "diagonal")
+
+
 def per_run_gaps(res: ExperimentResults) -> pd.DataFrame:
     """One row per run × split with the point means of ``QUANTITIES``, ``low_ess_fraction``,
     ``qstar_steps``, ``n_points``, ``points`` (which points: ``all N`` / ``first N of M``) and
     ``log_px_kind`` (exact / AIS / IWAE: log p̂(x) and the approximation gap), from
     ``gaps.csv`` (each run's last measurement) or, without it, from metrics.csv at the best
-    epoch; runs.csv identity, status and convergence joined. Runs without gaps (diverged) keep
-    NaN rows."""
+    epoch; runs.csv identity, variational family (``family_of``), status and convergence
+    joined. Runs without gaps (diverged) keep NaN rows."""
     if "gaps.csv" in res.tables and len(res.tables["gaps.csv"]):
         g = res.tables["gaps.csv"]
         g = g[g["epoch"] == g.groupby(["run_id", "split"])["epoch"].transform("max")]
@@ -106,6 +117,7 @@ def per_run_gaps(res: ExperimentResults) -> pd.DataFrame:
     ident = res.runs[["run_id", "dataset", "method", "estimator_label", "seed", "status",
                       "converged", *(c for c in ("latent_dim", "n_mc", "method.refine_steps")
                                      if c in res.runs.columns)]]
+    ident = ident.assign(family=family_of(res.runs))
     splits = ordered(per["split"], ("train", "validation", "test"))
     grid = ident.merge(pd.DataFrame({"split": splits}), how="cross")
     return grid.merge(per, on=["run_id", "split"], how="left")
@@ -178,11 +190,12 @@ def _h_text(d: pd.DataFrame) -> str:
 
 # -- the table ------------------------------------------------------------------------------------
 def gaps_table(res: ExperimentResults) -> pd.DataFrame:
-    """Per data set × method × estimator × split: mean, sd and n over the finished runs of each
-    quantity, the mean low-ESS fraction and q* steps, and the runs counted."""
+    """Per data set × method × variational family × estimator × split (q* fitted in the
+    method's own family): mean, sd and n over the finished runs of each quantity, the mean
+    low-ESS fraction and q* steps, and the runs counted."""
     per = per_run_gaps(res)
     bdmc = _bdmc_per_run(res)
-    keys = ["dataset", "method", "estimator_label", "split"]
+    keys = ["dataset", "method", "family", "estimator_label", "split"]
     rows = []
     for key, grp in per.groupby(keys, sort=False):
         ok = grp[(grp["status"] == "ok") & grp["elbo_qstar"].notna()]
@@ -208,7 +221,8 @@ def gaps_table(res: ExperimentResults) -> pd.DataFrame:
     rank = {v: i for i, v in enumerate([*METHOD_ORDER, *LABEL_ORDER, "train", "validation",
                                         "test"])}
     order = out[["method", "estimator", "split"]].apply(lambda c: c.map(rank).fillna(99))
-    return out.iloc[np.lexsort([order["split"], order["estimator"], order["method"],
+    family = out["family"].map({f: i for i, f in enumerate(FAMILY_ORDER)}).fillna(99)
+    return out.iloc[np.lexsort([order["split"], order["estimator"], family, order["method"],
                                 out["dataset"].astype(str)])].reset_index(drop=True)
 
 
@@ -225,12 +239,12 @@ def _bdmc_per_run(res: ExperimentResults) -> pd.DataFrame:
             .reset_index())
 
 
-def _qstar_rule() -> str:
-    """How q* is fitted, with the grid's settings (default scale)."""
+def _qstar_rule(experiment: str = "amortization_gap") -> str:
+    """How q* is fitted, with the settings of the experiment's grid (default scale)."""
     try:
         from experiments.grids import load_grid
 
-        o = load_grid("amortization_gap").probes.get("gaps", {})
+        o = load_grid(experiment).probes.get("gaps", {})
     except Exception:  # no grid: the probe's defaults
         o = {}
     o = {k: o.get(k, "?") for k in (
@@ -242,7 +256,8 @@ def _qstar_rule() -> str:
     pts = "every point of each split" if o["points"] is None else (
         f"the first {o['points']} points of each split (all of a smaller one)")
     return (f"Every number of a row is on the same points: {pts} (column 'points'). "
-            f"q* is fitted separately for every point by Adam from step size {o['qstar_lr']}, "
+            f"q* is fitted separately for every point, in the method's own variational family "
+            f"(column 'family'), by Adam from step size {o['qstar_lr']}, "
             f"starting from the method's own q_φ (vem: its local parameters), under the "
             f"held-out stopping rule: a check every {w} steps on common noise, a plateau after "
             f"{p} checks without a gain above {o['qstar_tol']} nat, then the step size × "
@@ -261,7 +276,7 @@ def _qstar_rule() -> str:
             f"{TRAINING_LENGTH}; diverged runs are counted, not averaged.")
 
 
-def _gaps_markdown(table: pd.DataFrame) -> str:
+def _gaps_markdown(table: pd.DataFrame, experiment: str = "amortization_gap") -> str:
     def pm(row: pd.Series, q: str) -> str:
         m, s = row[f"{q}_mean"], row[f"{q}_sd"]
         if not np.isfinite(m):
@@ -269,15 +284,18 @@ def _gaps_markdown(table: pd.DataFrame) -> str:
         d = 3 if q in ("iwae_below_ais", "ais_minus_exact") else 2
         return f"{m:.{d}f} ± {s:.{d}f}" if np.isfinite(s) else f"{m:.{d}f}"
 
-    heads = ["data set", "method", "estimator", "split", "points", *QUANTITIES.values(), "n",
+    heads = ["data set", "method", "family", "estimator", "split", "points",
+             *QUANTITIES.values(), "n",
              "low ESS", "q* steps", "BDMC", "runs (diverged / not converged)"]
-    lines = [_qstar_rule(), "", "| " + " | ".join(heads) + " |", "|" + "---|" * len(heads)]
+    lines = [_qstar_rule(experiment), "", "| " + " | ".join(heads) + " |",
+             "|" + "---|" * len(heads)]
     for _, r in table.iterrows():
         low = "—" if not np.isfinite(r["low_ess_fraction"]) else f"{r['low_ess_fraction']:.0%}"
         steps = "—" if not np.isfinite(r["qstar_steps_mean"]) else f"{r['qstar_steps_mean']:.0f}"
         bdmc = "—" if not np.isfinite(r["bdmc_width_mean"]) else f"{r['bdmc_width_mean']:.3f}"
         lines.append("| " + " | ".join([
-            str(r["dataset"]), method_name(r["method"]), str(r["estimator"]), str(r["split"]),
+            str(r["dataset"]), method_name(r["method"]), str(r["family"]), str(r["estimator"]),
+            str(r["split"]),
             str(r["points"]) or "—", *(pm(r, q) for q in QUANTITIES), str(int(r["n_seeds"])),
             low, steps, bdmc,
             f"{int(r['n_runs'])} ({int(r['n_diverged'])} / {int(r['n_unconverged'])})"]) + " |")
