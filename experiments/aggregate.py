@@ -19,6 +19,11 @@
                   without a parameter group at the run's best (restored) epoch, with
                   ``final_<metric>_bpd_<split>`` in bits per dimension for image data
 ``<table>.csv``   each per-run ``tables/<table>.csv`` concatenated (``gaps``, ``images``, …)
+
+Every table but ``runs.csv``, ``selected.csv`` and ``candidates.csv`` whose text exceeds
+``experiments.schema.GZIP_ABOVE`` bytes (1 MB) is stored gzipped as ``<table>.csv.gz``
+(``metrics.csv.gz``, ``gaps.csv.gz``): pandas reads it directly, and every reader here finds it
+by its CSV name (``experiments.schema.stored``); the manifest records the gzipped bytes.
 ``selected.csv``  (``lr_selection``) the chosen step sizes, and ``candidates.csv`` every
                   candidate's score (``experiments.selection``)
 ``contract.json`` the declarations of every metric and table the runs wrote and the baselines of
@@ -43,6 +48,7 @@ stay light.
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 import io
 import json
@@ -57,6 +63,8 @@ from experiments.grids import config_hash, flatten, run_id_for
 from experiments.schema import (
     BPD_METRICS,
     CONTRACT_FILE,
+    GZIP_ABOVE,
+    PLAIN_TABLES,
     SchemaError,
     validate_metrics,
     validate_runs,
@@ -98,6 +106,22 @@ def _write_csv(path: Path, frame: pd.DataFrame) -> dict[str, Any]:
     return {"sha256": _digest(text), "rows": len(frame)}
 
 
+def _publish_table(exp_dir: Path, name: str, frame: pd.DataFrame) -> tuple[str, dict, Path]:
+    """Write one published table: ``<name>.csv``, or ``<name>.csv.gz`` when its text exceeds
+    ``GZIP_ABOVE`` bytes (not runs.csv nor the selection's tables; gzip level 9 with no name
+    and no time stamp, so equal tables give equal bytes). Returns (file name, its manifest
+    record: SHA-256 of the bytes on disk and the row count, path)."""
+    text = _csv_text(frame)
+    if name in PLAIN_TABLES or len(text) <= GZIP_ABOVE:
+        path = exp_dir / f"{name}.csv"
+        atomic_write(path, text)
+        return path.name, {"sha256": _digest(text), "rows": len(frame)}, path
+    path = exp_dir / f"{name}.csv.gz"
+    data = gzip.compress(text.encode(), compresslevel=9, mtime=0)
+    atomic_write(path, data)
+    return path.name, {"sha256": _digest(data), "rows": len(frame)}, path
+
+
 def _read_json(path: Path) -> tuple[dict | None, str]:
     if not path.is_file():
         return None, f"{path.name} missing"
@@ -128,12 +152,15 @@ def _read_manifest(path: Path) -> tuple[dict | None, str]:
 
 
 def _csv_rows(raw: bytes) -> int | None:
-    """The data rows of a CSV as pandas reads them (None: not a readable CSV)."""
+    """The data rows of a CSV (plain or gzipped) as pandas reads them (None: not a readable
+    CSV)."""
     try:
+        if raw[:2] == b"\x1f\x8b":
+            raw = gzip.decompress(raw)
         return len(pd.read_csv(io.BytesIO(raw), dtype=str, skip_blank_lines=False))
     except pd.errors.EmptyDataError:
         return 0
-    except (pd.errors.ParserError, UnicodeDecodeError, ValueError):
+    except (pd.errors.ParserError, UnicodeDecodeError, ValueError, OSError, EOFError):
         return None
 
 
@@ -395,10 +422,11 @@ def _publish(exp_dir: Path, outputs: dict[str, pd.DataFrame], runs: int,
     manifest = {"experiment": exp_dir.name, "complete": True, "runs": runs, "files": {}}
     written = []
     for name, frame in outputs.items():
-        manifest["files"][f"{name}.csv"] = _write_csv(exp_dir / f"{name}.csv", frame)
-        written.append(exp_dir / f"{name}.csv")
-    for old in sorted(exp_dir.glob("*.csv")):  # tables of an earlier grid would mislead
-        if old.stem not in outputs:
+        filename, record, path = _publish_table(exp_dir, name, frame)
+        manifest["files"][filename] = record
+        written.append(path)
+    for old in sorted([*exp_dir.glob("*.csv"), *exp_dir.glob("*.csv.gz")]):
+        if old.name not in manifest["files"]:  # an earlier grid's table, or its other form
             old.unlink()
     text = json.dumps(declared, indent=2, sort_keys=True, ensure_ascii=False) + "\n"
     atomic_write(exp_dir / CONTRACT_FILE, text)

@@ -1,7 +1,8 @@
 """Verification of a results folder: ``check`` and the manifests of derived files.
 
 ``check_results(results)`` reports, without changing anything, every problem of a results folder:
-each experiment's published CSVs against its ``manifest.json`` (SHA-256 and row count), an
+each experiment's published CSVs (plain, or gzipped as ``<name>.csv.gz``) against its
+``manifest.json`` (SHA-256 of the bytes on disk and row count), an
 aggregation that was interrupted, the schema of its CSVs, each finished run folder
 (``experiments.aggregate.verify_run``: configuration, provenance, checksums, checkpoint), and the
 results folder's own manifest of derived files (``references.csv``, ``summary.csv``,
@@ -12,6 +13,7 @@ Pure Python + pandas: importing this module never imports torch.
 
 from __future__ import annotations
 
+import gzip
 import json
 import os
 from collections.abc import Callable, Collection
@@ -35,6 +37,8 @@ from experiments.schema import (
     read_contract,
     read_metrics,
     read_runs,
+    stored,
+    table_name,
 )
 from vi.files import atomic_write
 
@@ -101,7 +105,7 @@ def verify_manifest_file(path: Path) -> str:
     if _digest(raw) != record["sha256"]:
         return (f"{path}: does not match the checksum in manifest.json (truncated or edited "
                 f"after it was written)")
-    if path.suffix == ".csv" and "rows" in record:
+    if path.name.endswith((".csv", ".csv.gz")) and "rows" in record:
         rows = _csv_rows(raw)
         if rows != record["rows"]:
             return (f"{path}: has {rows} rows; manifest.json records {record['rows']!r} "
@@ -135,7 +139,7 @@ def check_results(results: str | os.PathLike,
         if not root.is_dir():
             problems.append(f"{root}: no such folder")
             continue
-        for path in sorted(root.rglob("*.csv")):
+        for path in sorted([*root.rglob("*.csv"), *root.rglob("*.csv.gz")]):
             if (path.name.startswith(".") or "runs" in path.relative_to(results).parts
                     or path in skip):
                 continue
@@ -143,7 +147,7 @@ def check_results(results: str | os.PathLike,
             if progress is not None:
                 progress(path)
             problems += _check_csv(path)
-        exp_dirs = sorted({p.parent for p in root.rglob("*.csv")
+        exp_dirs = sorted({p.parent for p in [*root.rglob("*.csv"), *root.rglob("*.csv.gz")]
                            if "runs" not in p.relative_to(results).parts}
                           | {m.parent for m in root.rglob("manifest.json")})
         if root == results and any((results / n).is_file() for n in ROOT_FILES):
@@ -164,19 +168,25 @@ def _check_run(run_dir: Path) -> list[str]:
 
 def _check_csv(path: Path) -> list[str]:
     raw = path.read_bytes()
+    if path.name.endswith(".gz"):
+        try:
+            raw = gzip.decompress(raw)
+        except (OSError, EOFError) as err:
+            return [f"{path}: not a readable gzip file ({type(err).__name__}: {err})"]
     if not raw.strip():
         return [f"{path}: empty file"]
     if not raw.endswith(b"\n"):
         return [f"{path}: does not end with a newline (truncated?)"]
     try:
         read_contract(path.parent)  # the names of extensions, recorded beside their results
-        if path.name == "metrics.csv":
+        name = table_name(path)
+        if name == "metrics.csv":
             read_metrics(path)
-        elif path.name == "runs.csv":
+        elif name == "runs.csv":
             read_runs(path)
         else:
             frame = pd.read_csv(path)
-            need = TABLE_COLUMNS.get(path.stem)
+            need = TABLE_COLUMNS.get(name.removesuffix(".csv"))
             missing = [c for c in need or () if c not in frame.columns]
             if missing:
                 return [f"{path}: missing column(s) {', '.join(missing)}"]
@@ -191,10 +201,11 @@ def _check_experiment(exp_dir: Path, skip: Collection[Path] = ()) -> list[str]:
     problems = []
     # every CSV must be listed, and the results folder's FINDINGS.md; other files (an
     # experiment's Markdown tables) are verified where listed
-    csvs = sorted(p for p in [*exp_dir.glob("*.csv"), *exp_dir.glob("*.md"),
-                              exp_dir / CONTRACT_FILE]
+    csvs = sorted(p for p in [*exp_dir.glob("*.csv"), *exp_dir.glob("*.csv.gz"),
+                              *exp_dir.glob("*.md"), exp_dir / CONTRACT_FILE]
                   if not p.name.startswith(".") and p not in skip and p.is_file()
-                  and (p.suffix == ".csv" or p.name in (*ROOT_FILES, CONTRACT_FILE)))
+                  and (p.name.endswith((".csv", ".csv.gz"))
+                       or p.name in (*ROOT_FILES, CONTRACT_FILE)))
     manifest = exp_dir / "manifest.json"
     if csvs and not manifest.is_file():
         rebuild = ("rerun `python -m experiments references` and `figures` to rebuild them"
@@ -225,11 +236,11 @@ def _check_experiment(exp_dir: Path, skip: Collection[Path] = ()) -> list[str]:
             unfinished = missing_choice(exp_dir, listed)  # a selection without its choice
             if unfinished:
                 problems.append(unfinished)
-    metrics, runs = exp_dir / "metrics.csv", exp_dir / "runs.csv"
+    metrics, runs = stored(exp_dir / "metrics.csv"), exp_dir / "runs.csv"
     if metrics.is_file() != runs.is_file():
         have, lack = (metrics, runs) if metrics.is_file() else (runs, metrics)
-        problems.append(f"{have}: has no {lack.name} beside it (the two are written together; "
-                        f"rerun the experiment to rebuild both)")
+        problems.append(f"{have}: has no {table_name(lack)} beside it (the two are written "
+                        f"together; rerun the experiment to rebuild both)")
     elif metrics.is_file():
         try:
             m = pd.read_csv(metrics, usecols=["run_id"], dtype={"run_id": str})

@@ -24,10 +24,12 @@ __all__ = [
     "BPD_METRICS",
     "CONTRACT_FILE",
     "EXPERIMENT_TABLES",
+    "GZIP_ABOVE",
     "IDENTITY_COLUMNS",
     "METRICS",
     "METRIC_COLUMNS",
     "PARAM_GROUPS",
+    "PLAIN_TABLES",
     "PROBES",
     "RUN_COLUMNS",
     "SPLITS",
@@ -39,6 +41,8 @@ __all__ = [
     "read_contract",
     "read_metrics",
     "read_runs",
+    "stored",
+    "table_name",
     "validate_metrics",
     "validate_runs",
 ]
@@ -67,6 +71,29 @@ EXPERIMENT_TABLES: dict[str, tuple[str, ...]] = {
     "candidates": ("dataset", "method", "estimator", "baseline", "score", "n_seeds",
                    "n_diverged", "unstable", "unconverged", "rank", "round"),
 }
+
+
+#: an experiment's table whose CSV text exceeds this many bytes is published gzipped, as
+#: ``<name>.csv.gz`` (pandas reads it directly); runs.csv and the selection's tables never are
+GZIP_ABOVE = 1_000_000
+PLAIN_TABLES = ("runs", "selected", "candidates")
+
+
+def stored(path: str | Path) -> Path:
+    """Where a published table named ``<name>.csv`` is stored: the file itself, else its gzipped
+    form ``<name>.csv.gz`` when only that exists (the path unchanged when neither does)."""
+    path = Path(path)
+    if path.suffix == ".csv" and not path.exists():
+        packed = path.with_name(path.name + ".gz")
+        if packed.exists():
+            return packed
+    return path
+
+
+def table_name(path: str | Path) -> str:
+    """A published table's CSV name, whether stored plain or gzipped (``metrics.csv``)."""
+    name = Path(path).name
+    return name[:-3] if name.endswith(".csv.gz") else name
 
 
 class _TableColumns(Mapping):
@@ -188,7 +215,7 @@ def read_contract(folder: str | Path) -> dict[str, dict]:
 def read_metrics(path: str | Path, *, validate: bool = True) -> pd.DataFrame:
     """Read a metrics.csv with the contract's dtypes (strings stay strings; empty → NaN), after
     learning the declarations recorded beside it (``read_contract``)."""
-    path = Path(path)
+    path = stored(path)
     if not path.is_file():
         raise SchemaError(f"{path}: no such file")
     try:
@@ -208,7 +235,7 @@ def read_metrics(path: str | Path, *, validate: bool = True) -> pd.DataFrame:
 def read_runs(path: str | Path, *, validate: bool = True) -> pd.DataFrame:
     """Read a runs.csv (one row per run), after learning the declarations recorded beside it
     (``read_contract``)."""
-    path = Path(path)
+    path = stored(path)
     if not path.is_file():
         raise SchemaError(f"{path}: no such file")
     try:

@@ -153,7 +153,7 @@ def _load(results: Path, name: str, references: pd.DataFrame | None
     if not folder.is_dir():
         return None, problems
     metrics = runs = None
-    if (folder / "metrics.csv").is_file():
+    if schema.stored(folder / "metrics.csv").is_file():
         try:
             metrics = schema.read_metrics(folder / "metrics.csv")
         except schema.SchemaError as err:
@@ -165,13 +165,14 @@ def _load(results: Path, name: str, references: pd.DataFrame | None
             problems.append(str(err))
     tables = {}
     for filename, columns in registry.input_tables(name).items():
-        if (folder / filename).is_file():
+        path = schema.stored(folder / filename)
+        if path.is_file():
             try:
-                df = _read_csv(folder / filename)
+                df = _read_csv(path)
             except schema.SchemaError as err:
                 problems.append(str(err))
                 continue
-            problems += _table_problems(folder / filename, df, columns)
+            problems += _table_problems(path, df, columns)
             tables[filename] = df
     if problems or (metrics is None and runs is None and not tables):
         return None, problems

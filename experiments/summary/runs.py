@@ -17,13 +17,13 @@ from experiments.vocabulary import estimator_label, experiment_order
 
 def read_csv(path: Path) -> pd.DataFrame | None:
     """A results CSV as a DataFrame, or None when it is missing or unreadable."""
-    path = Path(path)
+    path = schema.stored(path)
     if not path.is_file():
         return None
     with contextlib.suppress(schema.SchemaError):  # the estimators' declarations, for labels
         schema.read_contract(path.parent)  # (a malformed one is reported by check)
     try:
-        if path.name == "metrics.csv":
+        if schema.table_name(path) == "metrics.csv":
             return schema.read_metrics(path, validate=False)
         return pd.read_csv(path, dtype={"run_id": str, "param_group": str, "baseline": str,
                                         "grad_baseline": str})
@@ -37,7 +37,7 @@ def experiments_present(results: str | Path) -> list[str]:
     the grids' order (``experiments.vocabulary.experiment_order``) then alphabetically, without
     ``EXCLUDED``."""
     results = Path(results)
-    names = {p.parent.name for pat in ("*/runs.csv", "*/metrics.csv")
+    names = {p.parent.name for pat in ("*/runs.csv", "*/metrics.csv", "*/metrics.csv.gz")
              for p in results.glob(pat)} - set(EXCLUDED)
     return experiment_order(names)
 
