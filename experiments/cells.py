@@ -334,12 +334,13 @@ def _check_data(config, checked: dict[str, Any], probes: Sequence = ()) -> None:
 
 def probe_memory_bytes(name: str, options: Any, config, data_dim: int, n_train: int) -> int:
     """A rough upper estimate of the memory (bytes, one run) of the probes whose size the
-    options set: ``gradvar`` and ``variance_sweep`` hold a noise tensor of draws x M x B x H,
+    options set: ``gradvar``, ``variance_sweep`` and ``k_sweep`` (M = n_mc · k) hold a noise
+    tensor of draws x M x B x H,
     per parameter group a gradient per draw (draws x (2 · B · P + parameters), P the length of
     one point's λ in the method's family, with the copies their statistics make) and at least
     one draw's activations (M x B x the widest layer, forward and backward); the others
     evaluate in bounded chunks (0)."""
-    if name not in ("gradvar", "variance_sweep"):
+    if name not in ("gradvar", "variance_sweep", "k_sweep"):
         return 0
     item = 8 if config.dtype == "float64" else 4
     h, p = config.model.latent_dim, config.lambda_dim()
@@ -347,6 +348,8 @@ def probe_memory_bytes(name: str, options: Any, config, data_dim: int, n_train: 
     width = max(data_dim, p, *config.model.hidden, *config.method.encoder_hidden)
     if name == "gradvar":
         sample_counts = [options.n_mc or config.method.n_mc]
+    elif name == "k_sweep":  # M groups of k samples
+        sample_counts = [options.n_mc * max(options.ks)]
     else:
         sample_counts = list(options.n_mc)
     draws = int(options.draws)

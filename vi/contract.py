@@ -134,6 +134,13 @@ METRICS: dict[str, str] = {
     "grad_snr_mean": "mean over coordinates of |ĝ_i| / sqrt(v_i)",
     "grad_snr_median": "median over coordinates of |ĝ_i| / sqrt(v_i)",
     "grad_mean_norm": "||mean gradient||",
+    # k_sweep (the metric column of its table): an estimator against a reference estimator on
+    # the same noise draws
+    "grad_bias_relative": "(||mean(g - g_ref)||^2 - tr Sigma_(g - g_ref) / draws) / "
+                          "||mean g_ref||^2: squared distance of an estimator's mean from the "
+                          "reference estimator's, unbiased for ||bias||^2, relative",
+    "grad_bias_z": "the same excess over its null expectation divided by its null standard "
+                   "deviation sqrt(2 sum_i (v_i / draws)^2) (about N(0, 1) when unbiased)",
     # activity
     "active_units": "latent dimensions with Cov_x(E_q[z_h]) above the threshold (count)",
     "kl_total": "KL(q(z | x) ‖ p(z)) averaged over the points (nats)",
@@ -154,6 +161,9 @@ TABLES: dict[str, tuple[str, ...]] = {
              "elbo_qstar", "elbo_qphi", "approximation_gap", "amortization_gap"),
     "activity": ("epoch", "split", "dim", "kl_per_dim", "activity", "active"),
     "bdmc": ("epoch", "point", "lower", "upper", "width"),
+    "k_sweep": ("epoch", "param_group", "grad_estimator", "grad_baseline", "grad_k",
+                "grad_n_mc", "draws", "metric", "value"),
+    "iwae_bounds": ("epoch", "split", "k", "points", "value", "se"),
 }
 
 
@@ -180,6 +190,8 @@ PROBES: dict[str, ProbeContract] = {
     "images": ProbeContract((), ("images",)),
     "latents": ProbeContract((), ("latents",)),
     "variance_sweep": ProbeContract((), ("variance_sweep",)),
+    "k_sweep": ProbeContract((), ("k_sweep",)),
+    "iwae_bounds": ProbeContract((), ("iwae_bounds",)),
 }
 
 #: estimator → the baselines it accepts, learnt from recorded contracts (``adopt``)

@@ -59,6 +59,7 @@ __all__ = [
     "IWAE_SWEEP_ESTIMATORS",
     "METRICS",
     "SWEEP_ESTIMATORS",
+    "bias_statistics",
     "gradient_statistics",
     "k_sweep",
     "per_sample_grads",
@@ -333,6 +334,33 @@ def gradient_statistics(g: Tensor) -> dict[str, Tensor]:
     }
 
 
+def bias_statistics(g: Tensor, g_ref: Tensor) -> dict[str, Tensor]:
+    """How far the mean of draws g [draws, K, P] lies from the mean of a reference estimator's
+    draws g_ref on the same noise (common random numbers), per member (float64, each [K]).
+
+    With d = g − g_ref, d̄ its mean over the n draws and v_i its unbiased variances,
+    E‖d̄‖² = ‖b‖² + Σ_i v_i / n for the bias b = E g − E g_ref, so
+
+        excess = ‖d̄‖² − Σ_i v_i / n
+
+    is unbiased for ‖b‖². ``grad_bias_relative`` = excess / ‖ḡ_ref‖²; ``grad_bias_z`` =
+    excess / √(2 Σ_i (v_i / n)²), its null standard deviation for independent Gaussian
+    coordinates (about N(0, 1) for an unbiased estimator; correlated coordinates widen it).
+    Used to show STL's bias on the IWAE for k >= 2 (Tucker, Lawson, Gu & Maddison 2019)."""
+    if g.shape != g_ref.shape or g.dim() != 3 or g.shape[0] < 2:
+        raise ValueError(f"bias_statistics needs two draws tensors [>= 2, K, P] of one shape; "
+                         f"got {tuple(g.shape)} and {tuple(g_ref.shape)}")
+    d = g.detach().to(torch.float64) - g_ref.detach().to(torch.float64)
+    n = d.shape[0]
+    var_mean = d.var(0, correction=1) / n
+    excess = d.mean(0).pow(2).sum(1) - var_mean.sum(1)
+    ref2 = g_ref.detach().to(torch.float64).mean(0).pow(2).sum(1)
+    null_sd = (2 * var_mean.pow(2).sum(1)).sqrt()
+    nan = torch.full_like(excess, torch.nan)
+    return {"grad_bias_relative": torch.where(ref2 > 0, excess / ref2.clamp_min(1e-300), nan),
+            "grad_bias_z": torch.where(null_sd > 0, excess / null_sd.clamp_min(1e-300), nan)}
+
+
 def variance_sweep(
     method: InferenceMethod,
     x: Tensor,
@@ -400,6 +428,7 @@ def k_sweep(
     random: MemberRandom,
     estimators: Sequence[tuple[str, str]] = IWAE_SWEEP_ESTIMATORS,
     groups: Iterable[str] | None = None,
+    reference: tuple[str, str] | None = None,
 ) -> list[dict]:
     """Gradient variance and SNR of the IWAE bound L_k against k at a fixed number M =
     ``n_mc`` of groups, per parameter group, at one fixed model state (Rainforth et al. 2018:
@@ -413,6 +442,9 @@ def k_sweep(
     ``mean`` baseline has no value here and is skipped too. A refining method's λ⁽ᴷ⁾ is
     refined once (with its own settings) and shared. Returns rows {member, param_group,
     estimator, baseline, objective, k, n_mc, draws, metric, value} (``gradient_statistics``).
+    With ``reference`` (an entry of ``estimators``, e.g. ``("reparam", "none")``, unbiased),
+    every other estimator measured at k also gets ``bias_statistics`` against the reference's
+    draws on the same noise (metrics ``grad_bias_relative``, ``grad_bias_z``).
     """
     wanted = _wanted(method, groups)
     lam0 = method.training_lambda(x, idx)
@@ -423,10 +455,14 @@ def k_sweep(
     if m < 1 or int(draws) < 2 or any(int(k) < 1 for k in ks):
         raise ValueError(f"k_sweep needs n_mc >= 1, draws >= 2 and every k >= 1; got n_mc={n_mc}, "
                          f"draws={draws}, ks={list(ks)}")
+    if reference is not None and tuple(reference) not in [tuple(e) for e in estimators]:
+        raise ValueError(f"reference {list(reference)} is not one of the estimators")
+    order = sorted(estimators, key=lambda e: tuple(e) != tuple(reference or ()))
     rows = []
     for k in map(int, ks):
         noise = random.randn((int(draws), m * k, x.shape[1], h), 2, dtype=x.dtype)
-        for est, base in estimators:
+        ref_grads = None
+        for est, base in order:
             support = ESTIMATORS[est].support(k)
             need = None if support is None or base == "mean" else support.baselines.get(base)
             if need is None or (k if k > 1 else m) < need:
@@ -435,9 +471,16 @@ def k_sweep(
                                     n_mc=m, objective="iwae", k=k)
             grads = per_sample_grads(method, x, idx, noise=noise, settings=s, groups=wanted,
                                      refined=refined)
+            is_ref = reference is not None and (est, base) == tuple(reference)
+            if is_ref:
+                ref_grads = grads
             for group, g in grads.items():
                 stats = gradient_statistics(g)
-                for metric in METRICS:
+                if ref_grads is not None and not is_ref:
+                    stats |= bias_statistics(g, ref_grads[group])
+                for metric in stats:
+                    if metric == "n_deterministic":
+                        continue
                     for member, value in enumerate(stats[metric].tolist()):
                         if value == value:  # NaN: undefined for this member
                             rows.append({"member": member, "param_group": group,

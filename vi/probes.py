@@ -23,6 +23,10 @@ or in any module (subclassing ``ProbeBase`` registers it).
 ``images``          test images, reconstructions, decoder samples, the 2-D manifold; table
 ``latents``         the encoded test set with its labels; table
 ``variance_sweep``  gradient variance against estimator, KL mode and M at the end; table
+``k_sweep``         variance, SNR and bias of the IWAE gradient against k per estimator, at
+                    chosen epochs and the end; table
+``iwae_bounds``     the IWAE bounds L_k of the method's own posterior for several k, at the
+                    end; table
 ==================  =========================================================================
 
 Every probe draws from its own streams keyed by its name and the epoch
@@ -640,3 +644,171 @@ class VarianceSweep(ProbeBase):
         failed = set(frame.loc[~finite, "member"].astype(int).tolist())
         return ProbeResult([], {"variance_sweep": frame[finite].reset_index(drop=True)},
                            failed)
+
+
+# ------------------------------------------------------------------- multi-sample objectives
+
+
+class KSweep(ProbeBase):
+    """Gradient variance and SNR of the IWAE bound L_k against k at a fixed number M =
+    ``n_mc`` of groups (``vi.gradstats.k_sweep``; Rainforth et al. 2018, Tucker et al. 2019),
+    per parameter group and (estimator, baseline) of ``estimators`` (score with ``loo`` is
+    VIMCO), with ``draws`` draws on a fixed training minibatch of ``batch`` points and common
+    random numbers across estimators at each k; every estimator but ``reference`` also gets its
+    bias against the reference's draws (``vi.gradstats.bias_statistics``). Measured at
+    ``epochs`` (during training, where the inference gradient still has a signal; none: none)
+    and at the final state. Table ``k_sweep``: the measured estimator in ``grad_estimator``/
+    ``grad_baseline``/``grad_k``/``grad_n_mc`` (the run's own stays in ``estimator``)."""
+
+    name = "k_sweep"
+    fatal = True
+
+    @dataclass(frozen=True)
+    class Options(ProbeBase.Options):
+        ks: tuple[int, ...] = (1, 4, 16, 64)
+        n_mc: int = 1
+        draws: int = 100
+        batch: int = 64
+        estimators: tuple[tuple[str, ...], ...] = gradstats.IWAE_SWEEP_ESTIMATORS
+        reference: tuple[str, ...] | None = ("reparam", "none")
+        epochs: tuple[int, ...] = ()
+
+        def validate(self, config: RunConfig) -> None:
+            from vi.estimators import ESTIMATORS
+
+            if not self.ks:
+                raise ValueError("ks must list at least one k")
+            for k in self.ks:
+                _positive("ks", k, LIMITS["n_mc"])
+            _positive("n_mc", self.n_mc, LIMITS["n_mc"])
+            _positive("draws", self.draws, LIMITS["draws"])
+            if self.draws < 2:
+                raise ValueError("draws must be >= 2")
+            _positive("batch", self.batch, LIMITS["batch_size"])
+            _positive("n_mc x max(ks)", self.n_mc * max(self.ks), LIMITS["n_mc"])
+            if not self.estimators:
+                raise ValueError("estimators must list at least one [estimator, baseline]")
+            for entry in self.estimators:
+                if len(entry) != 2 or entry[0] not in ESTIMATORS:
+                    raise ValueError(f"estimators entries are [estimator, baseline] with an "
+                                     f"estimator of {', '.join(ESTIMATORS)}; got {list(entry)}")
+                if not any((s := ESTIMATORS[entry[0]].support(int(k))) is not None
+                           and entry[1] in s.baselines for k in self.ks):
+                    raise ValueError(f"{list(entry)} is supported at none of ks {list(self.ks)}")
+            if self.reference is not None and tuple(self.reference) not in [
+                    tuple(e) for e in self.estimators]:
+                raise ValueError(f"reference {list(self.reference)} is not one of the "
+                                 f"estimators")
+            for e in self.epochs:
+                if isinstance(e, bool) or not 0 <= e <= LIMITS["epochs"]:
+                    raise ValueError(f"epochs must be integers >= 0; got {e!r}")
+
+    def __init__(self, options: Any) -> None:
+        super().__init__(options)
+        #: the measurements made during training: the trainer keeps a probe's tables only at
+        #: the end, so they are held here and published with the final one (a run resumed from
+        #: a checkpoint has those made after it resumed)
+        self.pending: list[pd.DataFrame] = []
+
+    def due(self, ctx: ProbeContext) -> bool:
+        return ctx.final or ctx.epoch in self.options.epochs
+
+    def __call__(self, ctx: ProbeContext) -> ProbeResult:
+        o = self.options
+        idx = _evaluation_batch(ctx, o.batch)
+        members = torch.arange(idx.shape[0], device=idx.device).unsqueeze(1)
+        rows = gradstats.k_sweep(
+            ctx.method, ctx.x["train"][members, idx], idx, ks=list(o.ks), n_mc=o.n_mc,
+            draws=o.draws, random=ctx.random(self.name),
+            estimators=[tuple(e) for e in o.estimators],
+            reference=tuple(o.reference) if o.reference is not None else None)
+        frame = pd.DataFrame(rows, columns=["member", "param_group", "estimator", "baseline",
+                                            "objective", "k", "n_mc", "draws", "metric",
+                                            "value"])
+        frame = frame.drop(columns="objective").rename(columns={
+            "estimator": "grad_estimator", "baseline": "grad_baseline", "k": "grad_k",
+            "n_mc": "grad_n_mc"})
+        frame.insert(1, "epoch", ctx.epoch)
+        finite = np.isfinite(frame["value"].to_numpy(dtype=float))
+        failed = set(frame.loc[~finite, "member"].astype(int).tolist())
+        frame = frame[finite]
+        if not ctx.final:
+            self.pending.append(frame)
+            return ProbeResult([], {}, failed)
+        out = pd.concat([*self.pending, frame], ignore_index=True)
+        self.pending = []
+        return ProbeResult([], {"k_sweep": out}, failed)
+
+
+class IwaeBounds(ProbeBase):
+    """The importance-weighted bounds L_k (Burda, Grosse & Salakhutdinov 2016) of the method's
+    own posterior q (the encoder's output, or vem's held-out fit), for each k of ``ks``, on the
+    first ``points`` points of each of ``splits``, at the end:
+
+        L̂_k(x) = (1/R) Σ_r log (1/k) Σ_i p_θ(x, z_{r,i}) / q(z_{r,i}; λ(x)),   z ~ q,
+
+    with R = ``repeats`` groups per point; k = 1 is the ELBO with the Monte Carlo KL. Table
+    ``iwae_bounds``: per split and k the mean over the points (``value``) and its standard error
+    over the points (``se``), with the points used (``all N`` / ``first N of M``)."""
+
+    name = "iwae_bounds"
+
+    #: samples per chunk of points (points x repeats x k): bounds the memory of one chunk
+    CHUNK_SAMPLES = 2**18
+
+    @dataclass(frozen=True)
+    class Options(ProbeBase.Options):
+        ks: tuple[int, ...] = (1, 5, 50, 500)
+        splits: tuple[str, ...] = ("test",)
+        points: int | None = 500
+        repeats: int = 4
+
+        def validate(self, config: RunConfig) -> None:
+            if not self.ks:
+                raise ValueError("ks must list at least one k")
+            for k in self.ks:
+                _positive("ks", k, LIMITS["n_mc"])
+            _positive("repeats", self.repeats, LIMITS["n_mc"])
+            if not self.splits or set(self.splits) - {"train", "validation", "test"}:
+                raise ValueError(f"splits must name train/validation/test; got {self.splits}")
+            if self.points is not None:
+                _positive("points", self.points, 10_000_000)
+
+    def __call__(self, ctx: ProbeContext) -> ProbeResult:
+        from vi.objectives import iwae
+
+        o = self.options
+        random = ctx.random(self.name)
+        dec = ctx.method.decoder
+        family = ctx.method.settings.family
+        frames, failed = [], set()
+        for split in o.splits:
+            x = _points(ctx.x[split], o.points)
+            n, total = x.shape[1], ctx.x[split].shape[1]
+            if n == 0:
+                continue
+            label = f"all {total}" if n == total else f"first {n} of {total}"
+            lam, _ = ctx.method.infer(x, random)
+            lam = lam.detach()
+            for k in map(int, o.ks):
+                s = o.repeats * k
+                step = max(1, self.CHUNK_SAMPLES // s)
+                parts = []
+                with torch.no_grad():
+                    for start in range(0, n, step):  # chunks bound the memory of k samples
+                        xb, lb = x[:, start:start + step], lam[:, start:start + step]
+                        eps = random.randn((s, xb.shape[1], dec.latent_dim), 1, dtype=x.dtype)
+                        parts.append(iwae(dec, xb, lb, eps, k, family=family).samples.mean(0))
+                per_point = torch.cat(parts, 1).double()  # [K, N]
+                bad = ~torch.isfinite(per_point).all(1)
+                failed |= set(torch.nonzero(bad).reshape(-1).tolist())
+                se = (per_point.std(1, correction=1) / math.sqrt(n) if n > 1
+                      else torch.full_like(per_point[:, 0], torch.nan))
+                frames.append(pd.DataFrame({
+                    "member": np.arange(per_point.shape[0]), "epoch": ctx.epoch,
+                    "split": split, "k": k, "points": label,
+                    "value": per_point.mean(1).cpu().numpy(), "se": se.cpu().numpy()}))
+        table = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(
+            columns=["member", "epoch", "split", "k", "points", "value", "se"])
+        table = table[~table["member"].isin(failed)].reset_index(drop=True)
+        return ProbeResult([], {"iwae_bounds": table}, failed)
