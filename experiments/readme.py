@@ -70,6 +70,14 @@ _EFFECTS: dict[str, tuple[str, str]] = {
                               "nats", "iv"),
     "posterior_collapse": ("inactive units of the VAE at the largest H", "iv1"),
     "active_units_by_method": ("active units, method − VAE, at the largest H", "iv1"),
+    "richer_family_closes_approximation_gap": ("diagonal − richer family's test approximation "
+                                               "gap, nats", "iv"),
+    "amortization_gap_grows_with_family": ("richer − diagonal family's test amortization gap, "
+                                           "nats", "iv"),
+    "vem_lead_by_family": ("change of vem − VAE test L[q_φ] from the diagonal to the richer "
+                           "family, nats", "iv"),
+    "full_covariance_exact_on_ppca": ("0.01 − full-covariance approximation gap on ppca, nats",
+                                      "iv4"),
 }
 
 
@@ -185,7 +193,7 @@ def _headline(f) -> str:
         def text(r):
             return _ratio_text(r)
     else:
-        digits = 1 if fmt == "iv1" else 2
+        digits = {"iv1": 1, "iv4": 4}.get(fmt, 2)
 
         def text(r):
             return _iv(r["mean"], r["lo"], r["hi"], r["n"], digits)

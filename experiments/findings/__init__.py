@@ -52,8 +52,11 @@ Modules
   (methods at convergence, amortization gaps, refinement), ``log_likelihood`` (decoders
   compared by test log p(x) by AIS; IWAE against AIS), ``factor_analysis`` (converged models
   vs the factor-analysis reference), ``costs`` (test-time inference and training costs),
-  ``inference_steps`` (vem's E-steps, SA-VAE, refinement steps) and ``collapse`` (posterior
-  collapse, active units).
+  ``inference_steps`` (vem's E-steps, SA-VAE, refinement steps), ``collapse`` (posterior
+  collapse, active units), ``families`` (the variational family: approximation and
+  amortization gaps per family, the exact check on ppca), ``multisample`` (the IWAE
+  gradient's SNR against K, STL's bias and VIMCO on the IWAE, training with tighter
+  bounds).
 """
 
 from __future__ import annotations
@@ -65,6 +68,8 @@ from pathlib import Path
 # Importing a group module registers its findings; FINDINGS.md lists the groups in this order.
 from experiments.findings import gradient_variance, convergence, log_likelihood  # noqa: F401
 from experiments.findings import factor_analysis, costs, inference_steps, collapse  # noqa: F401
+from experiments.findings import families  # noqa: F401
+from experiments.findings import multisample  # noqa: F401
 # isort: on
 from experiments.findings.core import (
     CONTRADICTS,
