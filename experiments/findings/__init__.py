@@ -68,7 +68,6 @@ from pathlib import Path
 # Importing a group module registers its findings; FINDINGS.md lists the groups in this order.
 from experiments.findings import gradient_variance, convergence, log_likelihood  # noqa: F401
 from experiments.findings import factor_analysis, costs, inference_steps, collapse  # noqa: F401
-from experiments.findings import multisample  # noqa: F401
 from experiments.findings import families  # noqa: F401
 from experiments.findings import multisample  # noqa: F401
 # isort: on
