@@ -114,8 +114,7 @@ def _publish_table(exp_dir: Path, name: str, frame: pd.DataFrame) -> tuple[str, 
     text = _csv_text(frame)
     if name in PLAIN_TABLES or len(text) <= GZIP_ABOVE:
         path = exp_dir / f"{name}.csv"
-        atomic_write(path, text)
-        return path.name, {"sha256": _digest(text), "rows": len(frame)}, path
+        return path.name, _write_csv(path, frame), path
     path = exp_dir / f"{name}.csv.gz"
     data = gzip.compress(text.encode(), compresslevel=9, mtime=0)
     atomic_write(path, data)
