@@ -72,6 +72,7 @@ def last_json(out: subprocess.CompletedProcess, name: str) -> dict:
     ("gradvar", []),
     ("ais", []),
     ("long_schedule", []),
+    ("families", []),
     ("ensemble", ["--profile", "--profile-top", "5", "--reproduce"]),
 ])
 def test_quick_run_prints_one_json_line(name: str, extra: list[str]) -> None:
