@@ -543,6 +543,52 @@ def test_step_sizes_decay_per_member_on_its_own_plateaus(monkeypatch, name):
             assert torch.equal(flat.state[part][n], t), (part, n)
 
 
+def test_plateau_window_grows_with_the_phase(monkeypatch):
+    """``window_fraction`` f: a phase begun at epoch s is at its plateau at epoch e after
+    max(patience, ⌈f (e − s) / check_every⌉) checks without a gain of ``min_delta``. The curve
+    rises to epoch 10 and is flat after: with f = 0 (patience 2) the run stops at epoch 12;
+    with f = 0.5 it needs j ≥ ⌈(10 + j) / 2⌉ flat checks, j = 10: its first plateau is at
+    epoch 20. There it decays, and the new phase's window starts again from its own length:
+    flat, it stops after patience = 2 checks, at epoch 22 (not after another 11)."""
+    lr = 1e-3
+    curves = {lr: [100.0 + 10 * min(e, 10) for e in range(31)]}
+    runs = {}
+    for fraction, decays in ((0.0, 0), (0.5, 0), (0.5, 1)):
+        _scripted_validation(monkeypatch, curves)
+        config = _small(seed=0, method=dict(name="amortized", lr=lr),
+                        training=_decaying(decays=decays, window_fraction=fraction)
+                        | {"max_epochs": 30})
+        (runs[fraction, decays],) = Trainer([config]).fit()
+    assert {key: (r.epochs_run, r.decay_epochs, r.best_epoch, r.stop_reason)
+            for key, r in runs.items()} == {(0.0, 0): (12, [], 10, "plateau"),
+                                            (0.5, 0): (20, [], 10, "plateau"),
+                                            (0.5, 1): (22, [20], 10, "plateau")}
+    with pytest.raises(ValueError, match="window_fraction must lie in"):
+        _small(training=_decaying(window_fraction=1.0))
+
+
+def test_checks_thin_out_after_check_span(monkeypatch):
+    """``check_span`` S: checks every ``check_every`` epochs before epoch 2S, then every
+    check_every × 2^⌊log2(e / S)⌋ (S = 4: every epoch to 7, every 2nd to 15, every 4th to 31),
+    and at the cap; the rising run is checked at exactly those epochs."""
+    from vi.config import StoppingConfig
+
+    rule = StoppingConfig(check_every=1, check_span=4)
+    assert [rule.interval(e) for e in (0, 7, 8, 15, 16, 31, 32)] == [1, 1, 2, 2, 4, 4, 8]
+    assert [e for e in range(1, 21) if rule.due(e)] == [1, 2, 3, 4, 5, 6, 7, 8, 10, 12, 14, 16,
+                                                        20]
+    assert StoppingConfig(check_every=5).interval(10 ** 6) == 5  # check_span 0: fixed
+    lr = 1e-3
+    _scripted_validation(monkeypatch, {lr: [100.0 + e for e in range(21)]})
+    config = _small(seed=0, method=dict(name="amortized", lr=lr),
+                    training=_decaying(check_span=4) | {"max_epochs": 19})
+    (run,) = Trainer([config]).fit()
+    checked = sorted({r["epoch"] for r in run.rows
+                      if r["split"] == "validation" and r["metric"] == "elbo"})
+    assert checked == [0, 1, 2, 3, 4, 5, 6, 7, 8, 10, 12, 14, 16, 19]
+    assert run.stop_reason == "max_epochs" and run.best_epoch == 19
+
+
 def test_outcomes_on_scripted_validation_curves(monkeypatch):
     """Four members, one per outcome, each judged on its own curve (no decays, patience 2):
     ``converged`` (a plateau, still above its best − 1 nat), ``collapsed`` (a plateau 5 nats

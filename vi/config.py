@@ -134,17 +134,35 @@ class StoppingConfig:
     min_epochs: int = 50
     decays: int = 2
     decay: float = 0.3
+    window_fraction: float = 0.0
+    check_span: int = 0
     stuck_margin: float = 0.5
     collapse_margin: float = 1.0
+
+    def interval(self, epoch: int) -> int:
+        """Epochs between checks around ``epoch``: ``check_every`` × 2^⌊log2(epoch /
+        check_span)⌋ from epoch 2 · ``check_span`` on (``check_every`` before, and always when
+        ``check_span`` = 0): the checks of a long run thin out geometrically."""
+        if not self.check_span or epoch < 2 * self.check_span:
+            return self.check_every
+        return self.check_every * 2 ** (int(epoch // self.check_span).bit_length() - 1)
+
+    def due(self, epoch: int) -> bool:
+        """Whether the rule checks at the end of ``epoch``."""
+        return epoch % self.interval(epoch) == 0
 
     def validate(self) -> None:
         _in_range("training.stopping.check_every", self.check_every, 1, LIMITS["epochs"])
         _in_range("training.stopping.patience", self.patience, 1, LIMITS["epochs"])
         _in_range("training.stopping.min_epochs", self.min_epochs, 0, LIMITS["epochs"])
         _in_range("training.stopping.decays", self.decays, 0, 100)
+        _in_range("training.stopping.check_span", self.check_span, 0, LIMITS["epochs"])
         if not (math.isfinite(self.min_delta) and self.min_delta >= 0):
             raise ValueError(f"training.stopping.min_delta must be finite and >= 0; got "
                              f"{self.min_delta}")
+        if not (math.isfinite(self.window_fraction) and 0 <= self.window_fraction < 1):
+            raise ValueError(f"training.stopping.window_fraction must lie in [0, 1); got "
+                             f"{self.window_fraction}")
         if not (math.isfinite(self.decay) and 0 < self.decay < 1):
             raise ValueError(f"training.stopping.decay must lie in (0, 1); got {self.decay}")
         for name in ("stuck_margin", "collapse_margin"):

@@ -472,6 +472,18 @@ class Trainer:
         else:
             self.bad[k] += 1
 
+    def _patience(self, k: int) -> int:
+        """The checks without improvement that make member k's phase a plateau:
+        max(patience, ⌈window_fraction · (e − s) / interval(e)⌉) at epoch e of a phase begun at
+        epoch s (its last decay, else 0), checks ``interval(e)`` epochs apart: the phase ends
+        when its last ``window_fraction`` of epochs (at least ``patience`` checks) gained no
+        more than ``min_delta``."""
+        rule = self.configs[k].training.stopping
+        start = self.decay_epochs[k][-1] if self.decay_epochs[k] else 0
+        grown = math.ceil(rule.window_fraction * (self.epoch - start)
+                          / rule.interval(self.epoch) - 1e-9)
+        return max(rule.patience, grown)
+
     def _decay(self, members: Sequence[int]) -> None:
         """A new phase for ``members`` (each at its own plateau): one more decay, the plateau
         count reset, the phase's best = its latest check, the step sizes set."""
@@ -531,7 +543,7 @@ class Trainer:
         c = self.configs[0].training
         running = [k for k in range(self.members) if self.status[k] == "running"]
         evaluating = self.epoch in self._eval_epochs
-        checking = c.stopping is not None and (self.epoch % c.stopping.check_every == 0
+        checking = c.stopping is not None and (c.stopping.due(self.epoch)
                                                or self.epoch == c.max_epochs)
         splits = list(c.eval_splits) if evaluating else []
         if checking and "validation" not in splits:
@@ -565,8 +577,8 @@ class Trainer:
             if self.status[k] == "diverged":
                 finishing.append((k, "diverged"))
             elif self.status[k] == "running":
-                plateau = c.stopping is not None and self.bad[k] >= c.stopping.patience \
-                    and self.epoch >= c.stopping.min_epochs
+                plateau = c.stopping is not None and self.epoch >= c.stopping.min_epochs \
+                    and self.bad[k] >= self._patience(k)
                 if plateau and self.decays[k] >= c.stopping.decays:
                     finishing.append((k, "plateau"))
                 elif self.epoch >= c.max_epochs:
