@@ -607,6 +607,8 @@ PROBE_OPTIONS = {
     "latents": {},
     "variance_sweep": {"n_mc": [2], "draws": 3, "batch": 4,
                        "estimators": [["reparam", "none", "analytic"], ["score", "loo", "mc"]]},
+    "k_sweep": {"ks": [1, 2], "draws": 3, "batch": 4},
+    "iwae_bounds": {"ks": [1, 3], "points": 6, "repeats": 2},
 }
 
 
