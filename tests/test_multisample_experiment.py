@@ -110,7 +110,7 @@ def test_grid_expands(scale) -> None:
     probe only on the ELBO-trained models."""
     grid = load_grid("multisample").scaled(scale)
     cells = grid.cells()
-    assert len(cells) == (84 if scale == "default" else 24)
+    assert len(cells) == (48 if scale == "default" else 6)
     for c in cells:
         m = c["method"]
         assert m["kl"] == "mc" and (m["objective"] == "iwae") == (m["k"] > 1)
