@@ -587,6 +587,15 @@ def test_checks_thin_out_after_check_span(monkeypatch):
                       if r["split"] == "validation" and r["metric"] == "elbo"})
     assert checked == [0, 1, 2, 3, 4, 5, 6, 7, 8, 10, 12, 14, 16, 19]
     assert run.stop_reason == "max_epochs" and run.best_epoch == 19
+    # the plateau window is in epochs, whatever the spacing of the checks: rising to epoch 10,
+    # flat after, it stops at the first check e with e − 10 ≥ max(2 · interval(e), 0.5 e): 20
+    # (the 9th check after epoch 0 is epoch 10)
+    _scripted_validation(monkeypatch, {lr: [100.0 + 10 * min(n, 9) for n in range(21)]})
+    config = _small(seed=0, method=dict(name="amortized", lr=lr),
+                    training=_decaying(check_span=4, window_fraction=0.5, decays=0)
+                    | {"max_epochs": 40})
+    (run,) = Trainer([config]).fit()
+    assert (run.epochs_run, run.best_epoch, run.stop_reason) == (20, 10, "plateau")
 
 
 def test_outcomes_on_scripted_validation_curves(monkeypatch):

@@ -277,6 +277,7 @@ class Trainer:
         self.best_step = [0] * k
         self.best_elapsed = [0.0] * k
         self.bad = [0] * k
+        self.gain_epoch = [0] * k
         self.phase_best = [-math.inf] * k
         self.decays = [0] * k
         self.decay_epochs: list[list[int]] = [[] for _ in range(k)]
@@ -468,21 +469,20 @@ class Trainer:
             for name, tensor in self.method.state_dict().items():
                 self.best_state[name][k].copy_(tensor[k])
         if value > self.phase_best[k] + rule.min_delta:
-            self.phase_best[k], self.bad[k] = value, 0
+            self.phase_best[k], self.bad[k], self.gain_epoch[k] = value, 0, self.epoch
         else:
             self.bad[k] += 1
 
-    def _patience(self, k: int) -> int:
-        """The checks without improvement that make member k's phase a plateau:
-        max(patience, ⌈window_fraction · (e − s) / interval(e)⌉) at epoch e of a phase begun at
-        epoch s (its last decay, else 0), checks ``interval(e)`` epochs apart: the phase ends
-        when its last ``window_fraction`` of epochs (at least ``patience`` checks) gained no
-        more than ``min_delta``."""
+    def _plateau(self, k: int) -> bool:
+        """Whether member k's phase is at its plateau at epoch e: its last gain of more than
+        ``min_delta`` (or its start) at epoch g, the phase begun at epoch s (its last decay,
+        else 0), e − g ≥ max(patience · interval(e), window_fraction · (e − s)): no gain over
+        ``patience`` checks nor over the last ``window_fraction`` of the phase."""
         rule = self.configs[k].training.stopping
         start = self.decay_epochs[k][-1] if self.decay_epochs[k] else 0
-        grown = math.ceil(rule.window_fraction * (self.epoch - start)
-                          / rule.interval(self.epoch) - 1e-9)
-        return max(rule.patience, grown)
+        window = max(rule.patience * rule.interval(self.epoch),
+                     rule.window_fraction * (self.epoch - start))
+        return self.epoch >= rule.min_epochs and self.epoch - self.gain_epoch[k] >= window
 
     def _decay(self, members: Sequence[int]) -> None:
         """A new phase for ``members`` (each at its own plateau): one more decay, the plateau
@@ -490,7 +490,7 @@ class Trainer:
         for k in members:
             self.decays[k] += 1
             self.decay_epochs[k].append(self.epoch)
-            self.bad[k] = 0
+            self.bad[k], self.gain_epoch[k] = 0, self.epoch
             checks = self._validation(k)
             self.phase_best[k] = checks[max(checks)]  # the latest check
         self._apply_decays()
@@ -577,8 +577,7 @@ class Trainer:
             if self.status[k] == "diverged":
                 finishing.append((k, "diverged"))
             elif self.status[k] == "running":
-                plateau = c.stopping is not None and self.epoch >= c.stopping.min_epochs \
-                    and self.bad[k] >= self._patience(k)
+                plateau = c.stopping is not None and self._plateau(k)
                 if plateau and self.decays[k] >= c.stopping.decays:
                     finishing.append((k, "plateau"))
                 elif self.epoch >= c.max_epochs:
@@ -783,8 +782,8 @@ class Trainer:
         self.x = {s: t[index.to(t.device)] for s, t in self.x.items()}
         self.labels = {s: t[index] for s, t in self.labels.items()}
         for name in ("run_ids", "elapsed", "rows", "evaluated", "probed", "status", "message",
-                     "best", "best_epoch", "best_step", "best_elapsed", "bad", "phase_best",
-                     "decays", "decay_epochs"):
+                     "best", "best_epoch", "best_step", "best_elapsed", "bad", "gain_epoch",
+                     "phase_best", "decays", "decay_epochs"):
             values = getattr(self, name)
             setattr(self, name, [values[k] for k in keep])
         if keep:
@@ -810,7 +809,8 @@ class Trainer:
             "evaluated": sorted(self.evaluated[k]), "probed": sorted(self.probed[k]),
             "stop": {"best": self.best[k], "best_epoch": self.best_epoch[k],
                      "best_step": self.best_step[k], "best_elapsed": self.best_elapsed[k],
-                     "bad": self.bad[k], "phase_best": self.phase_best[k],
+                     "bad": self.bad[k], "gain_epoch": self.gain_epoch[k],
+                     "phase_best": self.phase_best[k],
                      "decays": self.decays[k], "decay_epochs": list(self.decay_epochs[k])},
             "module": one(self.method.state_dict()), "optim": one(self.method.optimizer_state()),
             "best_module": one(self.best_state),
@@ -859,6 +859,11 @@ class Trainer:
         # a checkpoint written before step-size decays: no decays, the phase's best = the best
         trainer.phase_best = [s["stop"].get("phase_best", s["stop"]["best"]) for s in states]
         trainer.decays = [int(s["stop"].get("decays", 0)) for s in states]
+        # a checkpoint written before gain_epoch: the last gain `bad` checks back
+        every = configs[0].training.stopping.check_every if configs[0].training.stopping else 1
+        trainer.gain_epoch = [int(s["stop"].get("gain_epoch",
+                                                s["epoch"] - s["stop"]["bad"] * every))
+                              for s in states]
         trainer.decay_epochs = [list(s["stop"].get("decay_epochs", [])) for s in states]
         trainer._apply_decays()
         return trainer
