@@ -73,6 +73,8 @@ class ProbeBase:
     fatal: ClassVar[bool] = False
     metrics: ClassVar[tuple[str, ...]] = ()
     tables: ClassVar[tuple[str, ...]] = ()
+    #: the declared tables it writes only under some options (the others it always writes)
+    optional_tables: ClassVar[tuple[str, ...]] = ()
 
     @dataclass(frozen=True)
     class Options:
@@ -245,6 +247,7 @@ class Gaps(ProbeBase):
     points belong to no split, so there are no metric rows)."""
 
     name = "gaps"
+    optional_tables = ("bdmc",)  # with bdmc_points > 0 only
 
     @dataclass(frozen=True)
     class Options(ProbeBase.Options):
