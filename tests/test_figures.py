@@ -171,6 +171,18 @@ def write_study(root: Path) -> Path:
         for split in ("train", "test") if not bad else ():
             table += gaps(i, split, 2.0 + 0.1 * s, 0.1 * s if m == "vem" else 1.5 + s, s == 1)
     save(root, "amortization_gap", rows, runs, gaps=table)
+    # families: per-point gaps per variational family (ppca, exact log p(x))
+    rows, runs, table = [], [], []
+    for m, fam, s in ((m, f, s) for m in ("vem", "amortized") for f in ("diagonal", "full", "flow")
+                      for s in SEEDS):
+        i = ident("families", "ppca", m, "reparam", 4, s, f"-{fam}")
+        runs.append(run(i, **{"method.family": fam}))
+        rows.append(mrow(i, 0, "elbo", -200.0))
+        for split in ("train", "test"):
+            table += [{**r, "family": fam, "log_px_exact": r["log_px_iwae"]} for r in
+                      gaps(i, split, 0.0 if fam == "full" else 0.1, 0.1 if m == "vem" else 1.0,
+                           False)]
+    save(root, "families", rows, runs, gaps=table)
     rows, runs, table = [], [], []
     for m, k, s in ((m, k, s) for m in ("semi_amortized", "sa_vae") for k in (1, 5) for s in SEEDS):
         i = ident("refinement", "digits", m, "reparam", 5, s, f"-r{k}")
@@ -238,6 +250,7 @@ def write_study(root: Path) -> Path:
 EXPECTED = {
     "lr_selection": ["lr_selection"], "vem_e_steps": ["elbo_vs_epoch_and_seconds"],
     "refinement": ["refinement_vs_steps"], "amortization_gap": ["gaps_digits", "gaps_ppca"],
+    "families": ["families_ppca"],
     "elbo_curves": [f"elbo_vs_{x}_{s}" for x in ("examples", "epoch", "seconds")
                     for s in ("train", "test")] + [
         "final_elbo_vs_latent_dim", "active_units_vs_latent_dim", "test_time_inference",
@@ -250,7 +263,8 @@ EXPECTED = {
     "mnist_curves": ["elbo_vs_examples", "final_elbo_vs_latent_dim",
                      "active_units_vs_latent_dim", "images_H3", "images_H5"]}
 TABLES = {e: [f"{t}.{x}" for x in ("csv", "md")] for e, t in (
-    ("gradient_variance", "variance_ratio"), ("amortization_gap", "gaps_table"))}
+    ("gradient_variance", "variance_ratio"), ("amortization_gap", "gaps_table"),
+    ("families", "gaps_table"))}
 
 _DRAW = textwrap.dedent("""
     import json, sys

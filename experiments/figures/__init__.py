@@ -55,6 +55,7 @@ several latent dimensions):
   ``grad_variance_vs_n_mc[_H]``, ``grad_variance_per_cost_vs_n_mc[_H]``,
   ``variance_ratio_vs_latent_dim``; tables ``variance_ratio.csv``/``.md``
 - amortization_gap: ``gaps_<dataset>``; tables ``gaps_table.csv``/``.md``
+- families: ``families_<dataset>``; tables ``gaps_table.csv``/``.md`` (a row per family)
 - ppca_exact: ``elbo_vs_target[_H]``, ``grad_variance_vs_n_mc[_H]``
 - mnist_curves: ``elbo_vs_examples``, ``final_elbo_vs_latent_dim``,
   ``active_units_vs_latent_dim``, ``images[_H]``, ``manifold``

@@ -22,7 +22,6 @@ from pathlib import Path
 
 import pandas as pd
 from matplotlib.figure import Figure
-from matplotlib.patches import Patch
 
 from experiments.figures import style
 from experiments.figures.amortization_gap import (
@@ -34,7 +33,7 @@ from experiments.figures.amortization_gap import (
 )
 from experiments.figures.drawing import empty_panel, panel_grid, save_table, suptitle
 from experiments.figures.loading import ExperimentResults, SkipFigure
-from experiments.figures.marks import Tally
+from experiments.figures.marks import Tally, legend
 from experiments.figures.registry import register, register_table
 from experiments.figures.style import (
     LABEL_ORDER,
@@ -55,7 +54,7 @@ FAMILY_NAMES = {"diagonal": "diagonal Gaussian", "full": "full-covariance Gaussi
                 "flow": "planar flow"}
 #: the two stacked segments: (column, legend text, hatch)
 SEGMENTS = (("approximation_gap", "approximation gap log p(x) − L[q*]", None),
-            ("amortization_gap", "amortization gap L[q*] − L[q_φ] (hatched)", "///"))
+            ("amortization_gap", "amortization gap L[q*] − L[q_φ]", "///"))
 
 
 @register(EXPERIMENT, inputs=INPUTS)
@@ -98,7 +97,7 @@ def _stacked(d: pd.DataFrame, dataset: str) -> Figure:
                         sd = float(v[col].std(ddof=1)) if len(v) > 1 else 0.0
                         ax.bar(pos, mean, width * 0.9, bottom=bottom, color=colours[fam],
                                alpha=0.85 if hatch is None else 0.45, hatch=hatch,
-                               edgecolor="0.2", lw=0.5)
+                               edgecolor="0.2", lw=0.5, label=_label(fam, col))
                         ax.errorbar(pos, bottom + mean, yerr=sd, color="0.15", lw=0.8,
                                     capsize=1.5)
                         bottom += mean
@@ -116,17 +115,18 @@ def _stacked(d: pd.DataFrame, dataset: str) -> Figure:
                   f"(Cremer et al. 2018), models {TRAINING_LENGTH}; q* fitted in the method's "
                   f"own family; log p(x) {kinds}; segments: mean over {seeds_text(ok['seed'])}, "
                   f"error bars: sd")
-    handles = [Patch(facecolor=colours[f], edgecolor="0.2", label=FAMILY_NAMES.get(f, f))
-               for f in fams]
-    handles += [Patch(facecolor="0.85", edgecolor="0.2", hatch=h, label=text)
-                for _, text, h in SEGMENTS]
     notes = Tally().add(d.drop_duplicates("run_id")).notes()
-    title = "family; segment" + ("; " + "; ".join(f"{k}: {v}" for k, v in notes.items())
-                                  if notes else "")
-    fig.legend(handles=handles, loc="outside lower center", frameon=False, fontsize=8,
-               ncols=min(len(handles), 3), title=title, title_fontsize=9)
-    fig.set_figheight(fig.get_figheight() + 0.6)
+    title = ("family: segment (bottom: approximation gap, hatched top: amortization gap)"
+             + ("; " + "; ".join(f"{k}: {v}" for k, v in notes.items()) if notes else ""))
+    legend(fig, title=title, order=[_label(f, c) for f in fams for c, _, _ in SEGMENTS],
+           ncols=2)
     return fig
+
+
+def _label(family: str, column: str) -> str:
+    """The legend entry of one family's segment."""
+    text = dict((c, t) for c, t, _ in SEGMENTS)[column]
+    return f"{FAMILY_NAMES.get(family, family)}: {text}"
 
 
 @register_table(EXPERIMENT, outputs=("gaps_table.csv", "gaps_table.md"))
