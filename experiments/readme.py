@@ -31,6 +31,7 @@ from experiments import findings as F
 from experiments import summary as S
 from experiments.findings.core import CONTRADICTS, SINGLE, SUPPORTS, UNCLEAR, _extremes, _iv
 from experiments.findings.core import _ratio_of as _ratio_text
+from experiments.findings.effects import EFFECTS
 from experiments.vocabulary import LABEL_ORDER, METHOD_ORDER, experiment_order, ordered
 from vi.files import atomic_write
 
@@ -46,40 +47,6 @@ _NOTE = ("<!-- generated from the CSVs by `python -m experiments readme`; do not
 _JUDGED = (SUPPORTS, CONTRADICTS, UNCLEAR, SINGLE)
 _NAMES = {"vem": "vem", "amortized": "amortized", "semi_amortized": "semi-amortized",
           "sa_vae": "SA-VAE"}
-
-#: per finding (key): what its effect measures, and whether it is a log10 ratio shown as a ratio
-_EFFECTS: dict[str, tuple[str, str]] = {
-    "score_vs_reparam_variance": ("gradient variance ratio score+none / reparam", "ratio"),
-    "variance_ratio_vs_latent_dim": ("slope of the log10 variance ratio on log10 H", "iv"),
-    "score_baselines": ("variance reduction no baseline / baseline", "ratio"),
-    "stl_near_optimum": ("variance ratio reparam / STL", "ratio"),
-    "amortization_gap_train_vs_test": ("test − train amortization gap of the VAE, nats", "iv"),
-    "refinement_reduces_amortization_gap": ("reduction of the test amortization gap, nats",
-                                            "iv"),
-    "refinement_improves_test_elbo": ("test ELBO gain over the VAE, nats", "iv"),
-    "beats_factor_analysis_digits": ("test ELBO − factor analysis, nats", "iv"),
-    "beats_factor_analysis_mnist5k": ("test ELBO − factor analysis, nats", "iv"),
-    "test_time_encoder_start": ("ELBO from the encoder − from the prior at equal E-steps, nats",
-                                "iv"),
-    "score_training_cost_epochs": ("ELBO(reparam) − ELBO(score) at equal epochs, nats", "iv"),
-    "score_training_cost_seconds": ("ELBO(reparam) − ELBO(score) at equal seconds, nats", "iv"),
-    "vem_e_steps_epochs": ("gain over the fewest E-steps at equal epochs, nats", "iv"),
-    "vem_e_steps_seconds": ("gain over the fewest E-steps at equal seconds, nats", "iv"),
-    "sa_vae_vs_semi_amortized": ("SA-VAE − semi-amortized test ELBO, nats", "iv"),
-    "more_refinement_steps": ("test ELBO gain from the fewest to the most refinement steps, "
-                              "nats", "iv"),
-    "posterior_collapse": ("inactive units of the VAE at the largest H", "iv1"),
-    "active_units_by_method": ("active units, method − VAE, at the largest H", "iv1"),
-    "richer_family_closes_approximation_gap": ("diagonal − richer family's test approximation "
-                                               "gap, nats", "iv"),
-    "amortization_gap_grows_with_family": ("richer − diagonal family's test amortization gap, "
-                                           "nats", "iv"),
-    "vem_lead_by_family": ("change of vem − VAE test L[q_φ] from the diagonal to the richer "
-                           "family, nats", "iv"),
-    "full_covariance_exact_on_ppca": ("0.01 − full-covariance approximation gap on ppca, nats",
-                                      "iv4"),
-}
-
 
 class ReadmeError(ValueError):
     """The README lacks a block's markers, or holds them out of order."""
@@ -180,7 +147,7 @@ def _selection_line(results: Path) -> str:
 def _headline(f) -> str:
     """The range of a finding's effect over its tested cells, each with its interval."""
     t = f.table
-    effect, fmt = _EFFECTS.get(f.key, ("effect", "iv"))
+    effect, fmt = EFFECTS.get(f.key, ("effect", "iv"))
     if f.key == "test_time_cost":
         return _test_time_cost(f)
     if t is None or t.empty or not {"mean", "lo", "hi", "n"} <= set(t.columns):
