@@ -163,7 +163,9 @@ def test_the_trainer_refuses_a_row_its_probe_does_not_declare(registries) -> Non
 def test_probe_metrics_lists_every_probe_metric_with_its_description() -> None:
     out = probes.probe_metrics()
     assert set(out) == {m for cls in PROBES.values() for m in cls.metrics}
-    assert set(out) | set(contract.TRAINER_METRICS) == set(contract.METRICS)
+    assert set(out) | set(contract.TRAINER_METRICS) | set(contract.TABLE_ONLY_METRICS) == set(
+        contract.METRICS)
+    assert not set(out) & set(contract.TABLE_ONLY_METRICS)
 
 
 def test_a_recorded_contract_round_trips_and_keeps_known_declarations(registries) -> None:

@@ -48,6 +48,7 @@ __all__ = [
     "OUTCOME_COLUMNS",
     "PROBES",
     "TABLES",
+    "TABLE_ONLY_METRICS",
     "TRAINER_METRICS",
     "ContractError",
     "ProbeContract",
@@ -147,6 +148,8 @@ METRICS: dict[str, str] = {
 }
 #: the metrics the trainer itself writes
 TRAINER_METRICS = ("elbo", "elbo_running", "e_steps")
+#: metric names that appear only in a table's metric column, never as metrics.csv rows
+TABLE_ONLY_METRICS = ("grad_bias_relative", "grad_bias_z")
 #: the statistics of a gradient estimate (``vi.gradstats.gradient_statistics``)
 GRADIENT_METRICS = ("grad_var_total", "grad_var_relative", "grad_snr_mean", "grad_snr_median",
                     "grad_mean_norm")
