@@ -183,6 +183,26 @@ def write_study(root: Path) -> Path:
                       gaps(i, split, 0.0 if fam == "full" else 0.1, 0.1 if m == "vem" else 1.0,
                            False)]
     save(root, "families", rows, runs, gaps=table)
+    # multisample: SNR against K (inference ∝ K^-1/2, decoder ∝ K^+1/2) during training and at
+    # the end, and the K-trained models' test bounds
+    rows, runs, sweep, bounds, table = [], [], [], [], []
+    for m, k, s in ((m, k, s) for m in ("amortized", "vem") for k in (1, 5) for s in SEEDS):
+        i = ident("multisample", "digits", m, "reparam", 5, s, f"-k{k}")
+        runs.append(run(i, **{"method.k": k, "method.objective": "iwae" if k > 1 else "elbo"}))
+        rows.append(mrow(i, 0, "elbo", -200.0))
+        bounds += [{**i, "epoch": EPOCHS, "split": "test", "k": kk, "value": -100.0 + kk / 10,
+                    "se": 0.1} for kk in (1, 10)]
+        table += gaps(i, "test", 2.0, 1.0 + 0.1 * k, False)
+        if k > 1:
+            continue
+        group = "encoder" if m == "amortized" else "local"
+        sweep += [{**i, "epoch": ep, "param_group": g, "grad_estimator": e, "grad_baseline": b,
+                   "grad_k": kk, "grad_n_mc": 1, "metric": "grad_snr_mean",
+                   "value": (kk ** (-0.5 if g != "decoder" else 0.5)) * (1 + 0.1 * s)}
+                  for ep in (2, EPOCHS) for g in (group, "decoder")
+                  for e, b in (("reparam", "none"), ("dreg", "none"), ("score", "loo"))
+                  for kk in (1, 4, 16)]
+    save(root, "multisample", rows, runs, k_sweep=sweep, iwae_bounds=bounds, gaps=table)
     rows, runs, table = [], [], []
     for m, k, s in ((m, k, s) for m in ("semi_amortized", "sa_vae") for k in (1, 5) for s in SEEDS):
         i = ident("refinement", "digits", m, "reparam", 5, s, f"-r{k}")
@@ -251,6 +271,7 @@ EXPECTED = {
     "lr_selection": ["lr_selection"], "vem_e_steps": ["elbo_vs_epoch_and_seconds"],
     "refinement": ["refinement_vs_steps"], "amortization_gap": ["gaps_digits", "gaps_ppca"],
     "families": ["families_ppca"],
+    "multisample": ["snr_vs_k_epoch2", "snr_vs_k_final", "training_vs_k_digits"],
     "elbo_curves": [f"elbo_vs_{x}_{s}" for x in ("examples", "epoch", "seconds")
                     for s in ("train", "test")] + [
         "final_elbo_vs_latent_dim", "active_units_vs_latent_dim", "test_time_inference",
