@@ -549,22 +549,27 @@ def test_plateau_window_grows_with_the_phase(monkeypatch):
     rises to epoch 10 and is flat after: with f = 0 (patience 2) the run stops at epoch 12;
     with f = 0.5 it needs j ≥ ⌈(10 + j) / 2⌉ flat checks, j = 10: its first plateau is at
     epoch 20. There it decays, and the new phase's window starts again from its own length:
-    flat, it stops after patience = 2 checks, at epoch 22 (not after another 11)."""
+    flat, it stops after patience = 2 checks, at epoch 22 (not after another 11); with
+    ``phase_fraction`` 0.25 that phase lasts at least 0.25 · 20 epochs: it stops at 25."""
     lr = 1e-3
     curves = {lr: [100.0 + 10 * min(e, 10) for e in range(31)]}
     runs = {}
-    for fraction, decays in ((0.0, 0), (0.5, 0), (0.5, 1)):
+    for fraction, decays, phase in ((0.0, 0, 0.0), (0.5, 0, 0.0), (0.5, 1, 0.0),
+                                    (0.5, 1, 0.25)):
         _scripted_validation(monkeypatch, curves)
         config = _small(seed=0, method=dict(name="amortized", lr=lr),
-                        training=_decaying(decays=decays, window_fraction=fraction)
-                        | {"max_epochs": 30})
-        (runs[fraction, decays],) = Trainer([config]).fit()
+                        training=_decaying(decays=decays, window_fraction=fraction,
+                                           phase_fraction=phase) | {"max_epochs": 30})
+        (runs[fraction, decays, phase],) = Trainer([config]).fit()
     assert {key: (r.epochs_run, r.decay_epochs, r.best_epoch, r.stop_reason)
-            for key, r in runs.items()} == {(0.0, 0): (12, [], 10, "plateau"),
-                                            (0.5, 0): (20, [], 10, "plateau"),
-                                            (0.5, 1): (22, [20], 10, "plateau")}
+            for key, r in runs.items()} == {(0.0, 0, 0.0): (12, [], 10, "plateau"),
+                                            (0.5, 0, 0.0): (20, [], 10, "plateau"),
+                                            (0.5, 1, 0.0): (22, [20], 10, "plateau"),
+                                            (0.5, 1, 0.25): (25, [20], 10, "plateau")}
     with pytest.raises(ValueError, match="window_fraction must lie in"):
         _small(training=_decaying(window_fraction=1.0))
+    with pytest.raises(ValueError, match="phase_fraction must lie in"):
+        _small(training=_decaying(phase_fraction=-0.1))
 
 
 def test_checks_thin_out_after_check_span(monkeypatch):
@@ -577,7 +582,7 @@ def test_checks_thin_out_after_check_span(monkeypatch):
     assert [rule.interval(e) for e in (0, 7, 8, 15, 16, 31, 32)] == [1, 1, 2, 2, 4, 4, 8]
     assert [e for e in range(1, 21) if rule.due(e)] == [1, 2, 3, 4, 5, 6, 7, 8, 10, 12, 14, 16,
                                                         20]
-    assert StoppingConfig(check_every=5).interval(10 ** 6) == 5  # check_span 0: fixed
+    assert StoppingConfig(check_every=5, check_span=0).interval(10 ** 6) == 5  # fixed
     lr = 1e-3
     _scripted_validation(monkeypatch, {lr: [100.0 + e for e in range(21)]})
     config = _small(seed=0, method=dict(name="amortized", lr=lr),

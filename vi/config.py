@@ -110,17 +110,34 @@ class ModelConfig:
 class StoppingConfig:
     """The plateau rule on the validation ELBO, with step-size decays (``vi.training``).
 
-    The rule is checked every ``check_every`` epochs; a check improves when it beats the best of
-    its *phase* by more than ``min_delta`` nats; after ``patience`` checks without improvement
-    the phase has reached its plateau, but never before ``min_epochs`` (a decoder started at the
-    no-latent Gaussian can dip below it for a few epochs before its latent variables pay off).
-    At a plateau every training step size of the run (decoder θ, encoder φ, vem's local table
-    λ: the optimisers' step sizes) is multiplied by ``decay`` and a new phase begins with its own
-    plateau, up to ``decays`` times; training stops at the last phase's plateau (``plateau``)
-    or at ``max_epochs``; the state with the highest validation ELBO of any check is restored.
+    Checks: the validation ELBO is evaluated every ``check_every`` epochs up to epoch
+    2 · ``check_span``, then every ``check_every`` · 2^⌊log2(e / check_span)⌋ epochs (every 10
+    from epoch 400, 20 from 800, 40 from 1,600 at the defaults), and at ``max_epochs``: the
+    checks of a long run thin out geometrically (``check_span`` = 0: a fixed interval), since
+    each check costs vem a held-out fit of the validation split.
+
+    Phases: a check *gains* when it beats the best check of its phase by more than
+    ``min_delta`` nats. A phase begun at epoch s (0, or its last decay) is at its plateau at a
+    check at epoch e when its last gain g is far enough back:
+
+        e − g ≥ max(patience · interval(e), window_fraction · (e − s)),
+
+    i.e. neither ``patience`` checks nor the last ``window_fraction`` of the phase gained
+    ``min_delta``: the rule stops what gains less than about min_delta / (window_fraction ·
+    (e − s)) nats per epoch, a threshold that falls as the phase goes on, so a slow but
+    steady climb (vem on digits: ~7 · 10⁻⁴ nat per epoch from epoch 1,000 to 2,000) is not
+    taken for a plateau; and never before epoch ``min_epochs`` (a decoder started at the
+    no-latent Gaussian can dip below it for a few epochs before its latent variables pay off),
+    nor before a phase begun by a decay at s has lasted ``phase_fraction`` · s epochs. At a
+    plateau every training step size of the run (decoder θ, encoder φ, vem's local table λ:
+    the optimisers' step sizes) is multiplied by ``decay`` and a new phase begins, up to
+    ``decays`` times; training stops at the last phase's plateau (``plateau``) or at
+    ``max_epochs``; the state with the highest validation ELBO of any check is restored.
     (Decaying the step size on a plateau lowers the noise floor of a constant step: Robbins and
-    Monro's remedy; Keras' and PyTorch's ``ReduceLROnPlateau``.) ``decays = 0`` is the plain
-    plateau rule.
+    Monro's remedy; Keras' and PyTorch's ``ReduceLROnPlateau``.) ``decays = 0``,
+    ``window_fraction = 0``, ``phase_fraction = 0`` and ``check_span = 0`` is the plain plateau
+    rule. With the defaults, digits H = 5 reparam runs end within 0.3 nat of a 3,000-epoch
+    cosine schedule (``benchmarks/long_schedule.py``).
 
     The run's outcome (``vi.contract.OUTCOMES``) is judged with the margins below, in nats per
     point of the validation ELBO: ``stuck`` when its best is less than ``stuck_margin`` above
@@ -134,8 +151,9 @@ class StoppingConfig:
     min_epochs: int = 50
     decays: int = 2
     decay: float = 0.3
-    window_fraction: float = 0.0
-    check_span: int = 0
+    window_fraction: float = 0.3
+    phase_fraction: float = 0.25
+    check_span: int = 200
     stuck_margin: float = 0.5
     collapse_margin: float = 1.0
 
@@ -163,6 +181,9 @@ class StoppingConfig:
         if not (math.isfinite(self.window_fraction) and 0 <= self.window_fraction < 1):
             raise ValueError(f"training.stopping.window_fraction must lie in [0, 1); got "
                              f"{self.window_fraction}")
+        if not (math.isfinite(self.phase_fraction) and 0 <= self.phase_fraction <= 10):
+            raise ValueError(f"training.stopping.phase_fraction must lie in [0, 10]; got "
+                             f"{self.phase_fraction}")
         if not (math.isfinite(self.decay) and 0 < self.decay < 1):
             raise ValueError(f"training.stopping.decay must lie in (0, 1); got {self.decay}")
         for name in ("stuck_margin", "collapse_margin"):

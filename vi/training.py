@@ -9,14 +9,17 @@ trained with.
 
 Per epoch: one pass over the training data in the member's own order; the running ELBO; the
 full evaluation (ELBO of each split under the method's own posterior) at the epochs of
-``TrainingConfig.evaluation_epochs``; the plateau rule on the validation ELBO every
-``check_every`` epochs; and the probes (``vi.probes``) that are due. When a member's validation
-ELBO has not beaten its phase's best by ``min_delta`` for ``patience`` checks, its phase has
-reached a plateau: its training step sizes (every optimiser's: decoder, encoder, vem's local
-table) are multiplied by ``decay`` and a new phase begins, up to ``decays`` times
-(``vi.config.StoppingConfig``); it stops at the plateau of its last phase (``plateau``) or at
-``max_epochs``. Its best state (the highest validation ELBO of any check) is restored, evaluated
-on every split at the best epoch, and handed to the final probes; the run's ``outcome``
+``TrainingConfig.evaluation_epochs``; the plateau rule on the validation ELBO at the check
+epochs (``StoppingConfig.due``: every ``check_every`` epochs, thinning out after
+``check_span``); and the probes (``vi.probes``) that are due. When a member's validation ELBO
+has not beaten its phase's best by ``min_delta`` for ``patience`` checks and for the last
+``window_fraction`` of the phase (and a phase begun by a decay has lasted ``phase_fraction``
+of the epochs before it), its phase has reached a plateau: its training step sizes (every
+optimiser's: decoder, encoder, vem's local table) are multiplied by ``decay`` and a new phase
+begins, up to ``decays`` times (``vi.config.StoppingConfig``); it stops at the plateau of its
+last phase (``plateau``) or at ``max_epochs``. Its best state (the highest validation ELBO of
+any check) is restored, evaluated on every split at the best epoch, and handed to the final
+probes; the run's ``outcome``
 (``vi.contract.OUTCOMES``: converged, cap, collapsed, stuck, diverged) is judged from its own
 validation curve and the no-latent Gaussian of its own training split (``MemberResult``). A
 member whose loss, gradient or parameters become non-finite is ``diverged``: it keeps its rows
@@ -482,7 +485,8 @@ class Trainer:
         start = self.decay_epochs[k][-1] if self.decay_epochs[k] else 0
         window = max(rule.patience * rule.interval(self.epoch),
                      rule.window_fraction * (self.epoch - start))
-        return self.epoch >= rule.min_epochs and self.epoch - self.gain_epoch[k] >= window
+        return (self.epoch >= rule.min_epochs and self.epoch - self.gain_epoch[k] >= window
+                and self.epoch - start >= rule.phase_fraction * start)
 
     def _decay(self, members: Sequence[int]) -> None:
         """A new phase for ``members`` (each at its own plateau): one more decay, the plateau
