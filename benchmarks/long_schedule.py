@@ -8,18 +8,22 @@ seeds ``--seeds`` (each its own data split), each cell's seeds trained as one en
 are bit for bit what they are alone). Two schedules per cell, from the same initial weights:
 
 ``rule``   the study's: the plateau rule on the validation ELBO with its step-size decays
-           (``vi.config.StoppingConfig`` defaults: check every 5 epochs, patience 6, min_delta
-           0.1, min_epochs 50, two decays x0.3), capped at the grid's ``max_epochs`` (600; vem
-           1000); the best state restored.
-``long``   ``--long-factor`` (3) times the rule's cap in epochs, no stopping rule, every step
-           size on a cosine decay α_e = α · (1 + cos(π e / E)) / 2 over the E epochs (Loshchilov
-           & Hutter 2017), the last state.
+           (``vi.config.StoppingConfig`` defaults, or ``--stopping``: checks every 5 epochs,
+           thinning out after epoch 400; a phase's plateau when neither its last 6 checks nor
+           its last 30 % gained 0.1 nat; a phase after a decay lasts at least a quarter of the
+           epochs before it; two decays x0.3), capped at ``--max-epochs`` (the grids' caps:
+           2500; vem 3000); the best state restored.
+``long``   ``--long-epochs`` (1800; vem 3000: three times the caps the study had before its
+           rule grew with the phase) epochs, no stopping rule, every step size on a cosine decay
+           α_e = α · (1 + cos(π e / E)) / 2 over the E epochs (Loshchilov & Hutter 2017), the
+           last state.
 
 Both report the test ELBO of the method's own posterior on the whole test split (vem: the
 held-out fit to its tolerance, ``MethodSettings.heldout``), ``eval_n_mc`` = 10 samples a point,
 common random numbers. The distance of a cell is the mean over seeds of (long − rule), paired
 by seed, with its standard error; the goal is a distance of at most ``--goal`` (0.3) nat in
-every cell. CPU seconds of each schedule are reported beside.
+every cell. The epochs the rule used, how often the cap bound, and the CPU seconds of each
+schedule are reported beside.
 
 Usage::
 
@@ -50,19 +54,22 @@ from common import env_line, environment, loadavg
 #: the elbo_curves grid's digits cells at lr_selection's step sizes (results/lr_selection)
 CELLS = {
     "amortized": {"method": {"name": "amortized", "lr": 1e-3, "encoder_lr": 3e-3},
-                  "max_epochs": 600},
-    "vem": {"method": {"name": "vem", "lr": 1e-3, "local_lr": 0.1}, "max_epochs": 1000},
+                  "max_epochs": 2500, "long_epochs": 1800},
+    "vem": {"method": {"name": "vem", "lr": 1e-3, "local_lr": 0.1}, "max_epochs": 3000,
+            "long_epochs": 3000},
 }
 
 
-def config(cell: str, seed: int, *, schedule: str, epochs: int, quick: bool) -> RunConfig:
+def config(cell: str, seed: int, *, schedule: str, epochs: int, quick: bool,
+           stopping: dict | None = None) -> RunConfig:
     spec = CELLS[cell]
     width = [16] if quick else [64]
     training: dict = {"max_epochs": epochs, "batch_size": 100, "eval_per_decade": 0}
     if schedule == "rule":
         training["eval_splits"] = ["validation", "test"]
+        training["stopping"] = dict(stopping or {})
         if quick:
-            training["stopping"] = {"check_every": 1, "patience": 1, "min_epochs": 0}
+            training["stopping"] |= {"check_every": 1, "patience": 1, "min_epochs": 0}
     else:
         training |= {"eval_splits": ["test"], "stopping": None}
     method = {**spec["method"], "estimator": "reparam", "baseline": "none", "n_mc": 1,
@@ -80,8 +87,10 @@ def test_elbo(result: MemberResult) -> float:
     return rows[-1]["value"] if rows else math.nan
 
 
-def train_rule(cell: str, seeds: list[int], epochs: int, quick: bool) -> tuple[dict, float]:
-    configs = [config(cell, s, schedule="rule", epochs=epochs, quick=quick) for s in seeds]
+def train_rule(cell: str, seeds: list[int], epochs: int, quick: bool,
+               stopping: dict | None = None) -> tuple[dict, float]:
+    configs = [config(cell, s, schedule="rule", epochs=epochs, quick=quick, stopping=stopping)
+               for s in seeds]
     cpu = time.process_time()
     results = Trainer(configs, run_ids=[str(s) for s in seeds]).fit()
     cpu = time.process_time() - cpu
@@ -120,20 +129,30 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--cells", nargs="+", choices=sorted(CELLS), default=sorted(CELLS))
     ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2, 3, 4])
     ap.add_argument("--max-epochs", type=int, default=None,
-                    help="the rule's cap (default: the grid's, 600; vem 1000)")
-    ap.add_argument("--long-factor", type=float, default=3.0)
+                    help="the rule's cap (default: the grid's, 2500; vem 3000)")
+    ap.add_argument("--long-epochs", type=int, default=None,
+                    help="the long schedule's epochs (default: the cell's, 1800; vem 3000)")
+    ap.add_argument("--stopping", type=json.loads, default=None,
+                    help="StoppingConfig fields (JSON) that replace the study's defaults")
     ap.add_argument("--goal", type=float, default=0.3)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--quick", action="store_true",
-                    help="smoke run: width 16, seed 0, cap 4 epochs, check every epoch")
+                    help="smoke run: width 16, seed 0, cap 4 epochs (long: 12), check every "
+                         "epoch")
     args = ap.parse_args(argv)
-    if args.long_factor < 1 or args.goal <= 0 or (args.max_epochs is not None
-                                                  and args.max_epochs < 1):
-        print("error: --long-factor must be >= 1, --goal > 0 and --max-epochs >= 1",
-              file=sys.stderr)
+    if args.goal <= 0 or any(n is not None and n < 1 for n in (args.max_epochs,
+                                                                args.long_epochs)):
+        print("error: --goal must be > 0, --max-epochs and --long-epochs >= 1", file=sys.stderr)
         return 2
+    if args.stopping is not None:
+        try:
+            config(args.cells[0], 0, schedule="rule", epochs=1, quick=False,
+                   stopping=args.stopping)
+        except (TypeError, ValueError) as err:
+            print(f"error: --stopping: {err}", file=sys.stderr)
+            return 2
     if args.quick:
-        args.seeds, args.max_epochs = [0], 4
+        args.seeds, args.max_epochs, args.long_epochs = [0], 4, 12
     torch.set_num_threads(args.threads)
     env = environment()
     results, goals = {}, []
@@ -141,8 +160,8 @@ def main(argv: list[str] | None = None) -> int:
           f"{'long':>8} {'long - rule':>11}")
     for cell in args.cells:
         cap = args.max_epochs or CELLS[cell]["max_epochs"]
-        long_epochs = max(1, round(args.long_factor * cap))
-        rule, rule_cpu = train_rule(cell, args.seeds, cap, args.quick)
+        long_epochs = args.long_epochs or CELLS[cell]["long_epochs"]
+        rule, rule_cpu = train_rule(cell, args.seeds, cap, args.quick, args.stopping)
         long, long_cpu = train_long(cell, args.seeds, long_epochs, args.quick)
         diffs = []
         for s in args.seeds:
@@ -155,13 +174,17 @@ def main(argv: list[str] | None = None) -> int:
         dist, se = mean_se(diffs)
         rule_mean, _ = mean_se([rule[s]["test_elbo"] for s in args.seeds])
         long_mean, _ = mean_se([long[s]["test_elbo"] for s in args.seeds])
-        print(f"{cell:<10} mean {rule_mean:>8.3f} {'':>6} {'':<14} {'':<9} {long_mean:>8.3f} "
-              f"{dist:>11.3f} (se {se:.3f}); CPU s: rule {rule_cpu:.1f}, long {long_cpu:.1f} "
-              f"({long_epochs} epochs)")
+        epochs = [rule[s]["epochs"] for s in args.seeds]
+        capped = sum(rule[s]["stop_reason"] == "max_epochs" for s in args.seeds)
+        print(f"{cell:<10} mean {rule_mean:>8.3f} {sum(epochs) / len(epochs):>6.0f} {'':<14} "
+              f"{'':<9} {long_mean:>8.3f} {dist:>11.3f} (se {se:.3f}); rule epochs "
+              f"{min(epochs)}-{max(epochs)} of a cap of {cap} (bound {capped} of {len(epochs)}); "
+              f"CPU s: rule {rule_cpu:.1f}, long {long_cpu:.1f} ({long_epochs} epochs)")
         results[cell] = {"rule": {str(s): v for s, v in rule.items()},
                          "long": {str(s): v for s, v in long.items()},
                          "rule_mean": rule_mean, "long_mean": long_mean, "distance": dist,
                          "distance_se": se, "rule_cap": cap, "long_epochs": long_epochs,
+                         "rule_epochs_mean": sum(epochs) / len(epochs), "rule_capped": capped,
                          "rule_cpu_s": round(rule_cpu, 1), "long_cpu_s": round(long_cpu, 1)}
         goals.append({"goal": f"{cell}: long - rule <= {args.goal} nat (mean over seeds)",
                       "value": round(dist, 4) if math.isfinite(dist) else -1.0,
@@ -170,7 +193,8 @@ def main(argv: list[str] | None = None) -> int:
     print(env_line(env))
     print(json.dumps({"benchmark": "long_schedule", "env": env,
                       "settings": {"cells": args.cells, "seeds": args.seeds,
-                                   "max_epochs": args.max_epochs, "long_factor": args.long_factor,
+                                   "max_epochs": args.max_epochs,
+                                   "long_epochs": args.long_epochs, "stopping": args.stopping,
                                    "goal": args.goal, "quick": args.quick,
                                    "threads": args.threads},
                       "results": results, "goals": goals}))
