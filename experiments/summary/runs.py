@@ -119,7 +119,9 @@ def load_runs(results: str | Path, experiment: str) -> pd.DataFrame | None:
         runs = _from_metrics(metrics)
     if "run_id" not in runs.columns:
         return None
-    runs = runs.drop_duplicates("run_id").reset_index(drop=True)
+    # a runs.csv has hundreds of columns: copy once so the columns added below do not
+    # fragment the frame
+    runs = runs.drop_duplicates("run_id").reset_index(drop=True).copy()
     for col in ("experiment", "dataset", "method", "estimator", "kl", "status"):
         if col not in runs.columns:
             runs[col] = experiment if col == "experiment" else ("ok" if col == "status"
@@ -134,12 +136,15 @@ def load_runs(results: str | Path, experiment: str) -> pd.DataFrame | None:
         fin = _final_from_metrics(metrics, runs)
         fin = fin[fin["run_id"].isin(runs["run_id"])].set_index("run_id")
         idx = runs.set_index("run_id").index
+        new = {}
         for col in fin.columns:
             filler = fin[col].reindex(idx).to_numpy()
             if col in runs.columns:
                 runs[col] = runs[col].where(runs[col].notna(), filler)
             else:
-                runs[col] = filler
+                new[col] = filler
+        if new:  # added at once, not column by column
+            runs = pd.concat([runs, pd.DataFrame(new, index=runs.index)], axis=1)
     runs["conv"] = schema.as_bool(runs["converged"]) if "converged" in runs else np.nan
     runs["convergence"] = runs["conv"].map({True: "converged", False: "not converged"}
                                            ).fillna("unknown")
