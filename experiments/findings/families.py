@@ -66,6 +66,25 @@ _KEYS = {"dataset": "data set", "estimator_label": "estimator", "method": "metho
          "family": "family"}
 
 
+def _judge_versus_diagonal(f: Finding, w: pd.DataFrame, left: int, col: str, sign: float,
+                           label: str, what: str) -> Finding:
+    """Judge ``sign`` · (``col`` with a richer family − with the diagonal Gaussian) per seed
+    pair in cells data set × estimator × method × family, and fill ``f`` (verdict, table,
+    display, evidence beginning with ``what``)."""
+    by = ["dataset", "estimator_label", "method"]
+    cells = _judge(_cells(_versus_diagonal(w, col, by, sign), [*by, "family"]))
+    if cells.empty:
+        f.evidence = "not measured: no seed pairs across families." + _left_out(left)
+        return f
+    f.verdict = _overall(cells["judgement"])
+    f.contradicts = f.verdict == NOT_SUPPORTED
+    f.table = cells
+    _with_display(f, _judged_display(cells, _KEYS, label))
+    f.evidence = (f"{what}, per seed pair (nats, mean [95 % CI]): "
+                  + _extremes(cells, [*by, "family"], _iv_of) + "." + _left_out(left))
+    return f
+
+
 @register
 def f_richer_family_closes_approximation_gap(st: _Study) -> Finding:
     f = Finding(
@@ -83,20 +102,9 @@ def f_richer_family_closes_approximation_gap(st: _Study) -> Finding:
     if w.empty or "test_approximation_gap" not in w:
         f.evidence = "not measured: no approximation gaps." + _left_out(left)
         return f
-    by = ["dataset", "estimator_label", "method"]
-    cells = _judge(_cells(_versus_diagonal(w, "test_approximation_gap", by, -1.0),
-                          [*by, "family"]))
-    if cells.empty:
-        f.evidence = "not measured: no seed pairs across families." + _left_out(left)
-        return f
-    f.verdict = _overall(cells["judgement"])
-    f.contradicts = f.verdict == NOT_SUPPORTED
-    f.table = cells
-    _with_display(f, _judged_display(cells, _KEYS, "diagonal − richer approx. gap, nats"))
-    f.evidence = ("Test approximation gap of the diagonal Gaussian minus that of the richer "
-                  "family, per seed pair (nats, mean [95 % CI]): "
-                  + _extremes(cells, [*by, "family"], _iv_of) + "." + _left_out(left))
-    return f
+    return _judge_versus_diagonal(
+        f, w, left, "test_approximation_gap", -1.0, "diagonal − richer approx. gap, nats",
+        "Test approximation gap of the diagonal Gaussian minus that of the richer family")
 
 
 @register
@@ -116,20 +124,10 @@ def f_amortization_gap_grows_with_family(st: _Study) -> Finding:
     if w.empty or "test_amortization_gap" not in w:
         f.evidence = "not measured: no amortization gaps." + _left_out(left)
         return f
-    w = w[w["method"] != "vem"]
-    by = ["dataset", "estimator_label", "method"]
-    cells = _judge(_cells(_versus_diagonal(w, "test_amortization_gap", by), [*by, "family"]))
-    if cells.empty:
-        f.evidence = "not measured: no seed pairs across families." + _left_out(left)
-        return f
-    f.verdict = _overall(cells["judgement"])
-    f.contradicts = f.verdict == NOT_SUPPORTED
-    f.table = cells
-    _with_display(f, _judged_display(cells, _KEYS, "richer − diagonal amort. gap, nats"))
-    f.evidence = ("Test amortization gap with the richer family minus with the diagonal "
-                  "Gaussian, per seed pair (nats, mean [95 % CI]): "
-                  + _extremes(cells, [*by, "family"], _iv_of) + "." + _left_out(left))
-    return f
+    return _judge_versus_diagonal(
+        f, w[w["method"] != "vem"], left, "test_amortization_gap", 1.0,
+        "richer − diagonal amort. gap, nats",
+        "Test amortization gap with the richer family minus with the diagonal Gaussian")
 
 
 @register
