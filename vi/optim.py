@@ -31,6 +31,7 @@ __all__ = [
     "IntegerTable",
     "RowOptimizer",
     "adam_update",
+    "bias_corrections",
     "robbins_monro",
     "robbins_monro_rate",
     "validate_optimizer",
@@ -102,10 +103,16 @@ def robbins_monro_rate(t: Tensor, delay: float, power: float, dtype: torch.dtype
     return _RM[key](t, dtype)
 
 
-def adam_update(p: Tensor, g: Tensor, m: Tensor, v: Tensor, lr: Tensor, t: Tensor
-                ) -> tuple[Tensor, Tensor, Tensor]:
-    """One Adam step (Kingma & Ba 2015) from step count t (≥ 1, integer tensor) for every
-    element, *minimising*: returns (p', m', v') with
+def bias_corrections(t: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """Adam's (1 − β₁ᵗ, 1 − β₂ᵗ) for integer step counts t ≥ 1 (exact gathers)."""
+    return _BC1(t, dtype), _BC2(t, dtype)
+
+
+def adam_update(p: Tensor, g: Tensor, m: Tensor, v: Tensor, lr: Tensor,
+                bc: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor, Tensor]:
+    """One Adam step (Kingma & Ba 2015) for every element, *minimising*, with the bias
+    corrections ``bc`` = (1 − β₁ᵗ, 1 − β₂ᵗ) of its step count t (``bias_corrections``, computed
+    once per step for every leaf): returns (p', m', v') with
 
         m' = β₁ m + (1 − β₁) g,   v' = β₂ v + (1 − β₂) g²,
         p' = p − (α / (1 − β₁ᵗ)) m' / (√(v' / (1 − β₂ᵗ)) + ε).
@@ -117,7 +124,7 @@ def adam_update(p: Tensor, g: Tensor, m: Tensor, v: Tensor, lr: Tensor, t: Tenso
     b1, b2 = BETAS
     new_m = m * b1 + g * (1 - b1)
     new_v = v * b2 + (g * g) * (1 - b2)
-    bc1, bc2 = _BC1(t, p.dtype), _BC2(t, p.dtype)
+    bc1, bc2 = bc
     step = (lr / bc1) * new_m / ((new_v / bc2).sqrt() + EPS)
     return p - step, new_m, new_v
 
@@ -160,12 +167,16 @@ class FlatOptimizer:
         mask = None if active is None or bool(active.all()) else active.reshape(-1, 1)
         self.steps += 1 if mask is None else mask.long()
         t = self.steps
+        # the schedule's factors of this step, once for every leaf (per dtype)
+        factors = {d: (robbins_monro_rate(t - 1, self.rm_delay, self.rm_power, d)
+                       if self.kind == "sgd" else bias_corrections(t, d))
+                   for d in {p.dtype for p in self.params}}
         for i, (p, lr) in enumerate(zip(self.params, self.lrs, strict=True)):
             if self.kind == "sgd":
-                rate = robbins_monro_rate(t - 1, self.rm_delay, self.rm_power, p.dtype)
-                new, state = p - (lr * rate) * p.grad, ()
+                new, state = p - (lr * factors[p.dtype]) * p.grad, ()
             else:
-                new, m, v = adam_update(p, p.grad, self.exp_avg[i], self.exp_avg_sq[i], lr, t)
+                new, m, v = adam_update(p, p.grad, self.exp_avg[i], self.exp_avg_sq[i], lr,
+                                        factors[p.dtype])
                 state = ((self.exp_avg[i], m), (self.exp_avg_sq[i], v))
             for buf, val in ((p, new), *state):
                 buf.copy_(val if mask is None else torch.where(mask, val, buf))
@@ -241,7 +252,7 @@ class RowOptimizer:
             state = ()
         else:
             new, m, v = adam_update(rows, grad, get(self.exp_avg), get(self.exp_avg_sq),
-                                    self.lr, t.unsqueeze(-1))
+                                    self.lr, bias_corrections(t.unsqueeze(-1), rows.dtype))
             state = ((self.exp_avg, m), (self.exp_avg_sq, v))
         if active is not None and not bool(active.all()):
             keep = active.reshape(-1, 1)
