@@ -383,16 +383,16 @@ def _scripted_validation(monkeypatch, curves: dict[float, list[float]]):
     calls: dict[float, int] = {}
     n_validation = SMALL["n"] // 10
 
-    def fake(method, x, *, n_mc, random):
-        value, steps = real(method, x, n_mc=n_mc, random=random)
+    def fake(method, x, *, n_mc, random, start=None):
+        value, steps, lam = real(method, x, n_mc=n_mc, random=random, start=start)
         if x.shape[1] != n_validation:
-            return value, steps
+            return value, steps, lam
         scripted = []
         for s in method.member_settings:
             epoch = calls.get(s.lr, 0)
             calls[s.lr] = epoch + 1
             scripted.append(curves[s.lr][epoch])
-        return torch.tensor(scripted, dtype=value.dtype), steps
+        return torch.tensor(scripted, dtype=value.dtype), steps, lam
 
     fake.real = real
     monkeypatch.setattr(vi.training, "split_elbo", fake)
@@ -604,9 +604,10 @@ def test_checks_thin_out_after_check_span(monkeypatch):
 
 
 def test_outcomes_on_scripted_validation_curves(monkeypatch):
-    """Four members, one per outcome, each judged on its own curve (no decays, patience 2):
-    ``converged`` (a plateau, still above its best − 1 nat), ``collapsed`` (a plateau 5 nats
-    below its best: its best state is restored and reported, and flagged), ``cap`` (rising at
+    """Four members, each judged on its own curve (no decays, patience 2): ``converged`` (a
+    plateau, still above its best − 1 nat), ``overfitted`` (a plateau 5 nats below its best
+    while its training ELBO holds: overfitting, its best state restored and reported, judged
+    ``converged``; a collapse needs the training ELBO to fall too, ``judge_outcome``), ``cap`` (rising at
     the cap of 10 epochs: late gain over the last 20 % = v(10) − v(8) = 2 nats), ``stuck``
     (never above the no-latent Gaussian of its own training split, ~ −9.6 nats per point)."""
     curves = {1e-3: [100.0, 110.0, 120.0, 119.5, 119.9] + [0.0] * 6,
@@ -617,11 +618,13 @@ def test_outcomes_on_scripted_validation_curves(monkeypatch):
     configs = [_small(seed=k, method=dict(name="amortized", lr=lr),
                       training=_decaying(decays=0) | {"max_epochs": 10})
                for k, lr in enumerate(curves)]
-    names = ["converged", "collapsed", "cap", "stuck"]
+    names = ["converged", "overfitted", "cap", "stuck"]
+    expected = {"overfitted": "converged"}
     results = _by_id(Trainer(configs, run_ids=names).fit())
     for run_id, r in results.items():
-        assert r.outcome == run_id and r.status == "ok", (run_id, r.outcome)
-        assert r.converged is (run_id == "converged")
+        outcome = expected.get(run_id, run_id)
+        assert r.outcome == outcome and r.status == "ok", (run_id, r.outcome)
+        assert r.converged is (outcome == "converged")
         ref = r.no_latent_validation
         assert -20.0 < ref < -5.0  # the ppca data's no-latent Gaussian (same points)
     c, col, cap, stuck = (results[n] for n in names)
@@ -661,6 +664,18 @@ def test_judge_outcome_margins_and_precedence():
     assert judge({**fell, 20: -7.01})["outcome"] == "collapsed"
     assert judge({**fell, 20: -7.01}, ref=-6.2)["outcome"] == "stuck"  # stuck first
     assert judge({}, stop="diverged", diverged=True)["outcome"] == "diverged"
+    # a validation fall with the training ELBO holding is overfitting (early stopping), not a
+    # collapse; with the training ELBO falling too (by more than the margin) it is one
+    dropped = {**fell, 20: -7.01}
+
+    def judge_train(train):
+        return judge_outcome(dropped, stop_reason="plateau", diverged=False, reference=-20.0,
+                             rule=rule, train=train)["outcome"]
+
+    assert judge_train({10: 5.0, 20: 6.0}) == "converged"
+    assert judge_train({10: 5.0, 20: 4.0}) == "converged"  # exactly 1 nat: not a fall
+    assert judge_train({10: 5.0, 20: 3.99}) == "collapsed"
+    assert judge_train({20: 6.0}) == "collapsed"  # no training ELBO at the best: unknown
 
 
 def test_resume_across_a_decay_reproduces_the_uninterrupted_run(tmp_path):
@@ -958,3 +973,35 @@ def test_budget_runs_report_no_convergence_and_fit_calls_back():
     assert result.stop_reason == "budget" and result.converged is None
     assert epochs == [1] and [r.run_id for r in done] == [result.run_id]
     assert result.best_epoch == result.epochs_run == 2
+
+
+# ------------------------------------------------------------- warm validation fits
+
+
+def test_vem_validation_checks_warm_start_from_the_last_checks_fit():
+    """vem (``warm_validation``) starts each validation check's held-out fit from the λ the
+    last check ended at: the trainer keeps it per member ([K, N_validation, 2H]), and the fit
+    started there from the same model is at least as good as the one from the prior; an
+    amortized method has no such start and refuses one."""
+    import vi.training
+
+    training = dict(max_epochs=3, stopping={"check_every": 1, "patience": 10})
+    trainer = Trainer([_small(seed=0, training=training), _small(seed=1, training=training)])
+    shapes = []
+    trainer.fit(on_epoch=lambda t: shapes.append(tuple(t.warm.shape)))
+    n_val = trainer.x["validation"].shape[1]
+    assert shapes and set(shapes) == {(2, n_val, 4)}
+    fresh = Trainer([_small(seed=0, training=training)])
+    fresh._start(())
+    start = fresh.warm.clone()
+    random = MemberRandom.from_seeds(fresh.seeds, "elbo", "validation")
+    x = fresh.x["validation"]
+    cold, _, _ = vi.training.split_elbo(fresh.method, x, n_mc=50, random=random)
+    warm, _, lam = vi.training.split_elbo(fresh.method, x, n_mc=50, random=random,
+                                          start=start)
+    assert not torch.equal(lam, start) and float(warm[0]) >= float(cold[0]) - 0.05
+    amortized = Trainer([_small(seed=0, method={"name": "amortized"}, training=training)])
+    with pytest.raises(ValueError, match="does not start its inference"):
+        vi.training.split_elbo(amortized.method, x, n_mc=1, random=random, start=start)
+    amortized.fit()
+    assert amortized.warm is None

@@ -142,7 +142,9 @@ class StoppingConfig:
     The run's outcome (``vi.contract.OUTCOMES``) is judged with the margins below, in nats per
     point of the validation ELBO: ``stuck`` when its best is less than ``stuck_margin`` above
     the no-latent Gaussian fitted to the training split, ``collapsed`` when its last check is
-    more than ``collapse_margin`` below its best; otherwise ``converged`` when the rule stopped
+    more than ``collapse_margin`` below its best and its training ELBO fell by as much (a
+    validation ELBO that falls alone is overfitting, undone by restoring the best state);
+    otherwise ``converged`` when the rule stopped
     it and ``cap`` when ``max_epochs`` did."""
 
     check_every: int = 5

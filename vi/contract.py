@@ -79,7 +79,9 @@ OUTCOMES: dict[str, str] = {
     "stuck": "its best validation ELBO is less than stuck_margin (0.5 nat) above the no-latent "
              "Gaussian fitted to its training split: the latent variables never paid off",
     "collapsed": "its validation ELBO at the last check is more than collapse_margin (1 nat) "
-                 "below its best: the restored best state is reported, flagged",
+                 "below its best and its training ELBO fell too (a fall of the validation "
+                 "ELBO alone is overfitting, undone by restoring the best state): the "
+                 "restored best state is reported, flagged",
     "cap": "max_epochs stopped it before the plateau of its last phase (late_gain: how much it "
            "was still rising)",
     "converged": "reached the plateau of its last phase: the plateau rule stopped it after its "

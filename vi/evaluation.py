@@ -109,16 +109,20 @@ def elbo_value(decoder: GaussianDecoder, x: Tensor, lam: Tensor, *, n_mc: int,
     return ELBOValue(mean.to(lam.dtype), torch.sqrt(var / n_mc).to(lam.dtype), False)
 
 
-def split_elbo(method: InferenceMethod, x: Tensor, *, n_mc: int, random: MemberRandom
-               ) -> tuple[Tensor, Tensor | None]:
-    """Mean ELBO per member [K] of the method's own posterior for the points x [K, N, D], and
-    the E-steps its inference took ([K], or None). Every method is measured the same way on
-    every split: ``infer`` (vem: E-steps from the prior until the held-out rule fires) then
+def split_elbo(method: InferenceMethod, x: Tensor, *, n_mc: int, random: MemberRandom,
+               start: Tensor | None = None) -> tuple[Tensor, Tensor | None, Tensor]:
+    """Mean ELBO per member [K] of the method's own posterior for the points x [K, N, D], the
+    E-steps its inference took ([K], or None), and the posterior λ [K, N, 2H]. Every method is
+    measured the same way on every split: ``infer`` (vem: E-steps from the prior, or from
+    ``start`` for a method with ``warm_validation``, until the held-out rule fires) then
     ``elbo_value``."""
-    lam, steps = method.infer(x, random)
+    if start is not None and not method.warm_validation:
+        raise ValueError(f"{method.name} does not start its inference from a given λ")
+    lam, steps = (method.infer(x, random) if start is None
+                  else method.infer(x, random, start=start))
     value = elbo_value(method.decoder, x, lam, n_mc=n_mc, random=random,
                        family=method.settings.family).value
-    return value.double().mean(1), steps
+    return value.double().mean(1), steps, lam
 
 
 # --------------------------------------------------------------------------------- log p(x)

@@ -337,6 +337,9 @@ class InferenceMethod(nn.Module):
     ``refine_through``        its encoder is trained through the refinement
     ``groups``                its parameter groups for gradient statistics
     ``curve_inits``           the starts of its test-time inference curve
+    ``warm_validation``       its held-out inference is a fit to tolerance that can start from
+                              a given λ (``infer(x, random, start=λ)``): during training each
+                              validation check starts from the previous check's λ
     ``step_sizes``            the ``STEP_SIZE_FIELDS`` its training and its own inference use,
                               derived from the traits above unless a class declares it: ``lr``
                               (θ), ``encoder_lr`` (has an encoder), ``local_lr`` (has a local
@@ -354,6 +357,7 @@ class InferenceMethod(nn.Module):
     refine_through: ClassVar[bool] = False
     groups: ClassVar[tuple[str, ...]] = ("variational", "decoder")
     curve_inits: ClassVar[tuple[str, ...]] = ("prior",)
+    warm_validation: ClassVar[bool] = False
     step_sizes: ClassVar[tuple[str, ...]] = ("lr",)
 
     def __init_subclass__(cls, **kwargs) -> None:
@@ -622,6 +626,7 @@ class VariationalEM(InferenceMethod):
     has_local_table = True
     groups = ("variational", "local", "decoder")
     curve_inits = ("prior",)
+    warm_validation = True
 
     def __init__(self, decoder: GaussianDecoder, settings: Sequence[MethodSettings],
                  n_train: int, generators: Sequence[torch.Generator] | None = None) -> None:
@@ -686,17 +691,21 @@ class VariationalEM(InferenceMethod):
             family=s.family).samples
         return member_mean(samples[..., b:] - samples[..., :b], member_dim=1)
 
-    def infer(self, x, random):
-        fit = self.fit_heldout(x, random)
+    def infer(self, x, random, start: Tensor | None = None):
+        fit = self.fit_heldout(x, random, start=start)
         return fit.lam, fit.steps
 
-    def fit_heldout(self, x: Tensor, random: MemberRandom) -> LocalFit:
-        """The held-out fit of the points x [K, N, D] from the prior λ = 0, θ fixed, with its
-        record (steps, decays, whether the cap bound): ``fit_local`` with
-        ``MethodSettings.heldout_settings`` and the rule ``heldout``."""
-        prior = families.get_family(self.settings.family).init(self.decoder.latent_dim, x)
-        zeros = prior.expand(*x.shape[:-1], -1)
-        return fit_local(self.decoder, x, zeros, settings=self.settings.heldout_settings(),
+    def fit_heldout(self, x: Tensor, random: MemberRandom, start: Tensor | None = None
+                    ) -> LocalFit:
+        """The held-out fit of the points x [K, N, D] from the prior λ = 0 (or from ``start``
+        [K, N, 2H], e.g. the previous validation check's λ), θ fixed, with its record (steps,
+        decays, whether the cap bound): ``fit_local`` with ``MethodSettings.heldout_settings``
+        and the rule ``heldout``, which runs every fit to the same tolerance wherever it
+        starts."""
+        if start is None:
+            prior = families.get_family(self.settings.family).init(self.decoder.latent_dim, x)
+            start = prior.expand(*x.shape[:-1], -1)
+        return fit_local(self.decoder, x, start, settings=self.settings.heldout_settings(),
                          lr=self.local_lr, rule=self.settings.heldout, random=random)
 
 

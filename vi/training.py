@@ -180,16 +180,21 @@ class MemberResult:
 
 
 def judge_outcome(validation: dict[int, float], *, stop_reason: str, diverged: bool,
-                  reference: float, rule: StoppingConfig | None) -> dict[str, Any]:
+                  reference: float, rule: StoppingConfig | None,
+                  train: dict[int, float] | None = None) -> dict[str, Any]:
     """A run's outcome (``vi.contract.OUTCOMES``) from its validation curve ``{epoch: ELBO}``
     (the checks, in nats per point), how it stopped, and the no-latent Gaussian's validation
-    log-likelihood ``reference``, with the margins of ``rule`` (defaults when None). Returns
-    the outcome and the numbers it was judged on (best, last, late gain).
+    log-likelihood ``reference``, with the margins of ``rule`` (defaults when None); ``train``
+    is the training ELBO per epoch (the running mean of its minibatches). Returns the outcome
+    and the numbers it was judged on (best, last, late gain).
 
     In order: ``diverged``; ``stuck`` when max_e v_e < reference + stuck_margin; ``collapsed``
-    when v_last < max_e v_e − collapse_margin; ``converged`` when the plateau rule stopped it,
-    ``cap`` when ``max_epochs`` did, ``budget`` without a rule. ``late_gain`` = max_e v_e −
-    max_{e ≤ (1 − LATE_TAIL) E} v_e over the E epochs run."""
+    when v_last < max_e v_e − collapse_margin and the training ELBO fell too, t_last <
+    t_best − collapse_margin (a validation ELBO that falls while the training ELBO holds is
+    overfitting, which the restored best state undoes: early stopping; unknown t_best counts
+    as a fall); ``converged`` when the plateau rule stopped it, ``cap`` when ``max_epochs``
+    did, ``budget`` without a rule. ``late_gain`` = max_e v_e − max_{e ≤ (1 − LATE_TAIL) E}
+    v_e over the E epochs run."""
     margins = rule or StoppingConfig()
     epochs = sorted(validation)
     best = max(validation.values()) if validation else math.nan
@@ -204,12 +209,24 @@ def judge_outcome(validation: dict[int, float], *, stop_reason: str, diverged: b
     elif math.isfinite(best) and math.isfinite(reference) \
             and best < reference + margins.stuck_margin:
         outcome = "stuck"
-    elif math.isfinite(best) and last < best - margins.collapse_margin:
+    elif math.isfinite(best) and last < best - margins.collapse_margin \
+            and _training_fell(train, max(validation, key=validation.get), epochs[-1],
+                               margins.collapse_margin):
         outcome = "collapsed"
     else:
         outcome = {"plateau": "converged", "max_epochs": "cap"}.get(stop_reason, "budget")
     return {"outcome": outcome, "best_validation": best, "last_validation": last,
             "late_gain": gain}
+
+
+def _training_fell(train: dict[int, float] | None, best_epoch: int, last_epoch: int,
+                   margin: float) -> bool:
+    """Whether the training ELBO at ``last_epoch`` is more than ``margin`` below its value at
+    ``best_epoch`` (True when either is unknown: no training curve to tell a collapse from
+    overfitting)."""
+    if not train or best_epoch not in train or last_epoch not in train:
+        return True
+    return train[last_epoch] < train[best_epoch] - margin
 
 
 # ----------------------------------------------------------------------------------- trainer
@@ -285,6 +302,8 @@ class Trainer:
         self.decays = [0] * k
         self.decay_epochs: list[list[int]] = [[] for _ in range(k)]
         self.best_state = self._module_state()
+        # the last validation check's held-out λ [K, N, 2H] (warm_validation methods)
+        self.warm: Tensor | None = None
         self.results: list[MemberResult] = []
         self._base_step_sizes = _optimizer_step_sizes(self.method)
 
@@ -378,7 +397,12 @@ class Trainer:
             random = MemberRandom.from_seeds(self.seeds, "elbo", split, device=self.device)
             t = self.configs[0].training
             x = self.x[split] if t.eval_points is None else self.x[split][:, :t.eval_points]
-            value, steps = split_elbo(self.method, x, n_mc=t.eval_n_mc, random=random)
+            # a warm-starting method's validation fit starts where the last check's ended
+            warm = split == "validation" and self.method.warm_validation
+            value, steps, lam = split_elbo(self.method, x, n_mc=t.eval_n_mc, random=random,
+                                           start=self.warm if warm else None)
+            if warm:
+                self.warm = lam.detach()
             values = value.tolist()
             for k in wanted:
                 if not math.isfinite(values[k]):
@@ -525,6 +549,11 @@ class Trainer:
                 out.setdefault(r["epoch"], r["value"])
         return out
 
+    def _running(self, k: int) -> dict[int, float]:
+        """Member k's training ELBO per epoch (the running mean of the epoch's minibatches)."""
+        return {r["epoch"]: r["value"] for r in self.rows[k]
+                if r["metric"] == "elbo_running" and r["split"] == "train"}
+
     def _no_latent_validation(self, k: int) -> float:
         """Validation log-likelihood per point of the no-latent Gaussian fitted to member k's
         training split (``vi.references``), its variance floored like the decoder's; NaN where
@@ -667,8 +696,8 @@ class Trainer:
         stop_reason = "diverged" if diverged else reason
         reference = self._no_latent_validation(k)
         judged = judge_outcome(self._validation(k), stop_reason=stop_reason, diverged=diverged,
-                               reference=reference,
-                               rule=self.configs[k].training.stopping)
+                               reference=reference, rule=self.configs[k].training.stopping,
+                               train=self._running(k))
         return MemberResult(self.run_ids[k], self.configs[k], self.identity(k), self.rows[k],
                             tables, "diverged" if diverged else "ok", self.message[k],
                             stop_reason, self.epoch, self.best_epoch[k], self.elapsed[k], state,
@@ -797,6 +826,8 @@ class Trainer:
             self._base_step_sizes = _optimizer_step_sizes(self.method)
             self._apply_decays()
         self.best_state = best
+        if self.warm is not None:
+            self.warm = self.warm[index.to(self.warm.device)]
         self.data_random = self.data_random.select(keep) if keep else self.data_random
         self.noise = self.noise.select(keep) if keep else self.noise
 
@@ -818,6 +849,7 @@ class Trainer:
                      "decays": self.decays[k], "decay_epochs": list(self.decay_epochs[k])},
             "module": one(self.method.state_dict()), "optim": one(self.method.optimizer_state()),
             "best_module": one(self.best_state),
+            "warm": None if self.warm is None else self.warm[k:k + 1].detach().cpu().clone(),
             "streams": {"data": self.data_random.generators[k].get_state(),
                         "noise": self.noise.generators[k].get_state().cpu()},
         }
@@ -849,6 +881,12 @@ class Trainer:
         trainer.method.load_state_dict(cat("module", trainer.method.state_dict()))
         trainer.method.load_optimizer_state(cat("optim", trainer.method.optimizer_state()))
         trainer.best_state = cat("best_module", trainer.best_state)
+        warm = [s.get("warm") for s in states]
+        if any(w is None for w in warm) and not all(w is None for w in warm):
+            raise ValueError("members resumed together must all have, or all lack, a "
+                             "validation start")
+        if warm[0] is not None:
+            trainer.warm = torch.cat(warm).to(trainer.device)
         trainer.data_random.set_state([s["streams"]["data"] for s in states])
         trainer.noise.set_state([s["streams"]["noise"] for s in states])
         trainer.epoch, trainer.step = states[0]["epoch"], states[0]["step"]
