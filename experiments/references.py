@@ -27,7 +27,7 @@ _KEYS = ["dataset", "data.seed_used", "data.test_fraction", "data.validation_fra
 def _splits(results: Path) -> pd.DataFrame:
     frames = []
     for runs_csv in sorted(results.glob("*/runs.csv")):
-        runs = pd.read_csv(runs_csv, dtype={"run_id": str})
+        runs = pd.read_csv(runs_csv, dtype={"run_id": str}).copy()  # one block: no fragmentation
         if runs.empty:
             continue
         seed = runs["data.seed"] if "data.seed" in runs else pd.Series(math.nan, index=runs.index)

@@ -607,7 +607,8 @@ def test_outcomes_on_scripted_validation_curves(monkeypatch):
     """Four members, each judged on its own curve (no decays, patience 2): ``converged`` (a
     plateau, still above its best − 1 nat), ``overfitted`` (a plateau 5 nats below its best
     while its training ELBO holds: overfitting, its best state restored and reported, judged
-    ``converged``; a collapse needs the training ELBO to fall too, ``judge_outcome``), ``cap`` (rising at
+    ``converged``; a collapse needs the training ELBO to fall too: ``judge_outcome``),
+    ``cap`` (rising at
     the cap of 10 epochs: late gain over the last 20 % = v(10) − v(8) = 2 nats), ``stuck``
     (never above the no-latent Gaussian of its own training split, ~ −9.6 nats per point)."""
     curves = {1e-3: [100.0, 110.0, 120.0, 119.5, 119.9] + [0.0] * 6,

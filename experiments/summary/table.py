@@ -33,7 +33,7 @@ def _with_outcomes(runs: pd.DataFrame | None) -> pd.DataFrame | None:
 def _counts(runs: pd.DataFrame) -> pd.DataFrame:
     ok = runs["status"].eq("ok")
     outcome = runs["outcome"].astype(str) if "outcome" in runs else pd.Series("", runs.index)
-    flags = runs.assign(
+    flags = runs.copy().assign(  # copy: one block, no fragmentation warning
         n_runs=1, n_ok=ok.astype(int),
         n_diverged=runs["status"].eq("diverged").astype(int),
         n_failed=runs["status"].eq("failed").astype(int),
