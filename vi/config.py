@@ -144,8 +144,7 @@ class StoppingConfig:
     the no-latent Gaussian fitted to the training split, ``collapsed`` when its last check is
     more than ``collapse_margin`` below its best and its training ELBO fell by as much (a
     validation ELBO that falls alone is overfitting, undone by restoring the best state);
-    otherwise ``converged`` when the rule stopped
-    it and ``cap`` when ``max_epochs`` did."""
+    otherwise ``converged`` when the rule stopped it and ``cap`` when ``max_epochs`` did."""
 
     check_every: int = 5
     patience: int = 6
