@@ -475,6 +475,27 @@ def test_diverged_runs_never_enter_an_effect(tmp_path: Path) -> None:
     assert (t["mean"] > 0).all()
 
 
+def test_collapsed_runs_are_left_out_of_curve_comparisons(tmp_path: Path) -> None:
+    """A collapsed run's later evaluations are a broken state, not its method's training: the
+    equal-budget comparisons (score estimator's cost, vem's E-steps) leave it out and count
+    it; its absurd curve would otherwise swing its cell."""
+    root = write_results(tmp_path, 1)
+    before = {f.key: f for f in F.findings(root)}["score_training_cost_epochs"].table
+    runs = pd.read_csv(root / "elbo_curves" / "runs.csv")
+    m = pd.read_csv(root / "elbo_curves" / "metrics.csv")
+    score = runs[runs["estimator"] == "score"]
+    bad = score["run_id"].iloc[0]
+    runs["outcome"] = "converged"
+    runs.loc[runs["run_id"] == bad, "outcome"] = "collapsed"
+    m.loc[(m["run_id"] == bad) & (m["metric"] == "elbo"), "value"] = -1e4
+    runs.to_csv(root / "elbo_curves" / "runs.csv", index=False)
+    m.to_csv(root / "elbo_curves" / "metrics.csv", index=False)
+    found = {f.key: f for f in F.findings(root)}["score_training_cost_epochs"]
+    assert "1 finished run(s) left out as not converged (1 collapsed)" in found.evidence
+    assert found.table["n"].sum() == before["n"].sum() - 1
+    assert found.table["mean"].abs().max() < 1e3
+
+
 def test_missing_results_are_not_measured(tmp_path: Path) -> None:
     found = F.findings(tmp_path)
     assert [f.verdict for f in found] == [F.NOT_MEASURED] * len(KEYS)

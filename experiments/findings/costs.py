@@ -33,7 +33,7 @@ from experiments.findings.core import (
     register,
     register_each,
 )
-from experiments.findings.study import _budget_pairs, _curves, _Study
+from experiments.findings.study import _budget_pairs, _curves, _left_out, _Study
 from experiments.vocabulary import METHOD_ORDER
 
 
@@ -232,7 +232,7 @@ def _score_cost(st: _Study, budget: str) -> Finding:
         f"; cells = method × H × score estimator; threshold 0 (> 0: the score estimator costs "
         f"ELBO). " + RULE_TAIL,
         ("elbo_curves/metrics.csv", "elbo_curves/runs.csv"))
-    c = _curves(st, "elbo_curves")
+    c, left = _curves(st, "elbo_curves")
     if c is None:
         f.evidence = "not measured: no test ELBO curves in elbo_curves."
         return f
@@ -251,5 +251,6 @@ def _score_cost(st: _Study, budget: str) -> Finding:
     unit = "epochs" if budget == "epochs" else "s"
     f.evidence = (f"Common budget per pair: median {_num(p['budget'].median(), 1)} {unit}. "
                   f"Cost of the score estimator (nats) "
-                  + _extremes(cells, ["method", "latent_dim", "versus"], _iv_of) + ".")
+                  + _extremes(cells, ["method", "latent_dim", "versus"], _iv_of) + "."
+                  + _left_out(left))
     return f

@@ -59,7 +59,7 @@ def _vem_e_steps(st: _Study, budget: str) -> Finding:
         f"threshold 0. " + RULE_TAIL,
         ("vem_e_steps/metrics.csv", "vem_e_steps/runs.csv"))
     runs, _ = st.finished("vem_e_steps", final=False)
-    c = _curves(st, "vem_e_steps")
+    c, left = _curves(st, "vem_e_steps")
     if c is None or runs is None or "method.e_steps" not in runs:
         f.evidence = "not measured: no vem_e_steps results."
         return f
@@ -91,7 +91,7 @@ def _vem_e_steps(st: _Study, budget: str) -> Finding:
     unit = "epochs" if budget == "epochs" else "s"
     f.evidence = (f"Baseline {base} ({_num(spe.get(base, np.nan), 3)} s / epoch); common "
                   f"budget per pair: median {_num(p['budget'].median(), 1)} {unit}. Gain (nats) "
-                  + _extremes(cells, ["k"], _iv_of) + ".")
+                  + _extremes(cells, ["k"], _iv_of) + "." + _left_out(left))
     return f
 
 

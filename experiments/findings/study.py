@@ -123,19 +123,31 @@ def _vs_amortized(w: pd.DataFrame, col: str, by: list[str], methods) -> pd.DataF
         columns=[*by, "seed", "d", "method"])
 
 
-def _curves(st: _Study, exp: str, split: str = "test") -> pd.DataFrame | None:
+#: outcomes whose later evaluations are not the method's training but a broken state (a
+#: collapsed run's validation and training ELBO fell by more than a nat): left out of the
+#: curve comparisons at equal budgets, and counted
+_BROKEN = ("collapsed", "diverged")
+
+
+def _curves(st: _Study, exp: str, split: str = "test") -> tuple[pd.DataFrame | None, LeftOut]:
     """Each finished run's ELBO evaluations on ``split``: epoch, wall_s, value (one per
-    epoch)."""
+    epoch), except runs whose outcome is collapsed or diverged; and the count of those left
+    out, by outcome."""
     m = st.csv(exp, "metrics")
     runs, _ = st.finished(exp, final=False)
     if m is None or runs is None:
-        return None
+        return None, LeftOut()
+    left = LeftOut()
+    if "outcome" in runs:
+        broken = runs["outcome"].isin(_BROKEN)
+        left = LeftOut(runs.loc[broken, "outcome"].value_counts().to_dict())
+        runs = runs[~broken]
     c = m[(m["metric"] == "elbo") & (m["split"] == split) & m["run_id"].isin(runs["run_id"])
           & m["param_group"].isna()]
     if c.empty:
-        return None
+        return None, left
     c = c.sort_values(["run_id", "epoch"], kind="stable").drop_duplicates(["run_id", "epoch"])
-    return c.merge(runs[["run_id", "setting"]], on="run_id", how="left")
+    return c.merge(runs[["run_id", "setting"]], on="run_id", how="left"), left
 
 
 def _at_budget(a: tuple[np.ndarray, np.ndarray], b: tuple[np.ndarray, np.ndarray]
