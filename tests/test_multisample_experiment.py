@@ -115,3 +115,37 @@ def test_grid_expands(scale) -> None:
         m = c["method"]
         assert m["kl"] == "mc" and (m["objective"] == "iwae") == (m["k"] > 1)
         assert ("k_sweep" in grid.probes_for(c)) == (m["k"] == 1)
+
+
+def test_k_sweep_keeps_each_members_measurements_when_an_ensemble_shrinks(monkeypatch) -> None:
+    """An ensemble's members finish at different epochs: the first to finish is probed alone
+    as member 0 of a subset. Each member's table still holds its own measurements made during
+    training (not member 0's, and none lost for the members still running)."""
+    from vi import probes as P
+
+    configs = [_config("amortized"), _config("vem")]  # two distinct members (objects)
+    tag = {id(c): 10.0 * (i + 1) for i, c in enumerate(configs)}
+
+    def fake(method, x, idx, *, ks, n_mc, draws, random, estimators, reference):
+        # one row per member, its value the member's tag plus the epoch: who measured what
+        return [[m, "encoder", "reparam", "none", "iwae", 1, n_mc, draws, "grad_snr",
+                 tag[id(ctx.configs[m])] + ctx.epoch] for m in range(len(ctx.configs))]
+
+    monkeypatch.setattr(gradstats, "k_sweep", fake)
+    probe = P.KSweep(P.KSweep.Options(ks=(1,), draws=2, batch=2, epochs=(1,)))
+
+    def context(members, epoch, final):
+        return P.ProbeContext(None, {"train": torch.zeros(len(members), 4, 2)}, {},
+                              [0] * len(members), [configs[k] for k in members], epoch,
+                              final, final, None, None, None)
+
+    ctx = context([0, 1], 1, False)
+    assert probe(ctx).tables == {}
+    ctx = context([1], 5, True)  # member 1 finishes first, alone: member 0 of the subset
+    first = probe(ctx).tables["k_sweep"]
+    got = first[["epoch", "value", "member"]].itertuples(index=False, name=None)
+    assert sorted(got) == [(1, 21.0, 0), (5, 25.0, 0)]
+    ctx = context([0], 9, True)
+    last = probe(ctx).tables["k_sweep"]
+    got = last[["epoch", "value", "member"]].itertuples(index=False, name=None)
+    assert sorted(got) == [(1, 11.0, 0), (9, 19.0, 0)]

@@ -709,9 +709,11 @@ class KSweep(ProbeBase):
     def __init__(self, options: Any) -> None:
         super().__init__(options)
         #: the measurements made during training: the trainer keeps a probe's tables only at
-        #: the end, so they are held here and published with the final one (a run resumed from
-        #: a checkpoint has those made after it resumed)
-        self.pending: list[pd.DataFrame] = []
+        #: the end, so they are held here, per member, and published with that member's final
+        #: one (a run resumed from a checkpoint has those made after it resumed). Members are
+        #: keyed by their configuration object, which stays the same while an ensemble's
+        #: members finish at different epochs and its member indices shift.
+        self.pending: dict[int, list[pd.DataFrame]] = {}
 
     def due(self, ctx: ProbeContext) -> bool:
         return ctx.final or ctx.epoch in self.options.epochs
@@ -736,10 +738,12 @@ class KSweep(ProbeBase):
         failed = set(frame.loc[~finite, "member"].astype(int).tolist())
         frame = frame[finite]
         if not ctx.final:
-            self.pending.append(frame)
+            for k, part in frame.groupby("member"):
+                self.pending.setdefault(id(ctx.configs[int(k)]), []).append(part)
             return ProbeResult([], {}, failed)
-        out = pd.concat([*self.pending, frame], ignore_index=True)
-        self.pending = []
+        held = [part.assign(member=k) for k in range(len(ctx.configs))
+                for part in self.pending.pop(id(ctx.configs[k]), [])]
+        out = pd.concat([*held, frame], ignore_index=True)
         return ProbeResult([], {"k_sweep": out}, failed)
 
 
