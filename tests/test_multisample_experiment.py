@@ -119,8 +119,9 @@ def test_grid_expands(scale) -> None:
 
 def test_k_sweep_keeps_each_members_measurements_when_an_ensemble_shrinks(monkeypatch) -> None:
     """An ensemble's members finish at different epochs: the first to finish is probed alone
-    as member 0 of a subset. Each member's table still holds its own measurements made during
-    training (not member 0's, and none lost for the members still running)."""
+    as member 0 of a subset, and members finishing together are probed together once per best
+    epoch. Each member's table still holds its own measurements made during training (not
+    member 0's, and none lost for the members still running or probed again)."""
     from vi import probes as P
 
     configs = [_config("amortized"), _config("vem")]  # two distinct members (objects)
@@ -145,6 +146,14 @@ def test_k_sweep_keeps_each_members_measurements_when_an_ensemble_shrinks(monkey
     first = probe(ctx).tables["k_sweep"]
     got = first[["epoch", "value", "member"]].itertuples(index=False, name=None)
     assert sorted(got) == [(1, 21.0, 0), (5, 25.0, 0)]
+    # the rest finish together at different best epochs: each final call probes both, and
+    # the trainer keeps each member's table of its own best epoch
+    for epoch in (7, 9):
+        ctx = context([0, 1], epoch, True)
+        both = probe(ctx).tables["k_sweep"]
+        got = both[["epoch", "value", "member"]].itertuples(index=False, name=None)
+        assert sorted(got) == [(1, 11.0, 0), (1, 21.0, 1), (epoch, 10.0 + epoch, 0),
+                               (epoch, 20.0 + epoch, 1)]
     ctx = context([0], 9, True)
     last = probe(ctx).tables["k_sweep"]
     got = last[["epoch", "value", "member"]].itertuples(index=False, name=None)

@@ -709,11 +709,14 @@ class KSweep(ProbeBase):
     def __init__(self, options: Any) -> None:
         super().__init__(options)
         #: the measurements made during training: the trainer keeps a probe's tables only at
-        #: the end, so they are held here, per member, and published with that member's final
-        #: one (a run resumed from a checkpoint has those made after it resumed). Members are
-        #: keyed by their configuration object, which stays the same while an ensemble's
-        #: members finish at different epochs and its member indices shift.
-        self.pending: dict[int, list[pd.DataFrame]] = {}
+        #: the end, so they are held here, per member, and published with every final call
+        #: that member takes part in (a run resumed from a checkpoint has those made after it
+        #: resumed). Members are keyed by their configuration object (held, so its id is not
+        #: reused), which stays the same while an ensemble's members finish at different
+        #: epochs and its member indices shift; a final call probes every member of the
+        #: finishing subset at each of their best epochs and the trainer keeps, per member,
+        #: the table of its own best epoch, so nothing is consumed by a final call.
+        self.pending: dict[int, tuple[RunConfig, list[pd.DataFrame]]] = {}
 
     def due(self, ctx: ProbeContext) -> bool:
         return ctx.final or ctx.epoch in self.options.epochs
@@ -739,10 +742,11 @@ class KSweep(ProbeBase):
         frame = frame[finite]
         if not ctx.final:
             for k, part in frame.groupby("member"):
-                self.pending.setdefault(id(ctx.configs[int(k)]), []).append(part)
+                config = ctx.configs[int(k)]
+                self.pending.setdefault(id(config), (config, []))[1].append(part)
             return ProbeResult([], {}, failed)
-        held = [part.assign(member=k) for k in range(len(ctx.configs))
-                for part in self.pending.pop(id(ctx.configs[k]), [])]
+        held = [part.assign(member=k) for k, config in enumerate(ctx.configs)
+                for part in self.pending.get(id(config), (config, []))[1]]
         out = pd.concat([*held, frame], ignore_index=True)
         return ProbeResult([], {"k_sweep": out}, failed)
 
