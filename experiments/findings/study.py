@@ -123,16 +123,16 @@ def _vs_amortized(w: pd.DataFrame, col: str, by: list[str], methods) -> pd.DataF
         columns=[*by, "seed", "d", "method"])
 
 
-#: outcomes whose later evaluations are not the method's training but a broken state (a
-#: collapsed run's validation and training ELBO fell by more than a nat): left out of the
-#: curve comparisons at equal budgets, and counted
-_BROKEN = ("collapsed", "diverged")
+#: outcomes of finished runs whose later evaluations are not the method's training but a
+#: broken state (a collapsed run's validation and training ELBO fell by more than a nat): left
+#: out of the curve comparisons at equal budgets, and counted (diverged runs are not finished)
+_BROKEN = ("collapsed",)
 
 
 def _curves(st: _Study, exp: str, split: str = "test") -> tuple[pd.DataFrame | None, LeftOut]:
     """Each finished run's ELBO evaluations on ``split``: epoch, wall_s, value (one per
-    epoch), except runs whose outcome is collapsed or diverged; and the count of those left
-    out, by outcome."""
+    epoch), except runs whose outcome is collapsed; and the count of those left out, by
+    outcome."""
     m = st.csv(exp, "metrics")
     runs, _ = st.finished(exp, final=False)
     if m is None or runs is None:
