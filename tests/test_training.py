@@ -655,6 +655,15 @@ def test_judge_outcome_margins_and_precedence():
     out = judge(curve)
     assert out == {"outcome": "converged", "best_validation": -7.5, "last_validation": -7.5,
                    "late_gain": 0.5}  # best up to epoch 40 (= 0.8 x 50) is -8.0
+    # a decay at epoch 40: the late gain is the rise over the last 20 % of the epochs since it
+    # (cut at 40 + 0.8 x 10 = 48), so the decay's jump to -7.5 at 50 still counts here ...
+    assert judge_outcome(curve, stop_reason="plateau", diverged=False, reference=-20.0,
+                         rule=rule, decay_epochs=[40])["late_gain"] == pytest.approx(0.5)
+    # ... but not once the phase has a check after the jump within its first 80 %
+    jumped = {0: -10.0, 40: -8.0, 45: -7.0, 50: -6.95}  # decay at 40; cut at 48
+    for decays, gain in (([], 1.05), ([40], 0.05), ([10, 40], 0.05), ([60], 1.05)):
+        assert judge_outcome(jumped, stop_reason="plateau", diverged=False, reference=-20.0,
+                             rule=rule, decay_epochs=decays)["late_gain"] == pytest.approx(gain)
     assert judge(curve, stop="max_epochs")["outcome"] == "cap"
     assert judge(curve, stop="budget")["outcome"] == "budget"
     assert judge(curve, diverged=True, stop="diverged")["outcome"] == "diverged"

@@ -96,7 +96,8 @@ OUTCOME_COLUMNS: dict[str, str] = {
     "decay_epochs": "the epochs at which the step sizes decayed (JSON list)",
     "best_validation": "the best validation ELBO of any check (nats)",
     "last_validation": "the validation ELBO at the last check (nats)",
-    "late_gain": "rise of the best validation ELBO over the last 20 % of the epochs run (nats)",
+    "late_gain": "rise of the best validation ELBO over the last 20 % of the last phase (the "
+                 "epochs since the last step-size decay; all epochs without one) (nats)",
     "no_latent_validation": "validation log-likelihood of the no-latent Gaussian fitted to the "
                             "training split, same points (nats)",
 }

@@ -77,7 +77,8 @@ __all__ = [
 #: the results contract's columns (``vi.contract``)
 ROW_COLUMNS = METRIC_COLUMNS
 CHECKPOINT_FORMAT = 2
-#: ``late_gain``: the rise of the best validation ELBO over this last fraction of the epochs run
+#: ``late_gain``: the rise of the best validation ELBO over this last fraction of the run's last
+#: phase (the epochs since its last step-size decay)
 LATE_TAIL = 0.2
 _DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
@@ -181,7 +182,8 @@ class MemberResult:
 
 def judge_outcome(validation: dict[int, float], *, stop_reason: str, diverged: bool,
                   reference: float, rule: StoppingConfig | None,
-                  train: dict[int, float] | None = None) -> dict[str, Any]:
+                  train: dict[int, float] | None = None,
+                  decay_epochs: Sequence[int] = ()) -> dict[str, Any]:
     """A run's outcome (``vi.contract.OUTCOMES``) from its validation curve ``{epoch: ELBO}``
     (the checks, in nats per point), how it stopped, and the no-latent Gaussian's validation
     log-likelihood ``reference``, with the margins of ``rule`` (defaults when None); ``train``
@@ -193,15 +195,20 @@ def judge_outcome(validation: dict[int, float], *, stop_reason: str, diverged: b
     t_best − collapse_margin (a validation ELBO that falls while the training ELBO holds is
     overfitting, which the restored best state undoes: early stopping; unknown t_best counts
     as a fall); ``converged`` when the plateau rule stopped it, ``cap`` when ``max_epochs``
-    did, ``budget`` without a rule. ``late_gain`` = max_e v_e − max_{e ≤ (1 − LATE_TAIL) E}
-    v_e over the E epochs run."""
+    did, ``budget`` without a rule. ``late_gain`` = max_e v_e − max_{e ≤ c} v_e with
+    c = d + (1 − LATE_TAIL)(E − d), over the E epochs run, d the last step-size decay
+    (``decay_epochs``; 0 without one): how much the run still rose over the last 20 % of its
+    last phase. A decay's jump is not a rise of the phase it starts (a run stopped soon after
+    its last decay would otherwise read as still rising); without decays it is the rise over the
+    last 20 % of all epochs."""
     margins = rule or StoppingConfig()
     epochs = sorted(validation)
     best = max(validation.values()) if validation else math.nan
     last = validation[epochs[-1]] if epochs else math.nan
     gain = math.nan
     if epochs:
-        cut = (1.0 - LATE_TAIL) * epochs[-1]
+        start = max((d for d in decay_epochs if d <= epochs[-1]), default=0)
+        cut = start + (1.0 - LATE_TAIL) * (epochs[-1] - start)
         early = [validation[e] for e in epochs if e <= cut]
         gain = best - max(early) if early else math.nan
     if diverged:
@@ -697,7 +704,7 @@ class Trainer:
         reference = self._no_latent_validation(k)
         judged = judge_outcome(self._validation(k), stop_reason=stop_reason, diverged=diverged,
                                reference=reference, rule=self.configs[k].training.stopping,
-                               train=self._running(k))
+                               train=self._running(k), decay_epochs=self.decay_epochs[k])
         return MemberResult(self.run_ids[k], self.configs[k], self.identity(k), self.rows[k],
                             tables, "diverged" if diverged else "ok", self.message[k],
                             stop_reason, self.epoch, self.best_epoch[k], self.elapsed[k], state,
