@@ -134,6 +134,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="the long schedule's epochs (default: the cell's, 1800; vem 3000)")
     ap.add_argument("--stopping", type=json.loads, default=None,
                     help="StoppingConfig fields (JSON) that replace the study's defaults")
+    ap.add_argument("--lr", type=json.loads, default=None,
+                    help="step sizes that replace the cells' (JSON {cell: {field: value}}, "
+                         "e.g. '{\"vem\": {\"lr\": 3.33e-4}}': lr_selection's current choice)")
     ap.add_argument("--goal", type=float, default=0.3)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--quick", action="store_true",
@@ -151,6 +154,17 @@ def main(argv: list[str] | None = None) -> int:
         except (TypeError, ValueError) as err:
             print(f"error: --stopping: {err}", file=sys.stderr)
             return 2
+    fields = {"lr", "encoder_lr", "local_lr"}
+    if args.lr is not None and (not isinstance(args.lr, dict) or any(
+            c not in CELLS or not isinstance(v, dict) or set(v) - fields
+            or not all(isinstance(x, (int, float)) and x > 0 for x in v.values())
+            for c, v in args.lr.items())):
+        print(f"error: --lr must be {{cell: {{field: step size > 0}}}} with cells of "
+              f"{', '.join(sorted(CELLS))} and fields of {', '.join(sorted(fields))}",
+              file=sys.stderr)
+        return 2
+    for cell, steps in (args.lr or {}).items():
+        CELLS[cell]["method"].update(steps)
     if args.quick:
         args.seeds, args.max_epochs, args.long_epochs = [0], 4, 12
     torch.set_num_threads(args.threads)
@@ -195,7 +209,7 @@ def main(argv: list[str] | None = None) -> int:
                       "settings": {"cells": args.cells, "seeds": args.seeds,
                                    "max_epochs": args.max_epochs,
                                    "long_epochs": args.long_epochs, "stopping": args.stopping,
-                                   "goal": args.goal, "quick": args.quick,
+                                   "lr": args.lr, "goal": args.goal, "quick": args.quick,
                                    "threads": args.threads},
                       "results": results, "goals": goals}))
     return 0
