@@ -227,8 +227,8 @@ def prepare(
         m = full["method"]
         key = (full["data"]["name"], m["name"], m["estimator"], m["baseline"])
         try:
-            rounds = [(c, 0) for c in initial_candidates(g.select, m["name"],
-                                                         full["data"]["name"])]
+            rounds = [(c, 0) for c in initial_candidates(
+                g.select, m["name"], full["data"]["name"], f"{m['estimator']}+{m['baseline']}")]
         except ValueError as err:
             raise PrepareError(f"{g.name}: {err}") from err
         extra = (candidates or {}).get(key, [])

@@ -12,8 +12,10 @@ training data). Per group:
   the experiments have); candidates that are stable and converged rank first, then stable
   ones, and a flagged candidate is chosen only when nothing better exists (the choice is then
   flagged);
-* the candidates start as a cross around a centre per method: the centre, and each step size
-  alone multiplied and divided by ``extend_factor`` (for two step sizes, five candidates);
+* the candidates start as a cross around a centre per method (or per method and data set, or
+  per method, data set and estimator, keyed ``reparam+none``, ``score+loo``): the centre, and
+  each step size alone multiplied and divided by ``extend_factor`` (for two step sizes, five
+  candidates);
 * the best candidate must be **interior**: for each step size, a smaller and a larger value must
   have been tried with the other step sizes at the best's values. Where one is missing, the
   best's step size is moved by ``extend_factor`` in that direction and trained (a pattern
@@ -67,8 +69,9 @@ def check_select(select: Any) -> None:
                          f"{', '.join(_KEYS)}")
     candidates = select.get("candidates")
     if not isinstance(candidates, dict) or not candidates:
-        raise ValueError("'select.candidates' must be an object {method: {step size: centre}} "
-                         "or {method: {dataset: {step size: centre}}}")
+        raise ValueError("'select.candidates' must be an object {method: {step size: centre}}, "
+                         "{method: {dataset: {step size: centre}}} or {method: {dataset: "
+                         "{estimator+baseline: {step size: centre}}}}")
     for method, where, fields in _centres(select):
         if not isinstance(fields, dict) or not fields:
             raise ValueError(f"select.candidates.{where} must be an object of centre values")
@@ -97,23 +100,35 @@ def check_select(select: Any) -> None:
         raise ValueError("select.max_extensions must be an integer in [0, 10]")
 
 
+def _is_level(value: Any) -> bool:
+    """Whether a candidates entry is a level of named centres ({dataset: ...} or {estimator:
+    ...}) rather than a centre ({step size: value})."""
+    return isinstance(value, dict) and bool(value) and all(isinstance(v, dict)
+                                                           for v in value.values())
+
+
 def _centres(select: dict) -> list[tuple[str, str, Any]]:
-    """(method, where, centre) for every centre of the candidates (one per data set where the
-    grid gives per-dataset centres)."""
+    """(method, where, centre) for every centre of the candidates: one per method, per method
+    and data set, or per method, data set and estimator (``reparam+none``, ``score+loo``),
+    as deep as the grid nests them."""
     out = []
-    for method, fields in select["candidates"].items():
-        if isinstance(fields, dict) and fields and all(isinstance(v, dict)
-                                                       for v in fields.values()):
-            out += [(method, f"{method}.{dataset}", c) for dataset, c in fields.items()]
+
+    def walk(method: str, where: str, value: Any) -> None:
+        if _is_level(value):
+            for name, inner in value.items():
+                walk(method, f"{where}.{name}", inner)
         else:
-            out.append((method, method, fields))
+            out.append((method, where, value))
+
+    for method, fields in select["candidates"].items():
+        walk(method, method, fields)
     return out
 
 
 def _centre_fields(select: dict, method: str) -> list[str]:
     """The step sizes (configuration names) a method's first centre names, in grid order."""
     centre = select["candidates"].get(method) or {}
-    if centre and all(isinstance(v, dict) for v in centre.values()):
+    while _is_level(centre):
         centre = next(iter(centre.values()))
     return list(centre) if isinstance(centre, dict) else []
 
@@ -151,23 +166,28 @@ def select_rule(select: dict) -> dict:
     return {**DEFAULTS, **{k: v for k, v in select.items() if k not in ("candidates", "share")}}
 
 
-def _centre(select: dict, method: str, dataset: str | None = None) -> dict[str, float]:
-    """A method's centre step sizes (its per-dataset centre where the grid gives one)."""
+def _centre(select: dict, method: str, dataset: str | None = None,
+            estimator: str | None = None) -> dict[str, float]:
+    """A method's centre step sizes: its per-dataset centre where the grid gives one, and
+    within it the estimator's (``reparam+none``, ``score+loo``) where the grid gives one."""
     centre = select["candidates"].get(method)
     if not centre:
         raise ValueError(f"select.candidates has no step sizes for method {method!r}")
-    if all(isinstance(v, dict) for v in centre.values()):
-        if dataset not in centre:
-            raise ValueError(f"select.candidates.{method} has no centre for dataset {dataset!r}")
-        centre = centre[dataset]
+    where = method
+    for name, what in ((dataset, "dataset"), (estimator, "estimator")):
+        if not _is_level(centre):
+            break
+        if name not in centre:
+            raise ValueError(f"select.candidates.{where} has no centre for {what} {name!r}")
+        centre, where = centre[name], f"{where}.{name}"
     return centre
 
 
-def initial_candidates(select: dict, method: str, dataset: str | None = None
-                       ) -> list[dict[str, float]]:
+def initial_candidates(select: dict, method: str, dataset: str | None = None,
+                       estimator: str | None = None) -> list[dict[str, float]]:
     """The first round's step-size combinations of a method ({"lr": .., "local_lr": ..}): the
     centre and, for each step size alone, the centre times and divided by ``extend_factor``."""
-    centre = _centre(select, method, dataset)
+    centre = _centre(select, method, dataset, estimator)
     factor = select_rule(select)["extend_factor"]
     out = [dict(centre)]
     for name, value in centre.items():
@@ -340,5 +360,8 @@ def missing_choice(exp_dir: Path, listed: set[str]) -> str:
 
 
 def _round(value: float) -> float:
-    """Step sizes to 3 significant digits (0.001/3 → 0.000333), so grids stay readable."""
-    return float(f"{value:.3g}")
+    """Step sizes to 3 significant digits (0.001/3 → 0.000333), so grids stay readable, and to
+    2 where that moves them by under 0.2 % (0.000333·3 → 0.001, not 0.000999), so a cross
+    around a divided centre meets the values the centre came from."""
+    three, two = float(f"{value:.3g}"), float(f"{value:.2g}")
+    return two if abs(two - three) < 2e-3 * three else three

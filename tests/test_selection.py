@@ -5,6 +5,7 @@ and shared choices name their source. Pure pandas: synthetic ``runs.csv`` tables
 from __future__ import annotations
 
 import math
+import re
 
 import pandas as pd
 import pytest
@@ -47,6 +48,27 @@ def test_the_cross_around_a_centre_and_per_dataset_centres() -> None:
     assert sel.initial_candidates(SELECT, "vem", "digits")[0] == {"lr": 0.001, "local_lr": 0.1}
     with pytest.raises(ValueError, match="no centre for dataset 'ppca'"):
         sel.initial_candidates(SELECT, "vem", "ppca")
+
+
+def test_per_estimator_centres_within_a_data_set() -> None:
+    select = {"candidates": {"vem": {"digits": {
+        "reparam+none": {"lr": 0.000333, "local_lr": 0.1},
+        "score+loo": {"lr": 0.001, "local_lr": 0.3}}}}}
+    sel.check_select(select)
+    sel.check_candidates(select, {"vem": ("lr", "local_lr")})
+    assert sel.initial_candidates(select, "vem", "digits", "reparam+none")[0] == {
+        "lr": 0.000333, "local_lr": 0.1}
+    assert {(c["lr"], c["local_lr"]) for c in sel.initial_candidates(
+        select, "vem", "digits", "score+loo")} == {
+        (0.001, 0.3), (0.000333, 0.3), (0.003, 0.3), (0.001, 0.1), (0.001, 0.9)}
+    assert {c["lr"] for c in sel.initial_candidates(select, "vem", "digits", "reparam+none")
+            } == {0.000333, 0.000111, 0.001}  # 0.000333 · 3 meets 0.001, not 0.000999
+    missing = "vem.digits has no centre for estimator 'stl+none'"
+    with pytest.raises(ValueError, match=re.escape(missing)):
+        sel.initial_candidates(select, "vem", "digits", "stl+none")
+    bad = {"candidates": {"vem": {"digits": {"reparam+none": {"lr": 0.001}}}}}
+    with pytest.raises(ValueError, match=re.escape("reparam+none: no centre for local_lr")):
+        sel.check_candidates(bad, {"vem": ("lr", "local_lr")})
 
 
 def test_an_interior_median_optimum_is_chosen_and_nothing_extends() -> None:
