@@ -56,7 +56,9 @@ from __future__ import annotations
 
 import argparse
 import cProfile
+import dataclasses
 import io
+import itertools
 import json
 import pstats
 import resource
@@ -227,14 +229,19 @@ def profile(methods: tuple[str, ...], members: int, top: int, datasets: dict) ->
 # -- whole grids: ensembles against member by member ----------------------------------------------
 def grid_file(name: str, epochs: int, tiny: bool, folder: Path) -> Path:
     """A copy of grid ``name`` with ``max_epochs`` = ``epochs`` and no selection extension
-    rounds. Tiny: the grid's quick scale, every axis but the seed cut to its first entry, seed
-    0 only, held-out E-step fits capped at 20 steps."""
+    rounds. Tiny: the grid's quick scale, every axis but the seed cut to one entry (the first
+    combination the grid does not exclude), seed 0 only, held-out E-step fits capped at 20 steps."""
     from experiments.grids import deep_merge, load_grid
 
     g = load_grid(name).scaled("quick" if tiny else None)
     axes = dict(g.axes)
-    if tiny:
-        axes = {k: v[:1] for k, v in axes.items() if k != "seed"} | {"seed": [0]}
+    if tiny:  # the first combination of the axes that the grid does not exclude
+        names = [k for k in axes if k != "seed"]
+        for combo in itertools.product(*(range(len(axes[k])) for k in names)):
+            cut = {k: axes[k][i:i + 1] for k, i in zip(names, combo, strict=True)}
+            if dataclasses.replace(g, axes=cut | {"seed": [0]}).cells():
+                break
+        axes = cut | {"seed": [0]}
     budget: dict = {"training": {"max_epochs": epochs}}
     if tiny:
         budget["method"] = {"heldout": {"max_steps": 20}}
