@@ -154,8 +154,10 @@ def _headline(f) -> str:
         return f.evidence.split(". ")[0].rstrip(".") if f.evidence else ""
     cells = t[t["judgement"].isin(_JUDGED)] if "judgement" in t else t
     cells = cells if len(cells) else t
-    keys = [c for c in t.columns[:list(t.columns).index("n")]
-            if cells[c].astype(str).nunique() > 1]
+    named = [c for c in t.columns[:list(t.columns).index("n")]
+             if cells[c].notna().all() and (cells[c].astype(str) != "").all()]
+    # the columns that tell the cells apart; a single cell is named by all of its own
+    keys = [c for c in named if cells[c].astype(str).nunique() > 1 or len(cells) == 1]
     if fmt == "ratio":
         def text(r):
             return _ratio_text(r)

@@ -368,6 +368,18 @@ def test_contradictions_of_the_literature_are_flagged(judged) -> None:
         assert f.contradicts == (effect == -1 and key not in design), key
 
 
+def test_the_tally_counts_the_judged_cells_the_table_shows(judged) -> None:
+    """A finding's tally and verdict count exactly the cells its table shows as judged; cells
+    shown only for context are marked so ("(not tested)") and are not counted."""
+    _, found = judged
+    judged_labels = {F.core.SUPPORTS, F.core.CONTRADICTS, F.core.UNCLEAR, F.core.SINGLE}
+    for key, f in found.items():
+        if f.display is None or "judgement" not in f.display or "judgement" not in f.table:
+            continue
+        shown = f.display["judgement"].astype(str).isin(judged_labels)
+        assert int(shown.sum()) == len(f.table), (key, f.display, f.table)
+
+
 def test_effect_sizes_are_the_constructed_ones(tmp_path: Path) -> None:
     found = {f.key: f for f in F.findings(write_results(tmp_path, 1))}
     # score/reparam log10 ratio = 2 + log10 H plus seed noise of mean zero

@@ -283,7 +283,7 @@ def _extremes(cells: pd.DataFrame, keys: list[str], fmt: Callable) -> str:
         return ", ".join(f"{_KEY_NAMES.get(k, k)} = {_key_text(r[k])}" for k in keys)
 
     if len(c) == 1:
-        return f"{fmt(lo)} ({where(lo)})"
+        return f"{fmt(lo)} ({where(lo)})" if keys else fmt(lo)
     if fmt(lo) == fmt(hi):
         return f"{fmt(lo)} in each of the {len(c)} cells"
     return f"from {fmt(lo)} ({where(lo)}) to {fmt(hi)} ({where(hi)})"

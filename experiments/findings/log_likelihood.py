@@ -64,7 +64,7 @@ def f_decoders_by_ais(st: _Study) -> Finding:
     main = cells[cells["method"] == "vem"]
     f.verdict = _overall(main["judgement"]) if len(main) else NOT_MEASURED
     f.contradicts = f.verdict == NOT_SUPPORTED
-    f.table = cells
+    f.table = main  # the tested cells (the verdict's and the tally's); the display shows all
     rows = []
     for _, c in cells.iterrows():
         key = (c["dataset"], c["estimator_label"], c["method"])
