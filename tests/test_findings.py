@@ -473,6 +473,26 @@ def test_unconverged_runs_are_left_out_of_final_comparisons(tmp_path: Path) -> N
     assert "every finished run" in F.findings_markdown(root, converged_only=False)
 
 
+def test_collapse_is_judged_at_the_experiments_largest_h_or_not_at_all(tmp_path: Path) -> None:
+    """When no run converged at an experiment's largest H, the collapse findings do not fall
+    back to a smaller H there (collapse is a claim about the largest H): that experiment is
+    named as not measured, and its smaller-H runs are not judged."""
+    root = write_results(tmp_path, 1)
+    path = root / "elbo_curves" / "runs.csv"
+    runs = pd.read_csv(path)
+    largest = runs["latent_dim"].max()
+    runs.loc[runs["latent_dim"] == largest, "converged"] = False
+    runs.to_csv(path, index=False)
+    found = {f.key: f for f in F.findings(root)}
+    for key in ("posterior_collapse", "active_units_by_method"):
+        f = found[key]
+        assert "elbo_curves" not in set(f.table["experiment"]), (key, f.table)
+        assert f"`elbo_curves` on digits at H = {largest:g}: not measured there" in \
+            f.evidence, (key, f.evidence)
+    # mnist_curves converged at its largest H and is judged there
+    assert "mnist_curves" in set(found["posterior_collapse"].table["experiment"])
+
+
 def test_diverged_runs_never_enter_an_effect(tmp_path: Path) -> None:
     root = write_results(tmp_path, 1)
     runs = pd.read_csv(root / "refinement" / "runs.csv")

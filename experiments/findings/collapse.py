@@ -23,21 +23,37 @@ from experiments.findings.core import (
 from experiments.findings.study import _left_out, _Study, _vs_amortized
 
 
-def _units(st: _Study) -> tuple[pd.DataFrame, pd.DataFrame, int]:
+def _units(st: _Study) -> tuple[pd.DataFrame, pd.DataFrame, int, str]:
     """The converged runs' active units (with ``H``, the latent dimension as a number), the
-    rows at their experiment's and data set's largest H, and the count left out."""
-    parts, lefts = [], 0
+    rows at their experiment's and data set's largest H, the count left out, and a note
+    naming each experiment and data set whose largest H has no converged amortized run.
+
+    The largest H is the experiment's (over all its finished runs, converged or not): where
+    its runs there did not converge, the claim about the largest H is not measured there,
+    rather than judged at a smaller H."""
+    parts, lefts, missing = [], 0, []
     for exp in ("elbo_curves", "mnist_curves"):
         w, left = st.final_values(exp, ["test_active_units"])
         lefts += left
-        if len(w) and "test_active_units" in w:
-            parts.append(w)
+        finished, _ = st.finished(exp, final=False)
+        if not len(w) or "test_active_units" not in w or finished is None:
+            continue
+        w["H"] = pd.to_numeric(w["latent_dim"], errors="coerce")
+        largest = pd.to_numeric(finished["latent_dim"], errors="coerce").groupby(
+            finished["dataset"]).max()
+        w = w.assign(H_max=w["dataset"].map(largest))
+        parts.append(w)
+        for dataset, h in largest.items():
+            if not ((w["dataset"] == dataset) & (w["H"] == h)
+                    & (w["method"] == "amortized")).any():
+                missing.append(f"`{exp}` on {dataset} at H = {h:g}")
     if not parts:
-        return pd.DataFrame(), pd.DataFrame(), lefts
+        return pd.DataFrame(), pd.DataFrame(), lefts, ""
     w = pd.concat(parts, ignore_index=True)
-    w["H"] = pd.to_numeric(w["latent_dim"], errors="coerce")
-    top = w[w["H"] == w.groupby(["experiment", "dataset"])["H"].transform("max")]
-    return w, top, lefts
+    top = w[w["H"] == w["H_max"]]
+    note = (f" No amortized run converged at the largest H of {', '.join(missing)}: not "
+            "measured there." if missing else "")
+    return w, top, lefts, note
 
 
 @register
@@ -55,7 +71,7 @@ def f_posterior_collapse(st: _Study) -> Finding:
         "threshold 0, contradiction threshold 0.5 (fewer than half a unit inactive on "
         "average). " + RULE_TAIL,
         ("elbo_curves/runs.csv", "mnist_curves/runs.csv"))
-    w, top, left = _units(st)
+    w, top, left, missing = _units(st)
     if w.empty:
         f.evidence = "not measured: no active-unit counts." + _left_out(left)
         return f
@@ -78,12 +94,13 @@ def f_posterior_collapse(st: _Study) -> Finding:
     _with_display(f, disp)
     if tested.empty:
         f.verdict = NOT_MEASURED
-        f.evidence = "not measured: no amortized runs with active units." + _left_out(left)
+        f.evidence = ("not measured: no amortized runs with active units." + missing
+                      + _left_out(left))
         return f
     f.evidence = ("Inactive units of the amortized VAE at the largest H "
                   + _extremes(tested, by, lambda r: _iv_of(r, 1))
                   + "; the AU columns give the mean active units at each H, for every method."
-                  + _left_out(left))
+                  + missing + _left_out(left))
     return f
 
 
@@ -100,7 +117,7 @@ def f_collapse_by_method(st: _Study) -> Finding:
         "(converged runs); cells = experiment × data set × estimator × method ∈ "
         "{semi_amortized, sa_vae} (vem shown, not tested); threshold 0. " + RULE_TAIL,
         ("elbo_curves/runs.csv", "mnist_curves/runs.csv"))
-    w, top, left = _units(st)
+    w, top, left, missing = _units(st)
     if w.empty:
         f.evidence = "not measured: no active-unit counts." + _left_out(left)
         return f
@@ -110,7 +127,8 @@ def f_collapse_by_method(st: _Study) -> Finding:
     tested = cells[cells["method"] != "vem"]
     f.table = tested
     if tested.empty:
-        f.evidence = "not measured: no seed pairs with the amortized VAE." + _left_out(left)
+        f.evidence = ("not measured: no seed pairs with the amortized VAE." + missing
+                      + _left_out(left))
         return f
     f.verdict = _overall(tested["judgement"])
     f.contradicts = f.verdict == NOT_SUPPORTED
@@ -121,5 +139,5 @@ def f_collapse_by_method(st: _Study) -> Finding:
     _with_display(f, disp)
     f.evidence = ("Difference in active units " + _extremes(
         tested, ["experiment", "estimator_label", "method"], lambda r: _iv_of(r, 1))
-        + "." + _left_out(left))
+        + "." + missing + _left_out(left))
     return f
